@@ -1,0 +1,145 @@
+"""The ``talora`` command: ``talora info`` and ``talora adapter``.
+
+    talora info --sam-type vit_b [--json]
+    talora adapter --prompt "segment vehicles" [--hypernet PATH] --sam-type vit_tiny --out adapter.safetensors
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import torch
+
+from talora.config import SAM_TYPES, ModelConfig, default_config, load_config
+from talora.storage import StorageOptions
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--sam-type", choices=SAM_TYPES, default=None, help="SAM variant (default vit_tiny)")
+    p.add_argument("--sam-checkpoint", default=None, help="base SAM weights: local path or any fsspec URI")
+    p.add_argument("--config", default=None, help="model config YAML (strict); flags override it")
+    p.add_argument("--s3-endpoint-url", default=None, help="S3-compatible endpoint (else AWS_ENDPOINT_URL / AWS)")
+    p.add_argument("--s3-profile", default=None, help="AWS profile for s3:// URIs")
+
+
+def _model_config(args: argparse.Namespace) -> ModelConfig:
+    import dataclasses
+
+    if args.config:
+        with open(args.config) as f:
+            config = load_config(f)
+        if args.sam_type:
+            config = dataclasses.replace(config, sam=dataclasses.replace(config.sam, sam_type=args.sam_type))
+    else:
+        config = default_config(args.sam_type or "vit_tiny")
+    if args.sam_checkpoint:
+        config = dataclasses.replace(config, sam=dataclasses.replace(config.sam, checkpoint=args.sam_checkpoint))
+    return config
+
+
+def _storage(args: argparse.Namespace) -> StorageOptions:
+    return StorageOptions(endpoint_url=args.s3_endpoint_url, profile=args.s3_profile)
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from talora.model import build_task_aware_sam
+
+    config = _model_config(args)
+    model = build_task_aware_sam(config, storage=_storage(args))
+    counts = model.parameter_counts()
+    info = {
+        "sam_type": config.sam.sam_type,
+        "tail_blocks": config.tail_blocks,
+        "rank": config.lora.rank,
+        "alpha": config.lora.alpha,
+        "num_targets": len(model.targets),
+        "targets": [
+            {"name": t.name, "in_features": t.in_features, "out_features": t.out_features, "component": t.component}
+            for t in model.targets
+        ],
+        **counts,
+        "trainable_percent": 100.0 * counts["trainable_params"] / counts["total_params"],
+    }
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    print(f"SAM {info['sam_type']}: LoRA rank {info['rank']}, alpha {info['alpha']}, "
+          f"encoder tail = last {info['tail_blocks']} block(s)")
+    print(f"{'target':<72} {'in':>5} {'out':>5}")
+    for t in info["targets"]:
+        print(f"{t['name']:<72} {t['in_features']:>5} {t['out_features']:>5}")
+    print(f"{info['num_targets']} targets; adapter = {counts['adapter_params_per_prompt']:,} numbers per prompt")
+    print(f"trainable {counts['trainable_params']:,} / total {counts['total_params']:,} params "
+          f"({info['trainable_percent']:.2f}%; frozen SAM {counts['sam_params']:,}; text encoder not counted)")
+    return 0
+
+
+def cmd_adapter(args: argparse.Namespace) -> int:
+    from talora.adapter_file import AdapterHeader, save_adapter
+    from talora.model import build_task_aware_sam, load_task_aware_sam
+    from talora.text import TextEncoder, validate_prompts
+
+    (prompt,) = validate_prompts([args.prompt])
+    storage = _storage(args)
+    if args.hypernet:
+        model = load_task_aware_sam(args.hypernet, args.sam_checkpoint, storage=storage)
+    else:
+        torch.manual_seed(args.seed)
+        model = build_task_aware_sam(_model_config(args), storage=storage)
+        print("note: no --hypernet given: an untrained hypernet (bias-HyperInit) emits Delta W = 0", file=sys.stderr)
+    model.text_encoder = TextEncoder()
+    model.eval()
+    with torch.no_grad():
+        adapter = model.adapters([prompt]).row(0)
+    sam_type = model.config.sam.sam_type
+    header = AdapterHeader(
+        sam_type=sam_type,
+        rank=adapter.rank,
+        alpha=adapter.scale * adapter.rank,
+        prompt=prompt,
+        hypernet_digest=model.hypernet.digest(),
+        targets=[{"name": t.name, "in_features": t.in_features, "out_features": t.out_features} for t in model.targets],
+    )
+    save_adapter(args.out, adapter, header, storage)
+
+    delta_norms = {name: adapter.delta_weight(name).norm().item() for name in adapter.weights}
+    numbers = sum(a.numel() + b.numel() for a, b in adapter.weights.values())
+    print(f"adapter for {prompt!r} -> {args.out}")
+    print(f"  SAM {sam_type}, {len(adapter.weights)} targets, rank {header.rank}, alpha {header.alpha:g}, "
+          f"{numbers:,} numbers, hypernet {header.hypernet_digest}")
+    print(f"  |Delta W|_F: max {max(delta_norms.values()):.4g}, mean {sum(delta_norms.values()) / len(delta_norms):.4g}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="talora", description="Text-to-LoRA for Segment Anything")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("info", help="LoRA targets and parameter counts for a SAM variant")
+    _add_model_args(p)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("adapter", help="generate one prompt's adapter file")
+    _add_model_args(p)
+    p.add_argument("--prompt", required=True, help='the task, e.g. "segment vehicles"')
+    p.add_argument("--hypernet", default=None, help="trained hypernet file (local path or URI)")
+    p.add_argument("--out", required=True, help="adapter .safetensors to write (local path or URI)")
+    p.add_argument("--seed", type=int, default=0, help="init seed when no --hypernet is given")
+    p.set_defaults(func=cmd_adapter)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, KeyError) as e:
+        print(f"talora {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,260 @@
+"""LoRA for a frozen SAM: target discovery, a per-row LoRA Linear, adapters, merge and unmerge.
+
+Shapes: P = rows of a batch (prompt rows in the decoder, (image, prompt) rows in the encoder
+tail), r = rank, in/out = a target Linear's features, N = everything between the row axis and the
+feature axis (tokens, windows, pixels).
+
+A wrapped Linear computes ``base(x) + s * (x A^T) B^T``. Its adapter is either shared (A: (r, in),
+B: (out, r)) or one per row (A: (P, r, in), B: (P, out, r)), so one batch can mix tasks. Adapters
+are set only inside `use_adapter(...)` and cleared when it exits: no state outlives a call. A
+shared adapter can instead be merged into the weights (W += s B A) and unmerged exactly.
+"""
+
+from __future__ import annotations
+
+import re
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from talora.config import LoraConfig
+
+# A target is adapted per prompt; its (depth, module_type) is its identity for the hypernet.
+_ENCODER_BLOCK = re.compile(r"^image_encoder\.blocks\.(\d+)\.(.+)$")
+_DECODER_LAYER = re.compile(r"^mask_decoder\.transformer\.layers\.(\d+)\.(.+)$")
+_DECODER_FINAL = re.compile(r"^mask_decoder\.transformer\.(final_attn_token_to_image\..+)$")
+_OUTPUT_MLP = re.compile(r"^mask_decoder\.(output_hypernetworks_mlps\.\d+\.layers\.\d+)$")
+_IOU_HEAD = re.compile(r"^mask_decoder\.(iou_prediction_head\.layers\.\d+)$")
+
+
+@dataclass(frozen=True)
+class LoraTarget:
+    name: str  # module path inside Sam, e.g. "mask_decoder.transformer.layers.0.self_attn.q_proj"
+    in_features: int
+    out_features: int
+    component: str  # image_encoder | mask_decoder | output_mlps | iou_head
+    depth: int  # layer position in the adapted stack: tail blocks first, then decoder layers
+    module_type: str  # e.g. "encoder.attn.qkv", "decoder.cross_attn_token_to_image.q_proj"
+
+
+def find_targets(sam: nn.Module, lora: LoraConfig, tail_blocks: int) -> list[LoraTarget]:
+    """Every Linear of `sam` that `lora` adapts, in module order, discovered (never hard-coded).
+
+    `tail_blocks` = k: the last k image-encoder blocks are adapted when ``lora.image_encoder``.
+    """
+    num_blocks = len(sam.image_encoder.blocks)
+    num_layers = len(sam.mask_decoder.transformer.layers)
+    first_tail = num_blocks - tail_blocks
+    heads_depth = tail_blocks + num_layers + 1  # after the decoder's final attention
+    patterns = set(lora.target_patterns)
+    targets = []
+    for name, module in sam.named_modules():
+        base = module.base_layer if isinstance(module, LoraLinear) else module
+        if not isinstance(base, nn.Linear) or name.endswith(".base_layer"):
+            continue
+        leaf = name.rsplit(".", 1)[-1]
+        found: tuple[str, int, str] | None = None
+        if m := _ENCODER_BLOCK.match(name):
+            block = int(m[1])
+            if lora.image_encoder and block >= first_tail and leaf in patterns:
+                found = ("image_encoder", block - first_tail, "encoder." + m[2])
+        elif m := _DECODER_LAYER.match(name):
+            if lora.mask_decoder and leaf in patterns:
+                found = ("mask_decoder", tail_blocks + int(m[1]), "decoder." + m[2])
+        elif m := _DECODER_FINAL.match(name):
+            if lora.mask_decoder and leaf in patterns:
+                found = ("mask_decoder", tail_blocks + num_layers, "decoder." + m[1])
+        elif m := _OUTPUT_MLP.match(name):
+            if lora.output_mlps:
+                found = ("output_mlps", heads_depth, "decoder." + m[1])
+        elif m := _IOU_HEAD.match(name):
+            if lora.iou_head:
+                found = ("iou_head", heads_depth, "decoder." + m[1])
+        if found:
+            component, depth, module_type = found
+            targets.append(LoraTarget(name, base.in_features, base.out_features, component, depth, module_type))
+    if not targets:
+        raise ValueError(f"no LoRA targets found for patterns {sorted(patterns)} and components {lora}")
+    return targets
+
+
+@dataclass
+class Adapter:
+    """LoRA weights by target name: shared (A: (r, in), B: (out, r)) or per row ((P, r, in), (P, out, r))."""
+
+    weights: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    scale: float  # alpha / rank
+
+    @property
+    def num_rows(self) -> int | None:
+        """P for a per-row adapter, None for a shared one."""
+        a, _ = next(iter(self.weights.values()))
+        return a.shape[0] if a.dim() == 3 else None
+
+    @property
+    def rank(self) -> int:
+        a, _ = next(iter(self.weights.values()))
+        return a.shape[-2]
+
+    def row(self, i: int) -> Adapter:
+        """Row `i` of a per-row adapter, as a shared adapter."""
+        return Adapter({n: (a[i], b[i]) for n, (a, b) in self.weights.items()}, self.scale)
+
+    def select(self, index: torch.Tensor | list[int]) -> Adapter:
+        """Rows `index` of a per-row adapter (a row may repeat): (P, ...) -> (len(index), ...)."""
+        index = torch.as_tensor(index, dtype=torch.long)
+        return Adapter({n: (a[index], b[index]) for n, (a, b) in self.weights.items()}, self.scale)
+
+    def expand(self, num_rows: int) -> Adapter:
+        """A shared adapter as `num_rows` identical rows (views, no copy)."""
+        if self.num_rows is not None:
+            raise ValueError("expand() takes a shared adapter; this one is already per row")
+        return Adapter(
+            {n: (a.expand(num_rows, *a.shape), b.expand(num_rows, *b.shape)) for n, (a, b) in self.weights.items()},
+            self.scale,
+        )
+
+    @staticmethod
+    def stack(adapters: list[Adapter]) -> Adapter:
+        """Shared adapters -> one per-row adapter, row i = adapters[i]."""
+        names = adapters[0].weights.keys()
+        if any(a.weights.keys() != names or a.scale != adapters[0].scale for a in adapters):
+            raise ValueError("Adapter.stack needs adapters with the same targets and scale")
+        return Adapter(
+            {n: (torch.stack([a.weights[n][0] for a in adapters]), torch.stack([a.weights[n][1] for a in adapters]))
+             for n in names},
+            adapters[0].scale,
+        )
+
+    def to(self, *args, **kwargs) -> Adapter:
+        return Adapter({n: (a.to(*args, **kwargs), b.to(*args, **kwargs)) for n, (a, b) in self.weights.items()},
+                       self.scale)
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        """s * B A for a shared adapter's target `name`: (out, in)."""
+        a, b = self.weights[name]
+        return self.scale * (b @ a)
+
+
+class LoraLinear(nn.Module):
+    """A frozen `base_layer` plus the adapter set by `use_adapter`, per row or shared."""
+
+    def __init__(self, base_layer: nn.Linear, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.in_features = base_layer.in_features
+        self.out_features = base_layer.out_features
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.lora_A: torch.Tensor | None = None  # set only inside use_adapter
+        self.lora_B: torch.Tensor | None = None
+        self.scale = 1.0
+        self.merged_delta: torch.Tensor | None = None  # what merge() added, for an exact unmerge
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base_layer(x)
+        if self.lora_A is None:
+            return out
+        A, B = self.lora_A.to(x.dtype), self.lora_B.to(x.dtype)
+        x = self.lora_dropout(x)
+        if A.dim() == 2:  # shared: (r, in), (out, r)
+            return out + self.scale * ((x @ A.T) @ B.T)
+        # Per row. The leading axis of x is P, or a P-major multiple of P where SAM's windowed
+        # attention folded windows into the batch; either way a view gives (P, N, in).
+        num_rows = A.shape[0]
+        if x.shape[0] % num_rows:
+            raise ValueError(f"batch of {x.shape[0]} does not split into {num_rows} adapter rows")
+        xr = x.reshape(num_rows, -1, self.in_features)  # (P, N, in)
+        delta = torch.bmm(torch.bmm(xr, A.transpose(1, 2)), B.transpose(1, 2))  # (P, N, r) -> (P, N, out)
+        return out + self.scale * delta.reshape(*out.shape)
+
+    def merge(self, delta: torch.Tensor, safe_merge: bool = True) -> None:
+        """W += delta (out, in). With `safe_merge`, a non-finite result is refused before W changes."""
+        if self.merged_delta is not None:
+            raise RuntimeError("an adapter is already merged; unmerge() it first")
+        weight = self.base_layer.weight
+        delta = delta.to(weight.dtype)
+        if safe_merge and not torch.isfinite(weight + delta).all():
+            raise ValueError("merging this adapter gives non-finite weights; refused")
+        with torch.no_grad():
+            weight.add_(delta)
+        self.merged_delta = delta.detach().clone()
+
+    def unmerge(self) -> None:
+        if self.merged_delta is None:
+            return
+        with torch.no_grad():
+            self.base_layer.weight.sub_(self.merged_delta)
+        self.merged_delta = None
+
+
+def inject_lora(sam: nn.Module, targets: list[LoraTarget], dropout: float = 0.0) -> dict[str, LoraLinear]:
+    """Wraps every target Linear of `sam` in a LoraLinear (idempotent); returns them by name."""
+    layers = {}
+    for t in targets:
+        module = sam.get_submodule(t.name)
+        if not isinstance(module, LoraLinear):
+            module = LoraLinear(module, dropout)
+            parent, _, leaf = t.name.rpartition(".")
+            setattr(sam.get_submodule(parent), leaf, module)
+        layers[t.name] = module
+    return layers
+
+
+def remove_lora(sam: nn.Module) -> None:
+    """Puts every wrapped Linear back (unmerging first), leaving `sam` exactly as before injection."""
+    for name, module in list(sam.named_modules()):
+        if isinstance(module, LoraLinear):
+            module.unmerge()
+            parent, _, leaf = name.rpartition(".")
+            setattr(sam.get_submodule(parent), leaf, module.base_layer)
+
+
+def lora_layers(sam: nn.Module) -> dict[str, LoraLinear]:
+    return {name: m for name, m in sam.named_modules() if isinstance(m, LoraLinear)}
+
+
+@contextmanager
+def use_adapter(sam: nn.Module, adapter: Adapter | None) -> Iterator[None]:
+    """Applies `adapter` to `sam`'s LoRA layers for the duration of the block (None = base model)."""
+    if adapter is None:
+        yield
+        return
+    layers = lora_layers(sam)
+    missing = sorted(set(adapter.weights) - set(layers))
+    if missing:
+        raise KeyError(f"adapter has targets the model has no LoRA layer for: {missing[:5]}")
+    try:
+        for name, (a, b) in adapter.weights.items():
+            layer = layers[name]
+            if a.shape[-1] != layer.in_features or b.shape[-2] != layer.out_features:
+                raise ValueError(
+                    f"adapter target {name}: A {tuple(a.shape)}, B {tuple(b.shape)} do not fit "
+                    f"Linear({layer.in_features}, {layer.out_features})"
+                )
+            layer.lora_A, layer.lora_B, layer.scale = a, b, adapter.scale
+        yield
+    finally:
+        for layer in layers.values():
+            layer.lora_A = layer.lora_B = None
+
+
+def merge_adapter(sam: nn.Module, adapter: Adapter, safe_merge: bool = True) -> None:
+    """Merges a shared adapter into the weights (single-task inference): W += s B A per target."""
+    if adapter.num_rows is not None:
+        raise ValueError("only a shared adapter can be merged; take adapter.row(i)")
+    layers = lora_layers(sam)
+    deltas = {name: adapter.delta_weight(name) for name in adapter.weights}
+    if safe_merge:  # all or nothing: check every target before any weight changes
+        for name, delta in deltas.items():
+            if not torch.isfinite(layers[name].base_layer.weight + delta.to(layers[name].base_layer.weight)).all():
+                raise ValueError(f"merging the adapter gives non-finite weights at {name}; refused")
+    for name, delta in deltas.items():
+        layers[name].merge(delta, safe_merge=False)
+
+
+def unmerge_adapter(sam: nn.Module) -> None:
+    for layer in lora_layers(sam).values():
+        layer.unmerge()

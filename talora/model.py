@@ -1,0 +1,268 @@
+"""TaskAwareSam: a frozen SAM whose encoder tail and mask decoder are adapted per prompt.
+
+Shapes: B = images, P = rows ((image, prompt) pairs in the tail, prompt rows in the decoder),
+C = channels, h x w = the image-embedding grid (64 x 64 for 1024-px SAM, 16 x 16 for vit_tiny),
+M = masks per row (3 with multimask output, else 1), n = point prompts per row.
+
+Where the time goes (DESIGN §1): `embed_trunk` (all encoder blocks but the last k) runs once per
+image and is shared by every prompt; `embed_tail` (last k blocks + neck) and `decode` run per
+prompt with that prompt's adapter. Nothing here is wrapped in no_grad: SAM's own `Sam.forward`
+and `SamPredictor` are, so `decode` calls the prompt encoder and mask decoder's parts directly and
+the same code serves training and inference.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from segment_anything.modeling import Sam
+from segment_anything.modeling.mask_decoder import MLP
+from segment_anything.utils.transforms import ResizeLongestSide
+from torch import nn
+
+from talora.config import ModelConfig, dump_config, load_config
+from talora.hypernet import TaskAwareHyperNet
+from talora.lora import Adapter, LoraTarget, find_targets, inject_lora, use_adapter
+from talora.sam import build_sam, count_parameters
+from talora.storage import StorageOptions
+from talora.text import TextEncoder, validate_prompts
+from talora.weights import read_weights, write_weights
+
+HYPERNET_FORMAT = "talora.hypernet/1"
+
+
+@dataclass
+class DecoderOutput:
+    masks: torch.Tensor  # (P, M, 4h, 4w) low-res mask logits
+    iou_predictions: torch.Tensor  # (P, M)
+    presence_logits: torch.Tensor  # (P,) "is the task in this image at all"
+
+
+class TaskAwareSam(nn.Module):
+    def __init__(
+        self,
+        sam: Sam,
+        targets: list[LoraTarget],
+        hypernet: TaskAwareHyperNet,
+        presence_head: nn.Module,
+        config: ModelConfig,
+        text_encoder: TextEncoder | None = None,
+    ) -> None:
+        """
+        Arguments:
+          sam: the base SAM; frozen here and wrapped with LoRA layers at `targets`.
+          hypernet: text embedding -> per-row Adapter over `targets`.
+          presence_head: decoder IoU-token output (P x C) -> presence logit (P x 1).
+          config: the resolved config these parts were built from (k = config.tail_blocks image-
+            encoder blocks run per prompt; 0 = decoder-only adapters). Saved with the hypernet.
+          text_encoder: prompts -> embeddings; needed by `adapters`, not by the tensor paths.
+        """
+        super().__init__()
+        sam.requires_grad_(False)
+        sam.eval()
+        self.sam = sam
+        self.targets = list(targets)
+        inject_lora(self.sam, self.targets, config.lora.dropout)
+        self.hypernet = hypernet
+        self.presence_head = presence_head
+        self.config = config
+        self.tail_blocks = config.tail_blocks
+        self.text_encoder = text_encoder
+        self.transform = ResizeLongestSide(sam.image_encoder.img_size)
+        self._adapter_cache: dict[str, Adapter] = {}
+
+    # --- modes and bookkeeping ------------------------------------------------------------------
+
+    def train(self, mode: bool = True) -> TaskAwareSam:
+        """Trains the hypernet and presence head only; the frozen SAM stays in eval mode."""
+        super().train(mode)
+        self.sam.eval()
+        self._adapter_cache.clear()  # hypernet weights are about to change
+        return self
+
+    def trainable_modules(self) -> nn.ModuleDict:
+        """What training updates and checkpoints hold (DDP wraps this, never the frozen SAM)."""
+        return nn.ModuleDict({"hypernet": self.hypernet, "presence_head": self.presence_head})
+
+    def parameter_counts(self) -> dict[str, int]:
+        trainable, total = count_parameters(self)
+        adapter = sum(self.hypernet.rank * (t.in_features + t.out_features) for t in self.targets)
+        return {"trainable_params": trainable, "total_params": total, "sam_params": count_parameters(self.sam)[1],
+                "adapter_params_per_prompt": adapter}
+
+    # --- text -> adapter ------------------------------------------------------------------------
+
+    def adapters(self, prompts: list[str]) -> Adapter:
+        """One adapter row per prompt (P rows). Cached by prompt when not training and no grad."""
+        if self.text_encoder is None:
+            raise RuntimeError("TaskAwareSam was built without a text encoder; pass text_encoder=")
+        prompts = validate_prompts(prompts)
+        cacheable = not self.training and not torch.is_grad_enabled()
+        if cacheable and all(p in self._adapter_cache for p in prompts):
+            return Adapter.stack([self._adapter_cache[p] for p in prompts])
+        param = next(self.hypernet.parameters())
+        adapter = self.hypernet(self.text_encoder.encode(prompts).to(param.device, param.dtype))
+        if cacheable:
+            for i, p in enumerate(prompts):
+                self._adapter_cache[p] = adapter.row(i)
+        return adapter
+
+    # --- images -> embeddings ---------------------------------------------------------------------
+
+    def preprocess(self, image: np.ndarray) -> tuple[torch.Tensor, tuple[int, int]]:
+        """HWC uint8 RGB -> (1, 3, S, S) normalised and padded input, and the resized (h, w)."""
+        resized = self.transform.apply_image(image)
+        x = torch.as_tensor(resized, device=self.sam.device).permute(2, 0, 1).contiguous()[None].float()
+        return self.sam.preprocess(x), tuple(resized.shape[:2])
+
+    def embed_trunk(self, images: torch.Tensor) -> torch.Tensor:
+        """B x 3 x S x S preprocessed images -> B x h x w x C trunk features (shared by all prompts)."""
+        encoder = self.sam.image_encoder
+        x = encoder.patch_embed(images)  # (B, h, w, C)
+        if encoder.pos_embed is not None:
+            x = x + encoder.pos_embed
+        for block in encoder.blocks[: len(encoder.blocks) - self.tail_blocks]:
+            x = block(x)
+        return x
+
+    def embed_tail(self, trunk_features: torch.Tensor, adapter: Adapter | None = None) -> torch.Tensor:
+        """P x h x w x C trunk features (one row per (image, prompt)) -> P x C' x h x w image embeddings.
+
+        `adapter` is per row (P rows) or shared; None runs the base tail.
+        """
+        encoder = self.sam.image_encoder
+        x = trunk_features
+        with use_adapter(self.sam, adapter):
+            for block in encoder.blocks[len(encoder.blocks) - self.tail_blocks :]:
+                x = block(x)
+        return encoder.neck(x.permute(0, 3, 1, 2))  # (P, C', h, w)
+
+    # --- embeddings (+ prompts) -> masks ----------------------------------------------------------
+
+    def decode(
+        self,
+        image_embeddings: torch.Tensor,
+        adapter: Adapter | None = None,
+        point_coords: torch.Tensor | None = None,
+        point_labels: torch.Tensor | None = None,
+        boxes: torch.Tensor | None = None,
+        multimask_output: bool = True,
+    ) -> DecoderOutput:
+        """
+        Arguments:
+          image_embeddings: P x C x h x w, one row per decoder row (expand() one image's for free).
+          adapter: per row (P rows), shared, or None for the base decoder.
+          point_coords: P x n x 2 in the model's input frame (S x S pixels), or None.
+          point_labels: P x n (1 foreground, 0 background), or None.
+          boxes: P x 4 (x0, y0, x1, y1) in the input frame, or None. With no points and no
+            boxes the row is a semantic query: "where is the task".
+
+        Returns:
+          DecoderOutput with low-res mask logits (P x M x 4h x 4w), IoU predictions (P x M) and
+          presence logits (P).
+        """
+        P = image_embeddings.shape[0]
+        points = (point_coords, point_labels) if point_coords is not None else None
+        sparse, dense = self.sam.prompt_encoder(points=points, boxes=boxes, masks=None)
+        sparse = sparse.expand(P, -1, -1)  # (P, n', C); batch 1 when the row has no prompt
+        dense = dense.expand(P, -1, -1, -1)  # (P, C, h, w)
+        with use_adapter(self.sam, adapter):
+            masks, iou_pred, iou_token = self._predict_masks(image_embeddings, sparse, dense)
+        presence = self.presence_head(iou_token).squeeze(-1)  # (P,)
+        chosen = slice(1, None) if multimask_output else slice(0, 1)
+        return DecoderOutput(masks[:, chosen], iou_pred[:, chosen], presence)
+
+    def _predict_masks(
+        self, image_embeddings: torch.Tensor, sparse: torch.Tensor, dense: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """MaskDecoder.predict_masks with one image embedding per row instead of one per call.
+
+        SAM repeat-interleaves a single image embedding over the prompt rows; with an adapted
+        tail every row has its own embedding, so this takes P of them. It reuses the decoder's
+        own modules and is tested equal to MaskDecoder.forward row by row.
+        """
+        decoder = self.sam.mask_decoder
+        P, C, h, w = image_embeddings.shape
+        output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)  # (1+M, C)
+        tokens = torch.cat([output_tokens.unsqueeze(0).expand(P, -1, -1), sparse], dim=1)  # (P, 1+M+n', C)
+        src = image_embeddings + dense  # (P, C, h, w)
+        pos_src = self.sam.prompt_encoder.get_dense_pe().expand(P, -1, -1, -1)  # (P, C, h, w)
+
+        hs, src = decoder.transformer(src, pos_src, tokens)  # (P, 1+M+n', C), (P, h*w, C)
+        iou_token_out = hs[:, 0, :]  # (P, C)
+        mask_tokens_out = hs[:, 1 : 1 + decoder.num_mask_tokens, :]  # (P, M, C)
+
+        upscaled = decoder.output_upscaling(src.transpose(1, 2).reshape(P, C, h, w))  # (P, C/8, 4h, 4w)
+        hyper_in = torch.stack(
+            [mlp(mask_tokens_out[:, i, :]) for i, mlp in enumerate(decoder.output_hypernetworks_mlps)], dim=1
+        )  # (P, M, C/8)
+        _, c8, H, W = upscaled.shape
+        masks = (hyper_in @ upscaled.view(P, c8, H * W)).view(P, -1, H, W)  # (P, M, 4h, 4w)
+        iou_pred = decoder.iou_prediction_head(iou_token_out)  # (P, M)
+        return masks, iou_pred, iou_token_out
+
+    # --- trainable weights file -------------------------------------------------------------------
+
+    def save_hypernet(self, uri: str, storage: StorageOptions | None = None) -> None:
+        """Hypernet + presence head as safetensors; the header carries the resolved config and targets."""
+        metadata = {
+            "format": HYPERNET_FORMAT,
+            "config": dump_config(self.config),
+            "targets": json.dumps([t.name for t in self.targets]),
+            "digest": self.hypernet.digest(),
+        }
+        write_weights(uri, self.trainable_modules().state_dict(), metadata, storage)
+
+    def load_hypernet_weights(self, state: dict[str, torch.Tensor], uri: str) -> None:
+        try:
+            self.trainable_modules().load_state_dict(state, strict=True)
+        except RuntimeError as e:
+            raise ValueError(f"hypernet {uri} does not fit this model: {e}") from e
+        self._adapter_cache.clear()
+
+
+def build_presence_head(transformer_dim: int) -> nn.Module:
+    return MLP(transformer_dim, transformer_dim, 1, num_layers=2)
+
+
+def build_task_aware_sam(
+    config: ModelConfig,
+    text_encoder: TextEncoder | None = None,
+    storage: StorageOptions | None = None,
+) -> TaskAwareSam:
+    """SAM (from config.sam) + LoRA targets + an untrained hypernet (bias-HyperInit) + presence head."""
+    sam = build_sam(config.sam.sam_type, config.sam.checkpoint, storage)
+    targets = find_targets(sam, config.lora, config.tail_blocks)
+    hypernet = TaskAwareHyperNet(targets, config.hypernet, config.lora.rank, config.lora.scale)
+    presence = build_presence_head(sam.mask_decoder.transformer_dim)
+    return TaskAwareSam(sam, targets, hypernet, presence, config, text_encoder)
+
+
+def read_hypernet_file(uri: str, storage: StorageOptions | None = None) -> tuple[ModelConfig, dict, dict[str, torch.Tensor]]:
+    """(resolved config, header, weights) of a hypernet file; a non-talora file is a clear error."""
+    state, header = read_weights(uri, storage)
+    if header.get("format") != HYPERNET_FORMAT:
+        raise ValueError(f"{uri} is not a talora hypernet file (format {header.get('format')!r}, expected {HYPERNET_FORMAT!r})")
+    return load_config(header["config"]), header, state
+
+
+def load_task_aware_sam(
+    hypernet_uri: str,
+    sam_checkpoint: str | None = None,
+    text_encoder: TextEncoder | None = None,
+    storage: StorageOptions | None = None,
+) -> TaskAwareSam:
+    """The model a hypernet file was trained for, with its weights; `sam_checkpoint` overrides the base's URI."""
+    config, header, state = read_hypernet_file(hypernet_uri, storage)
+    if sam_checkpoint is not None:
+        config = dataclasses.replace(config, sam=dataclasses.replace(config.sam, checkpoint=sam_checkpoint))
+    model = build_task_aware_sam(config, text_encoder, storage)
+    expected = json.loads(header["targets"])
+    if expected != [t.name for t in model.targets]:
+        raise ValueError(f"hypernet {hypernet_uri} was trained for other LoRA targets than this {config.sam.sam_type} model finds")
+    model.load_hypernet_weights(state, hypernet_uri)
+    return model

@@ -1,0 +1,162 @@
+"""Segment Anything models: build any variant, load and save checkpoints from any URI.
+
+``vit_h``/``vit_l``/``vit_b`` come from segment_anything's own registry; ``vit_tiny`` is a ~1.2 M
+parameter preset assembled from the same modeling classes (ImageEncoderViT, PromptEncoder,
+MaskDecoder, TwoWayTransformer) for CPU tests and the offline demo. Every variant shares the
+decoder code, so LoRA and the hypernet never care which encoder runs.
+
+Checkpoints load safely: safetensors, or ``torch.load(weights_only=True)``. A missing, corrupt or
+wrong-variant checkpoint is an error naming the URI and what was expected.
+"""
+
+from __future__ import annotations
+
+import io
+from functools import partial
+
+import torch
+from segment_anything import sam_model_registry
+from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
+
+from talora.config import SAM_TYPES
+from talora.storage import StorageOptions, read_bytes
+from talora.weights import parse_safetensors, write_weights
+
+# (encoder embed dim, encoder depth) -> variant; enough to tell the variants apart from a state dict.
+_ENCODER_SHAPES = {"vit_h": (1280, 32), "vit_l": (1024, 24), "vit_b": (768, 12), "vit_tiny": (128, 4)}
+
+
+def build_sam_vit_tiny() -> Sam:
+    """A 256-px SAM with a 4-block, 128-d encoder and a 64-d decoder (~1.2 M parameters)."""
+    return _build_sam_tiny(
+        image_size=256,
+        patch_size=16,
+        encoder_embed_dim=128,
+        encoder_depth=4,
+        encoder_num_heads=4,
+        encoder_global_attn_indexes=(1, 3),
+        prompt_embed_dim=64,
+        decoder_mlp_dim=256,
+        decoder_num_heads=4,
+    )
+
+
+def _build_sam_tiny(
+    image_size: int,
+    patch_size: int,
+    encoder_embed_dim: int,
+    encoder_depth: int,
+    encoder_num_heads: int,
+    encoder_global_attn_indexes: tuple[int, ...],
+    prompt_embed_dim: int,
+    decoder_mlp_dim: int,
+    decoder_num_heads: int,
+    window_size: int = 0,
+) -> Sam:
+    image_embedding_size = image_size // patch_size
+    return Sam(
+        image_encoder=ImageEncoderViT(
+            img_size=image_size,
+            patch_size=patch_size,
+            embed_dim=encoder_embed_dim,
+            depth=encoder_depth,
+            num_heads=encoder_num_heads,
+            mlp_ratio=4,
+            out_chans=prompt_embed_dim,
+            qkv_bias=True,
+            norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
+            use_rel_pos=True,
+            global_attn_indexes=encoder_global_attn_indexes,
+            window_size=window_size,  # 0 = every block global: 16x16 tokens are cheap
+        ),
+        prompt_encoder=PromptEncoder(
+            embed_dim=prompt_embed_dim,
+            image_embedding_size=(image_embedding_size, image_embedding_size),
+            input_image_size=(image_size, image_size),
+            mask_in_chans=16,
+        ),
+        mask_decoder=MaskDecoder(
+            num_multimask_outputs=3,
+            transformer=TwoWayTransformer(
+                depth=2,
+                embedding_dim=prompt_embed_dim,
+                mlp_dim=decoder_mlp_dim,
+                num_heads=decoder_num_heads,
+            ),
+            transformer_dim=prompt_embed_dim,
+            iou_head_depth=3,
+            iou_head_hidden_dim=prompt_embed_dim,
+        ),
+        pixel_mean=[123.675, 116.28, 103.53],
+        pixel_std=[58.395, 57.12, 57.375],
+    )
+
+
+def build_sam(sam_type: str, checkpoint: str | None = None, storage: StorageOptions | None = None) -> Sam:
+    """SAM `sam_type` in eval mode, frozen, with weights from `checkpoint` (None = random init).
+
+    The checkpoint is read and checked before the (possibly 2.5 GB) model is built.
+    """
+    if sam_type not in SAM_TYPES:
+        raise ValueError(f"unknown SAM variant {sam_type!r}; expected one of {SAM_TYPES}")
+    state = None if checkpoint is None else read_sam_checkpoint(checkpoint, sam_type, storage)
+    sam = build_sam_vit_tiny() if sam_type == "vit_tiny" else sam_model_registry[sam_type](checkpoint=None)
+    if state is not None:
+        try:
+            sam.load_state_dict(state, strict=True)
+        except RuntimeError as e:
+            raise ValueError(f"checkpoint {checkpoint} does not match the {sam_type} architecture: {e}") from e
+    sam.eval()
+    sam.requires_grad_(False)
+    return sam
+
+
+def read_sam_checkpoint(uri: str, sam_type: str, storage: StorageOptions | None = None) -> dict[str, torch.Tensor]:
+    """A SAM state dict from `uri`, checked to be for `sam_type`."""
+    state = read_state_dict(uri, storage)
+    found = detect_sam_type(state)
+    if found is None:
+        raise ValueError(f"checkpoint {uri} holds no SAM image encoder weights (expected a {sam_type} checkpoint)")
+    if found != sam_type:
+        raise ValueError(f"checkpoint {uri} has keys for {found}, but --sam-type {sam_type} was given")
+    return state
+
+
+def read_state_dict(uri: str, storage: StorageOptions | None = None) -> dict[str, torch.Tensor]:
+    """Tensors from a ``.safetensors`` or a ``torch.save`` file, never unpickling code."""
+    data = read_bytes(uri, storage)
+    if uri.endswith(".safetensors"):
+        return parse_safetensors(data, uri)[0]
+    try:
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"checkpoint {uri} is corrupt or not a weights file: {type(e).__name__}: {e}") from e
+    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+        state = state["model"]  # training checkpoints that wrap the weights
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"checkpoint {uri} does not hold a state dict of tensors")
+    return state
+
+
+def detect_sam_type(state_dict: dict[str, torch.Tensor]) -> str | None:
+    """The variant whose encoder shape matches `state_dict`, or None if it is no SAM at all."""
+    patch = state_dict.get("image_encoder.patch_embed.proj.weight")
+    if patch is None:
+        return None
+    depth = 1 + max(
+        (int(k.split(".")[2]) for k in state_dict if k.startswith("image_encoder.blocks.")), default=-1
+    )
+    shape = (patch.shape[0], depth)
+    return next((name for name, s in _ENCODER_SHAPES.items() if s == shape), None)
+
+
+def save_sam(sam: Sam, uri: str, storage: StorageOptions | None = None) -> None:
+    """Writes the base SAM weights as safetensors (LoRA wrappers, if injected, are looked through)."""
+    state = {k.replace(".base_layer.", "."): v for k, v in sam.state_dict().items()}
+    write_weights(uri, state, {"format": "talora.sam/1"}, storage)
+
+
+def count_parameters(module: torch.nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    params = list(module.parameters())
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)

@@ -1,0 +1,38 @@
+"""Tensor files: safetensors with a string->string header, at any URI.
+
+Every weights file talora writes (SAM bases, hypernets, adapters, checkpoints) goes through here,
+so each is one PUT on object storage and one atomic replace on local disk.
+"""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from safetensors.torch import load as _load
+from safetensors.torch import save as _save
+
+from talora.storage import StorageOptions, read_bytes, write_bytes
+
+
+def parse_safetensors(data: bytes, uri: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, header metadata) of safetensors bytes; anything else is an error naming `uri`."""
+    try:
+        # The format: 8-byte little-endian header length, a JSON header, then the tensor bytes.
+        header_len = int.from_bytes(data[:8], "little")
+        metadata = json.loads(data[8 : 8 + header_len]).get("__metadata__") or {}
+        return _load(data), metadata
+    except Exception as e:
+        raise ValueError(f"{uri} is corrupt or not a safetensors file: {type(e).__name__}: {e}") from e
+
+
+def read_weights(uri: str, storage: StorageOptions | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    return parse_safetensors(read_bytes(uri, storage), uri)
+
+
+def write_weights(
+    uri: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None,
+    storage: StorageOptions | None = None,
+) -> None:
+    state = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    write_bytes(uri, _save(state, metadata=metadata), storage)

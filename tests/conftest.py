@@ -1,0 +1,101 @@
+"""Shared fixtures: tiny models built from segment_anything's own classes, a moto S3 server on
+loopback, and the offline text encoder."""
+
+from __future__ import annotations
+
+import os
+import urllib.request
+
+import pytest
+import torch
+
+from talora.config import default_config
+from talora.storage import StorageOptions
+
+# Fake credentials only: moto accepts any, and nothing here may reach a real account.
+os.environ["AWS_ACCESS_KEY_ID"] = "testing"
+os.environ["AWS_SECRET_ACCESS_KEY"] = "testing"
+os.environ["AWS_DEFAULT_REGION"] = "us-east-1"
+for _var in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
+    os.environ.pop(_var, None)
+
+
+@pytest.fixture(scope="session")
+def moto_server():
+    """A real S3 API (moto) on 127.0.0.1, one per session; yields its endpoint URL."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def s3(moto_server):
+    """Fresh S3 state with one bucket, ``s3://talora-test``; yields the StorageOptions to reach it."""
+    import s3fs
+
+    urllib.request.urlopen(urllib.request.Request(f"{moto_server}/moto-api/reset", method="POST")).read()
+    s3fs.S3FileSystem.clear_instance_cache()
+    options = StorageOptions(endpoint_url=moto_server)
+    fs = s3fs.S3FileSystem(endpoint_url=moto_server)
+    fs.mkdir("talora-test")
+    yield options
+    s3fs.S3FileSystem.clear_instance_cache()
+
+
+@pytest.fixture(scope="session")
+def text_encoder():
+    from talora.text import TextEncoder
+
+    return TextEncoder()
+
+
+@pytest.fixture
+def tiny_config():
+    return default_config("vit_tiny")
+
+
+@pytest.fixture
+def tiny_model(tiny_config):
+    """An untrained vit_tiny TaskAwareSam in float64 (equivalence tests cannot flake)."""
+    from talora.model import build_task_aware_sam
+
+    torch.manual_seed(0)
+    return as_float64(build_task_aware_sam(tiny_config))
+
+
+def as_float64(model):
+    """model.double(), except SAM's point-encoding matrix: PromptEncoder casts point coordinates
+    to float32 before multiplying by it (segment_anything 1.0), so it must stay float32."""
+    model.double()
+    for module in model.modules():
+        if hasattr(module, "positional_encoding_gaussian_matrix"):
+            module.positional_encoding_gaussian_matrix.data = module.positional_encoding_gaussian_matrix.float()
+    return model
+
+
+@pytest.fixture
+def float64():
+    return as_float64
+
+
+@pytest.fixture
+def make_adapter():
+    """make_adapter(targets, rows=None, zero_b=False, seed=0): a random adapter over `targets`
+    (shared when rows is None), float64, with B non-zero unless zero_b."""
+    from talora.lora import Adapter
+
+    def make(targets, rows=None, zero_b=False, seed=0, rank=4, scale=2.0):
+        g = torch.Generator().manual_seed(seed)
+        lead = () if rows is None else (rows,)
+        weights = {}
+        for t in targets:
+            a = torch.randn(*lead, rank, t.in_features, generator=g, dtype=torch.float64) * 0.2
+            b = torch.randn(*lead, t.out_features, rank, generator=g, dtype=torch.float64) * 0.2
+            weights[t.name] = (a, torch.zeros_like(b) if zero_b else b)
+        return Adapter(weights, scale)
+
+    return make

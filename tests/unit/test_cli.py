@@ -1,0 +1,69 @@
+import json
+import os
+import subprocess
+import sys
+
+import torch
+
+from talora.adapter_file import load_adapter
+from talora.cli import main
+from talora.config import default_config
+from talora.model import build_task_aware_sam
+
+
+def test_info_json_lists_targets_and_parameter_counts(capsys):
+    assert main(["info", "--sam-type", "vit_b", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["sam_type"] == "vit_b" and info["tail_blocks"] == 2
+    names = [t["name"] for t in info["targets"]]
+    assert "mask_decoder.transformer.layers.0.cross_attn_token_to_image.q_proj" in names
+    q = next(t for t in info["targets"] if t["name"].endswith("token_to_image.q_proj"))
+    assert (q["in_features"], q["out_features"]) == (256, 128)
+    assert 0 < info["trainable_params"] < info["total_params"]
+    assert abs(info["trainable_percent"] - 100 * info["trainable_params"] / info["total_params"]) < 1e-9
+
+
+def test_info_text_output_from_the_console_script():
+    talora = os.path.join(os.path.dirname(sys.executable), "talora")
+    out = subprocess.run([talora, "info", "--sam-type", "vit_tiny"], capture_output=True, text=True, check=True).stdout
+    assert "image_encoder.blocks.3.attn.qkv" in out and "36 targets" in out and "trainable" in out
+
+
+def test_adapter_without_hypernet_writes_a_zero_delta_adapter(tmp_path, capsys):
+    out = tmp_path / "adapter.safetensors"
+    assert main(["adapter", "--prompt", "segment vehicles", "--sam-type", "vit_tiny", "--out", str(out)]) == 0
+    adapter, header = load_adapter(str(out), sam_type="vit_tiny")
+    assert header.prompt == "segment vehicles" and len(adapter.weights) == 36
+    assert all(torch.count_nonzero(adapter.delta_weight(n)) == 0 for n in adapter.weights)
+    assert "segment vehicles" in capsys.readouterr().out
+
+
+def test_adapter_from_a_hypernet_file_matches_the_model(tmp_path, text_encoder):
+    torch.manual_seed(0)
+    model = build_task_aware_sam(default_config("vit_tiny"), text_encoder)
+    with torch.no_grad():
+        for head in model.hypernet.heads.values():
+            head.weight.normal_(0, 0.02)
+    model.save_hypernet(str(tmp_path / "h.safetensors"))
+    out = tmp_path / "a.safetensors"
+    assert main(["adapter", "--prompt", "segment red apples", "--hypernet", str(tmp_path / "h.safetensors"), "--out", str(out)]) == 0
+    adapter, header = load_adapter(str(out), model.targets, "vit_tiny")
+    assert header.hypernet_digest == model.hypernet.digest()
+    model.eval()
+    with torch.no_grad():
+        expected = model.adapters(["segment red apples"]).row(0)
+    for name in expected.weights:
+        torch.testing.assert_close(adapter.delta_weight(name), expected.delta_weight(name))
+    assert any(torch.count_nonzero(adapter.delta_weight(n)) for n in adapter.weights)
+
+
+def test_bad_input_exits_non_zero_with_a_message_naming_it(tmp_path, capsys):
+    assert main(["adapter", "--prompt", "   ", "--out", str(tmp_path / "a.safetensors")]) == 2
+    assert "prompt 0 is empty" in capsys.readouterr().err
+    assert main(["adapter", "--prompt", "x", "--hypernet", str(tmp_path / "missing.safetensors"), "--out", "o"]) == 2
+    assert "missing.safetensors" in capsys.readouterr().err
+    config = tmp_path / "c.yaml"
+    config.write_text("lora:\n  rnak: 4\n")
+    assert main(["info", "--config", str(config)]) == 2
+    assert "lora.rnak" in capsys.readouterr().err
+    assert not (tmp_path / "a.safetensors").exists()

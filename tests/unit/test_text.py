@@ -1,0 +1,46 @@
+import pytest
+import torch
+
+from talora.text import validate_prompts
+
+
+def test_embeddings_are_384_d_unit_vectors_in_prompt_order(text_encoder):
+    e = text_encoder.encode(["segment vehicles", "segment all red apples"])
+    assert e.shape == (2, 384) and e.dtype == torch.float32
+    torch.testing.assert_close(e.norm(dim=1), torch.ones(2))
+    assert not torch.allclose(e[0], e[1])
+
+
+def test_related_prompts_are_closer_than_unrelated_ones(text_encoder):
+    # A real property of all-MiniLM-L6-v2 loaded offline: it proves the weights, not random ones.
+    cars, trucks, apples = text_encoder.encode(["segment the cars", "segment the trucks", "segment the apples"])
+    assert cars @ trucks > cars @ apples
+
+
+def test_cache_returns_the_same_embedding_and_normalises_whitespace(text_encoder):
+    first = text_encoder.encode(["segment  vehicles "])
+    again = text_encoder.encode(["segment vehicles"])
+    assert torch.equal(first, again)
+    assert "segment vehicles" in text_encoder._cache
+
+
+@pytest.mark.parametrize("prompts, match", [([], "no prompt"), (["ok", "  "], "prompt 1 is empty"), ([""], "prompt 0")])
+def test_empty_prompts_are_errors(prompts, match):
+    with pytest.raises(ValueError, match=match):
+        validate_prompts(prompts)
+
+
+def test_model_adapters_are_cached_by_prompt_only_at_inference(tiny_model, text_encoder):
+    tiny_model.text_encoder = text_encoder
+    tiny_model.eval()
+    with torch.no_grad():
+        a = tiny_model.adapters(["segment vehicles", "segment fruit"])
+        b = tiny_model.adapters(["segment fruit"])
+    assert a.num_rows == 2 and b.num_rows == 1
+    name = tiny_model.targets[0].name
+    assert torch.equal(a.weights[name][0][1], b.weights[name][0][0])
+    assert len(tiny_model._adapter_cache) == 2
+    tiny_model.train()
+    assert not tiny_model._adapter_cache  # training invalidates it
+    adapter = tiny_model.adapters(["segment vehicles"])
+    assert adapter.weights[name][0].requires_grad  # and the graph reaches the hypernet
