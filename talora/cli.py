@@ -20,6 +20,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sam-type", choices=SAM_TYPES, default=None, help="SAM variant (default vit_tiny)")
     p.add_argument("--sam-checkpoint", default=None, help="base SAM weights: local path or any fsspec URI")
     p.add_argument("--config", default=None, help="model config YAML (strict); flags override it")
+    _add_storage_args(p)
+
+
+def _add_storage_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--s3-endpoint-url", default=None, help="S3-compatible endpoint (else AWS_ENDPOINT_URL / AWS)")
     p.add_argument("--s3-profile", default=None, help="AWS profile for s3:// URIs")
 
@@ -113,6 +117,42 @@ def cmd_adapter(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tasks(args: argparse.Namespace) -> int:
+    from talora.data.coco import CocoDataset
+    from talora.tasks import TaskSet
+
+    dataset = CocoDataset.load(args.annotations, storage=_storage(args))
+    tasks = TaskSet.from_dataset(dataset)
+    rows = [{"id": t.id, "kind": t.kind, "heldout_composition": t.heldout, "train_prompts": t.train_prompts,
+             "heldout_prompts": t.heldout_prompts,
+             "instances": sum(t.matches(i) for i in dataset.all_instances())} for t in tasks]
+    if args.json:
+        print(json.dumps({"annotations": args.annotations, "warnings": dataset.warnings, "tasks": rows}, indent=2))
+        return 0
+    print(f"{len(rows)} tasks from {args.annotations} ({len(dataset.images)} images)")
+    for r in rows:
+        split = "held-out composition" if r["heldout_composition"] else "train"
+        example = (r["train_prompts"] or r["heldout_prompts"])[0]
+        print(f"  {r['id']:<34} {r['kind']:<13} {r['instances']:>6} instances  {split:<20} e.g. {example!r}")
+    return 0  # dataset warnings went to stderr through logging
+
+
+def cmd_demo_data(args: argparse.Namespace) -> int:
+    import time
+
+    from talora.data.synthetic import SyntheticConfig, write_demo_dataset
+
+    start = time.perf_counter()
+    config = SyntheticConfig(image_size=args.image_size, image_format=args.format)
+    written = write_demo_dataset(args.out, args.num_images, args.num_val, args.seed, config, args.shard_size, _storage(args))
+    seconds = time.perf_counter() - start
+    total = args.num_images + args.num_val
+    print(f"wrote {total} images in {seconds:.1f} s ({total / seconds:.0f} images/s)")
+    for split, uri in written.items():
+        print(f"  {split}: {uri}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="talora", description="Text-to-LoRA for Segment Anything")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -129,6 +169,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="adapter .safetensors to write (local path or URI)")
     p.add_argument("--seed", type=int, default=0, help="init seed when no --hypernet is given")
     p.set_defaults(func=cmd_adapter)
+
+    p = sub.add_parser("tasks", help="tasks, prompts and splits derived from a COCO dataset")
+    p.add_argument("--annotations", required=True, help="COCO instances JSON (local path or URI)")
+    p.add_argument("--json", action="store_true")
+    _add_storage_args(p)
+    p.set_defaults(func=cmd_tasks)
+
+    p = sub.add_parser("demo-data", help="write the synthetic demo domain (COCO train + val)")
+    p.add_argument("--out", required=True, help="output prefix (local path or URI)")
+    p.add_argument("--num-images", type=int, default=200, help="training images")
+    p.add_argument("--num-val", type=int, default=50, help="validation images")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--image-size", type=int, default=256)
+    p.add_argument("--shard-size", type=int, default=None, help="write images into shard-XXXXX/ sub-folders of this size")
+    p.add_argument("--format", choices=("jpg", "png"), default="jpg")
+    _add_storage_args(p)
+    p.set_defaults(func=cmd_demo_data)
     return parser
 
 

@@ -1,14 +1,16 @@
 """URIs to fsspec filesystems: local paths, ``file://``, ``s3://`` (any endpoint), ``gs://``, ...
 
-Credentials come from the standard places (AWS env vars, profiles, instance roles); only the
-endpoint URL, the profile and anonymous access are options here. Nothing in this module logs or
-formats a credential.
+Credentials come from the standard places (AWS env vars, profiles, instance roles), or from
+explicit keys in `StorageOptions`, which never appear in its repr, its `public_dict()` or in any
+message: `redact()` scrubs every known secret from text before a job prints or saves it.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+import posixpath
+import re
+from dataclasses import dataclass, field
 from typing import Any
 
 import fsspec
@@ -20,6 +22,13 @@ class StorageOptions:
     endpoint_url: str | None = None  # e.g. http://127.0.0.1:5000 for MinIO/moto; None = AWS default
     profile: str | None = None  # an AWS profile name from ~/.aws/config
     anon: bool = False  # unsigned requests (public buckets)
+    # Explicit keys, for endpoints without profiles; prefer env vars or roles. Never printed.
+    access_key_id: str | None = field(default=None, repr=False)
+    secret_access_key: str | None = field(default=None, repr=False)
+
+    def public_dict(self) -> dict[str, Any]:
+        """What may be logged or saved in a resolved config: no keys."""
+        return {"endpoint_url": self.endpoint_url, "profile": self.profile, "anon": self.anon}
 
     def fsspec_kwargs(self, protocol: str) -> dict[str, Any]:
         if protocol not in ("s3", "s3a"):
@@ -32,7 +41,39 @@ class StorageOptions:
             kwargs["profile"] = self.profile
         if self.anon:
             kwargs["anon"] = True
+        if self.access_key_id and self.secret_access_key:
+            kwargs["key"], kwargs["secret"] = self.access_key_id, self.secret_access_key
         return kwargs
+
+
+_SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "GOOGLE_APPLICATION_CREDENTIALS_JSON")
+_URL_USERINFO = re.compile(r"(?<=://)[^/@\s]+@")
+
+
+def redact(text: str, options: StorageOptions | None = None) -> str:
+    """`text` with every secret this process knows of (env vars, explicit keys, URL user:password@)
+    replaced by ``***``."""
+    secrets = [os.environ.get(name) for name in _SECRET_ENV]
+    if options is not None:
+        secrets += [options.secret_access_key, options.access_key_id]
+    for secret in secrets:
+        if secret and len(secret) >= 4:
+            text = text.replace(secret, "***")
+    return _URL_USERINFO.sub("***@", text)
+
+
+# Filesystems that live inside one process: a Ray worker on another process or node cannot see them.
+_PROCESS_LOCAL = ("memory",)
+
+
+def require_shared(uri: str, what: str = "URI") -> None:
+    """Refuses URIs that Ray workers in other processes cannot read, with a message saying why."""
+    protocol = protocol_of(uri)
+    if protocol in _PROCESS_LOCAL:
+        raise ValueError(
+            f"{what} {uri}: {protocol}:// lives inside one process, so Ray workers cannot see it; "
+            "use a local path (single machine) or object storage such as s3://"
+        )
 
 
 def protocol_of(uri: str) -> str:
@@ -69,3 +110,78 @@ def write_bytes(uri: str, data: bytes, options: StorageOptions | None = None) ->
         os.replace(tmp, path)
         return
     fs.pipe_file(path, data)
+
+
+def join(uri: str, *parts: str) -> str:
+    """`uri` / parts, keeping the scheme (``s3://b/p`` + ``x`` -> ``s3://b/p/x``)."""
+    return posixpath.join(uri.rstrip("/"), *parts)
+
+
+def pyarrow_filesystem(uri: str, options: StorageOptions | None = None):
+    """(pyarrow filesystem, scheme-less path) for Ray Data readers and writers.
+
+    s3:// maps to pyarrow's native S3FileSystem (endpoint and keys from `options` or the standard
+    AWS variables and profiles); everything else goes through fsspec via PyFileSystem.
+    """
+    import pyarrow.fs as pafs
+
+    options = options or StorageOptions()
+    protocol = protocol_of(uri)
+    if protocol in ("s3", "s3a"):
+        kwargs: dict[str, Any] = {}
+        endpoint = options.fsspec_kwargs("s3").get("endpoint_url")
+        if endpoint:
+            scheme, _, host = endpoint.partition("://")
+            kwargs.update(endpoint_override=host, scheme=scheme)
+        if options.anon:
+            kwargs["anonymous"] = True
+        if options.access_key_id and options.secret_access_key:
+            kwargs.update(access_key=options.access_key_id, secret_key=options.secret_access_key)
+        region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+        if region:
+            kwargs["region"] = region
+        return pafs.S3FileSystem(**kwargs), uri.split("://", 1)[1]
+    fs, path = filesystem(uri, options)
+    return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path
+
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+
+
+@dataclass(frozen=True)
+class Shard:
+    name: str  # the sub-folder's name, or "virtual-00000" for cuts of a flat folder
+    uris: tuple[str, ...]  # sorted image URIs
+
+
+def list_shards(
+    prefix: str,
+    shard_size: int = 1000,
+    extensions: tuple[str, ...] = IMAGE_EXTENSIONS,
+    options: StorageOptions | None = None,
+) -> list[Shard]:
+    """Images under `prefix` as shards, in a stable order.
+
+    Each sub-folder is a shard (with every image below it); images directly under `prefix` are
+    cut into virtual shards of `shard_size` sorted keys. Only `extensions` count (case-insensitive).
+    """
+    fs, root = filesystem(prefix, options)
+    root = root.rstrip("/")
+    if not fs.exists(root):
+        raise FileNotFoundError(f"no such image prefix: {prefix}")
+    scheme = prefix.split("://", 1)[0] + "://" if "://" in prefix else ""
+    by_folder: dict[str, list[str]] = {}
+    for path in sorted(fs.find(root)):
+        if not path.lower().endswith(tuple(e.lower() for e in extensions)):
+            continue
+        relative = path[len(root) :].lstrip("/")
+        if any(part.startswith((".", "_")) for part in relative.split("/")):
+            continue  # hidden and in-progress files
+        folder = relative.split("/", 1)[0] if "/" in relative else ""
+        by_folder.setdefault(folder, []).append(scheme + path if scheme != "file://" else path)
+    shards = []
+    flat = by_folder.pop("", [])
+    for i in range(0, len(flat), shard_size):
+        shards.append(Shard(f"virtual-{i // shard_size:05d}", tuple(flat[i : i + shard_size])))
+    shards += [Shard(name, tuple(uris)) for name, uris in sorted(by_folder.items())]
+    return shards

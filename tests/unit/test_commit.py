@@ -1,0 +1,79 @@
+import subprocess
+import sys
+import textwrap
+
+import pyarrow as pa
+import pytest
+
+from talora.commit import Manifest, RunOutput, ShardTracker, run_key
+
+# A writer that processes shards a and b (two parts each) and can die between parts and manifest.
+WRITER = textwrap.dedent("""
+    import os, sys
+    import pyarrow as pa
+    from talora.commit import RunOutput, ShardTracker
+    out, die_in = sys.argv[1], sys.argv[2]
+    run = RunOutput(out, "run1")
+    todo = {s: [f"{s}/{i}.jpg" for i in range(4)] for s in ("a", "b") if s not in run.committed_shards()}
+    tracker = ShardTracker(run, todo)
+    for shard, items in todo.items():
+        for k in range(2):
+            batch = items[2 * k : 2 * k + 2]
+            part = run.write_part(shard, k, pa.table({"item": batch, "value": [1, 2]}))
+            if shard == die_in and k == 1:
+                os._exit(9)  # killed after writing every part, before the manifest
+            for item in batch:
+                tracker.add(shard, item, rows=1, part=part)
+    print("committed", ",".join(tracker.committed))
+""")
+
+
+def _write(out, die_in):
+    return subprocess.run([sys.executable, "-c", WRITER, str(out), die_in], capture_output=True, text=True)
+
+
+def test_a_run_killed_between_parts_and_manifest_reruns_to_exactly_one_copy(tmp_path):
+    first = _write(tmp_path, die_in="b")
+    assert first.returncode == 9
+    run = RunOutput(str(tmp_path), "run1")
+    assert run.committed_shards() == {"a"}
+    assert (tmp_path / "run1" / "b" / "part-000001.parquet").exists()  # written, but not committed...
+    assert len(run.read_table()) == 4  # ...so readers see shard a only
+
+    second = _write(tmp_path, die_in="none")
+    assert second.returncode == 0 and second.stdout.split() == ["committed", "b"]  # a was skipped
+    table = run.read_table()
+    assert sorted(table["item"].to_pylist()) == sorted(f"{s}/{i}.jpg" for s in "ab" for i in range(4))
+
+
+def test_stale_parts_are_never_read(tmp_path):
+    run = RunOutput(str(tmp_path), run_key({"prompts": ["x"]}))
+    run.write_part("s", 0, pa.table({"v": [1]}))
+    run.write_part("s", 7, pa.table({"v": [99]}))  # left over from an earlier attempt
+    run.commit(Manifest("s", ["part-000000.parquet"], {"i": 1}, {}))
+    assert run.read_table()["v"].to_pylist() == [1]
+
+
+def test_manifest_lists_every_item_with_its_rows_zero_and_errors_included(tmp_path):
+    run = RunOutput(str(tmp_path), "k")
+    tracker = ShardTracker(run, {"s": ["x", "y", "z"]})
+    assert not tracker.add("s", "x", 3, "part-000000.parquet")
+    assert not tracker.add("s", "y", 0)
+    assert tracker.add("s", "z", 0, error="cannot decode image")
+    manifest = run.manifests()["s"]
+    assert manifest.items == {"x": 3, "y": 0, "z": 0}
+    assert manifest.errors == {"z": "cannot decode image"} and manifest.parts == ["part-000000.parquet"]
+    with pytest.raises(KeyError):
+        tracker.add("s", "w", 1)
+
+
+def test_run_key_changes_with_any_input_and_not_with_key_order():
+    assert run_key({"a": 1, "b": [1, 2]}) == run_key({"b": [1, 2], "a": 1})
+    assert run_key({"a": 1}) != run_key({"a": 2})
+
+
+def test_commit_protocol_on_s3(s3):
+    run = RunOutput("s3://talora-test/out", "k", s3)
+    tracker = ShardTracker(run, {"s": ["x"]})
+    tracker.add("s", "x", 1, run.write_part("s", 0, pa.table({"v": [5]})))
+    assert RunOutput("s3://talora-test/out", "k", s3).read_table()["v"].to_pylist() == [5]

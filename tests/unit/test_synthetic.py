@@ -1,0 +1,54 @@
+import json
+
+from pycocotools.coco import COCO
+
+from talora.data.synthetic import COLORS, make_split, write_demo_dataset
+
+
+def test_generator_is_deterministic_per_seed():
+    a, files_a = make_split(12, seed=7)
+    b, files_b = make_split(12, seed=7)
+    c, _ = make_split(12, seed=8)
+    assert a == b and files_a == files_b
+    assert a["annotations"] != c["annotations"]
+
+
+def test_output_is_valid_coco_with_no_empty_masks_and_colour_attributes(tmp_path):
+    written = write_demo_dataset(str(tmp_path / "demo"), num_train=20, num_val=5, seed=1)
+    coco = COCO(written["train"])
+    assert len(coco.imgs) == 20 and len(coco.anns) > 20
+    sizes, colours = [], set()
+    for ann in coco.anns.values():
+        mask = coco.annToMask(ann)
+        assert mask.shape == (256, 256) and mask.sum() == ann["area"] > 0
+        x, y, w, h = ann["bbox"]
+        sizes.append(max(w, h))
+        colours.add(ann["attributes"]["color"])
+    assert colours == set(COLORS)
+    assert min(sizes) >= 10 and max(sizes) > 64  # several sizes, large ones span many 16-px cells
+    for image in coco.imgs.values():
+        assert (tmp_path / "demo" / "train" / "images" / image["file_name"]).stat().st_size > 0
+    assert json.loads((tmp_path / "demo" / "val" / "instances.json").read_text())["images"][0]["id"] == 1
+
+
+def test_occlusion_is_reflected_in_the_masks():
+    coco, _ = make_split(40, seed=2)
+    c = COCO()
+    c.dataset = coco
+    c.createIndex()
+    overlapping_boxes = 0
+    for image_id in c.imgs:
+        anns = c.imgToAnns[image_id]
+        masks = [c.annToMask(a).astype(bool) for a in anns]
+        for i in range(len(anns)):
+            for j in range(i + 1, len(anns)):
+                assert not (masks[i] & masks[j]).any()  # what is hidden belongs to the object on top only
+                (x1, y1, w1, h1), (x2, y2, w2, h2) = anns[i]["bbox"], anns[j]["bbox"]
+                overlapping_boxes += x1 < x2 + w2 and x2 < x1 + w1 and y1 < y2 + h2 and y2 < y1 + h1
+    assert overlapping_boxes > 10  # objects do overlap, so the disjointness above is occlusion at work
+
+
+def test_shard_sub_folders(tmp_path):
+    write_demo_dataset(str(tmp_path), num_train=5, num_val=1, seed=0, shard_size=2)
+    names = sorted(p.name for p in (tmp_path / "train" / "images").iterdir())
+    assert names == ["shard-00000", "shard-00001", "shard-00002"]
