@@ -29,13 +29,18 @@ test-unit: setup
 test-integration: setup
 	$(OFFLINE) $(PY) -m pytest -m integration $(PYTEST_ARGS)
 
-# The longest real end-to-end path that exists so far: prompt -> text encoder -> hypernet ->
-# adapter file on the vit_tiny SAM, then its summary.
+# The longest real end-to-end path that exists so far: the demo bucket (generated if missing) ->
+# its tasks -> the embedding cache on a local Ray -> an adapter file for a prompt on vit_tiny.
+DEMO_DATA ?= data/demo
 demo: setup
-	mkdir -p runs/demo
+	test -f $(DEMO_DATA)/val/instances.json || $(OFFLINE) $(VENV)/bin/talora demo-data --out $(DEMO_DATA) \
+		--num-images 200 --num-val 40 --shard-size 20 --seed 0
+	$(OFFLINE) $(VENV)/bin/talora tasks --annotations $(DEMO_DATA)/val/instances.json | head -n 14
+	$(OFFLINE) $(PY) jobs/embed_images.py --annotations $(DEMO_DATA)/val/instances.json \
+		--output runs/demo/cache --batch-size 8 2>&1 | grep -E '^(embed|\{)'
 	$(OFFLINE) $(VENV)/bin/talora adapter --prompt "$(DEMO_PROMPT)" --sam-type vit_tiny \
 		--out runs/demo/adapter.safetensors
-	$(OFFLINE) $(VENV)/bin/talora info --sam-type vit_tiny
+	@echo "demo outputs: $(DEMO_DATA)/ (COCO train/val), runs/demo/cache/ (embedding cache), runs/demo/adapter.safetensors"
 
 clean:
 	rm -rf runs .pytest_cache

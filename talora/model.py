@@ -21,13 +21,12 @@ import numpy as np
 import torch
 from segment_anything.modeling import Sam
 from segment_anything.modeling.mask_decoder import MLP
-from segment_anything.utils.transforms import ResizeLongestSide
 from torch import nn
 
 from talora.config import ModelConfig, dump_config, load_config
 from talora.hypernet import TaskAwareHyperNet
 from talora.lora import Adapter, LoraTarget, find_targets, inject_lora, use_adapter
-from talora.sam import build_sam, count_parameters
+from talora.sam import build_sam, count_parameters, embed_tail, embed_trunk, preprocess_image
 from talora.storage import StorageOptions
 from talora.text import TextEncoder, validate_prompts
 from talora.weights import read_weights, write_weights
@@ -72,7 +71,6 @@ class TaskAwareSam(nn.Module):
         self.config = config
         self.tail_blocks = config.tail_blocks
         self.text_encoder = text_encoder
-        self.transform = ResizeLongestSide(sam.image_encoder.img_size)
         self._adapter_cache: dict[str, Adapter] = {}
 
     # --- modes and bookkeeping ------------------------------------------------------------------
@@ -114,32 +112,20 @@ class TaskAwareSam(nn.Module):
     # --- images -> embeddings ---------------------------------------------------------------------
 
     def preprocess(self, image: np.ndarray) -> tuple[torch.Tensor, tuple[int, int]]:
-        """HWC uint8 RGB -> (1, 3, S, S) normalised and padded input, and the resized (h, w)."""
-        resized = self.transform.apply_image(image)
-        x = torch.as_tensor(resized, device=self.sam.device).permute(2, 0, 1).contiguous()[None].float()
-        return self.sam.preprocess(x), tuple(resized.shape[:2])
+        """HWC uint8 RGB -> (3, S, S) normalised, padded input and the resized (h, w)."""
+        return preprocess_image(self.sam, image)
 
     def embed_trunk(self, images: torch.Tensor) -> torch.Tensor:
         """B x 3 x S x S preprocessed images -> B x h x w x C trunk features (shared by all prompts)."""
-        encoder = self.sam.image_encoder
-        x = encoder.patch_embed(images)  # (B, h, w, C)
-        if encoder.pos_embed is not None:
-            x = x + encoder.pos_embed
-        for block in encoder.blocks[: len(encoder.blocks) - self.tail_blocks]:
-            x = block(x)
-        return x
+        return embed_trunk(self.sam.image_encoder, images, self.tail_blocks)
 
     def embed_tail(self, trunk_features: torch.Tensor, adapter: Adapter | None = None) -> torch.Tensor:
         """P x h x w x C trunk features (one row per (image, prompt)) -> P x C' x h x w image embeddings.
 
         `adapter` is per row (P rows) or shared; None runs the base tail.
         """
-        encoder = self.sam.image_encoder
-        x = trunk_features
         with use_adapter(self.sam, adapter):
-            for block in encoder.blocks[len(encoder.blocks) - self.tail_blocks :]:
-                x = block(x)
-        return encoder.neck(x.permute(0, 3, 1, 2))  # (P, C', h, w)
+            return embed_tail(self.sam.image_encoder, trunk_features, self.tail_blocks)
 
     # --- embeddings (+ prompts) -> masks ----------------------------------------------------------
 

@@ -11,12 +11,15 @@ wrong-variant checkpoint is an error naming the URI and what was expected.
 
 from __future__ import annotations
 
+import hashlib
 import io
 from functools import partial
 
+import numpy as np
 import torch
 from segment_anything import sam_model_registry
 from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
+from segment_anything.utils.transforms import ResizeLongestSide
 
 from talora.config import SAM_TYPES
 from talora.storage import StorageOptions, read_bytes
@@ -160,3 +163,49 @@ def count_parameters(module: torch.nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts."""
     params = list(module.parameters())
     return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
+# --- the encoder split: trunk (once per image) and tail (per prompt) ---------------------------
+
+
+def preprocess_image(sam: Sam, image: np.ndarray) -> tuple[torch.Tensor, tuple[int, int]]:
+    """HWC uint8 RGB -> (3, S, S) normalised, padded model input, and the resized (h, w)."""
+    resized = ResizeLongestSide(sam.image_encoder.img_size).apply_image(image)
+    x = torch.as_tensor(resized, device=sam.device).permute(2, 0, 1).contiguous().float()
+    return sam.preprocess(x[None])[0], (int(resized.shape[0]), int(resized.shape[1]))
+
+
+def embed_trunk(encoder: ImageEncoderViT, images: torch.Tensor, tail_blocks: int) -> torch.Tensor:
+    """B x 3 x S x S -> B x h x w x C: patch embedding and every block but the last `tail_blocks`."""
+    x = encoder.patch_embed(images)  # (B, h, w, C)
+    if encoder.pos_embed is not None:
+        x = x + encoder.pos_embed
+    for block in encoder.blocks[: len(encoder.blocks) - tail_blocks]:
+        x = block(x)
+    return x
+
+
+def embed_tail(encoder: ImageEncoderViT, trunk_features: torch.Tensor, tail_blocks: int) -> torch.Tensor:
+    """B x h x w x C trunk features -> B x C' x h x w image embeddings: the last blocks + neck."""
+    x = trunk_features
+    for block in encoder.blocks[len(encoder.blocks) - tail_blocks :]:
+        x = block(x)
+    return encoder.neck(x.permute(0, 3, 1, 2))
+
+
+def trunk_digest(sam: Sam, tail_blocks: int) -> str:
+    """Digest of exactly the weights that produce cached features (the whole encoder when k = 0,
+    whose cache holds final embeddings), plus the split itself."""
+    encoder = sam.image_encoder
+    trunk_blocks = len(encoder.blocks) - tail_blocks
+    h = hashlib.sha256(f"blocks<{trunk_blocks};tail={tail_blocks};img={encoder.img_size}".encode())
+    for name, tensor in sorted(encoder.state_dict().items()):
+        name = name.replace(".base_layer.", ".")
+        parts = name.split(".")
+        if parts[0] == "blocks" and int(parts[1]) >= trunk_blocks:
+            continue
+        if parts[0] == "neck" and tail_blocks > 0:
+            continue
+        h.update(name.encode())
+        h.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]

@@ -67,3 +67,15 @@ def test_bad_input_exits_non_zero_with_a_message_naming_it(tmp_path, capsys):
     assert main(["info", "--config", str(config)]) == 2
     assert "lora.rnak" in capsys.readouterr().err
     assert not (tmp_path / "a.safetensors").exists()
+
+
+def test_demo_data_and_tasks_commands(tmp_path, capsys):
+    assert main(["demo-data", "--out", str(tmp_path / "demo"), "--num-images", "12", "--num-val", "3", "--seed", "1"]) == 0
+    assert "wrote 15 images" in capsys.readouterr().out
+    assert main(["tasks", "--annotations", str(tmp_path / "demo" / "train" / "instances.json"), "--json"]) == 0
+    listing = json.loads(capsys.readouterr().out)
+    ids = {t["id"] for t in listing["tasks"]}
+    assert {"supercategory:vehicle", "category:car", "color:red"} <= ids
+    vehicles = next(t for t in listing["tasks"] if t["id"] == "supercategory:vehicle")
+    assert "segment vehicles" in vehicles["train_prompts"] and vehicles["heldout_prompts"]
+    assert any(t["heldout_composition"] for t in listing["tasks"])

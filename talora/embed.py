@@ -1,0 +1,272 @@
+"""The embedding cache: frozen trunk features of every image, written through the commit protocol.
+
+Where the time goes: the trunk (patch embedding + every encoder block but the adapted tail) is
+nearly all of SAM's cost and depends only on the image, so it runs here once per image and
+training streams its output instead of re-encoding every step. Reading and decoding are cheap
+CPU work in Ray Data tasks; the encoder runs in an actor pool where each actor loads the model
+once. Batches are small (`batch_size`, default 8): one vit_h trunk output is 64x64x1280 fp16 =
+10 MB, and each actor writes its own part files so features never pass through the driver.
+
+What is cached: the input of the adapted encoder tail (B x h x w x C, fp16), or the final image
+embedding when the config adapts the decoder only (k = 0). The run key digests the trunk's
+weights and the split, so a cache made by another encoder or split is never mistaken for this
+one; `check_cache_key` refuses a mismatch.
+
+Rows (one per image): image_uri, image_id, shard, height, width (original, after EXIF),
+input_height, input_width (resized, before padding), features (fp16 bytes), shape, kind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+
+from talora.commit import RunOutput, ShardTracker, run_key
+from talora.storage import StorageOptions, join, list_shards, read_bytes, require_shared, write_bytes
+
+CACHE_FORMAT = "talora.embedding-cache/1"
+
+
+@dataclass(frozen=True)
+class EmbedConfig:
+    output: str  # URI prefix; the run writes under OUTPUT/<run_key>/
+    images: str | None = None  # prefix of images (sub-folders = shards), or
+    annotations: str | None = None  # a COCO instances JSON (images beside it, or under image_root)
+    image_root: str | None = None
+    sam_type: str = "vit_tiny"
+    sam_checkpoint: str | None = None
+    tail_blocks: int | None = None  # None = the variant's default; 0 = cache final embeddings
+    shard_size: int = 1000
+    batch_size: int = 8
+    num_actors: int = 1
+    cpus_per_actor: float = 0.5  # fractional: 1-CPU actors on 2 CPUs starve Ray Data's read tasks
+    gpus_per_actor: float = 0.0
+    max_images: int | None = None
+    storage: StorageOptions = field(default_factory=StorageOptions)
+
+
+@dataclass(frozen=True)
+class Item:
+    uri: str
+    image_id: int
+    shard: str
+    index: int  # position inside its shard: names the part a batch starting here writes
+
+
+def list_items(config: EmbedConfig) -> list[Item]:
+    """Every image to encode, with its shard, in a stable order."""
+    if config.annotations:
+        from talora.data.coco import CocoDataset
+
+        dataset = CocoDataset.load(config.annotations, config.image_root, config.storage)
+        records = [dataset.images[i] for i in dataset.image_ids]
+        pairs = []
+        for n, r in enumerate(records):
+            shard = r.file_name.split("/", 1)[0] if "/" in r.file_name else f"virtual-{n // config.shard_size:05d}"
+            pairs.append((shard, r.uri, r.id))
+    elif config.images:
+        from talora.data.coco import image_id_for_uri
+
+        pairs = [(s.name, uri, image_id_for_uri(uri))
+                 for s in list_shards(config.images, config.shard_size, options=config.storage) for uri in s.uris]
+    else:
+        raise ValueError("give --images (a prefix) or --annotations (a COCO JSON)")
+    position: dict[str, int] = {}
+    items = []
+    for shard, uri, image_id in pairs:
+        items.append(Item(uri, image_id, shard, position.get(shard, 0)))
+        position[shard] = position.get(shard, 0) + 1
+    if not items:
+        raise ValueError(f"no images found under {config.images or config.annotations}")
+    return items[: config.max_images] if config.max_images else items
+
+
+class TrunkEncoder:
+    """Ray Data actor: one frozen SAM encoder; batch of image bytes in, part files + metadata out."""
+
+    def __init__(self, sam_type: str, sam_checkpoint: str | None, tail_blocks: int, out: str, key: str,
+                 storage: StorageOptions) -> None:
+        import torch
+
+        from talora.sam import build_sam
+
+        self.torch = torch
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.sam = build_sam(sam_type, sam_checkpoint, storage).to(self.device)
+        self.tail_blocks = tail_blocks
+        self.run = RunOutput(out, key, storage)
+
+    def __call__(self, batch: dict) -> dict:
+        from talora.data.coco import decode_image
+        from talora.sam import embed_tail, embed_trunk, preprocess_image
+
+        torch = self.torch
+        rows, meta = [], {"shard": [], "item": [], "rows": [], "part": [], "error": []}
+        inputs = []
+        for uri, image_id, shard, index, data, error in zip(batch["uri"], batch["image_id"], batch["shard"],
+                                                            batch["index"], batch["bytes"], batch["error"]):
+            try:
+                if error:
+                    raise OSError(error)
+                image = decode_image(data)
+                x, input_size = preprocess_image(self.sam, image)
+            except Exception as e:  # a bad image is an error entry, never a crash
+                meta["shard"].append(shard); meta["item"].append(uri); meta["rows"].append(0)
+                meta["part"].append(""); meta["error"].append(f"{type(e).__name__}: {e}")
+                continue
+            inputs.append(x)
+            rows.append({"image_uri": uri, "image_id": int(image_id), "shard": shard, "index": int(index),
+                         "height": image.shape[0],
+                         "width": image.shape[1], "input_height": input_size[0], "input_width": input_size[1]})
+        if inputs:
+            with torch.no_grad(), torch.autocast(self.device, torch.float16, enabled=self.device == "cuda"):
+                features = embed_trunk(self.sam.image_encoder, torch.stack(inputs), self.tail_blocks)
+                if self.tail_blocks == 0:  # decoder-only configs cache the final embedding
+                    features = embed_tail(self.sam.image_encoder, features, 0)
+            features = features.to(torch.float16).cpu().numpy()
+            for row, f in zip(rows, features):
+                row.update(features=f.tobytes(), shape=list(f.shape), kind="embedding" if self.tail_blocks == 0 else "trunk")
+        # One part per shard present in the batch; k = the shard-local index of its first item.
+        by_shard: dict[str, list[dict]] = {}
+        for row in rows:
+            by_shard.setdefault(row["shard"], []).append(row)
+        for shard, shard_rows in by_shard.items():
+            k = min(r["index"] for r in shard_rows)
+            part = self.run.write_part(shard, k, pa.Table.from_pylist(shard_rows))
+            for r in shard_rows:
+                meta["shard"].append(shard); meta["item"].append(r["image_uri"]); meta["rows"].append(1)
+                meta["part"].append(part); meta["error"].append("")
+        return meta
+
+
+def read_image_bytes(batch: dict, storage: StorageOptions) -> dict:
+    """Ray Data task: fetch each image's bytes; a failed read becomes an error ("" = none), not a crash."""
+    data, errors = [], []
+    for uri in batch["uri"]:
+        try:
+            data.append(read_bytes(uri, storage))
+            errors.append("")
+        except Exception as e:
+            data.append(b"")
+            errors.append(f"{type(e).__name__}: {e}")
+    return {**batch, "bytes": data, "error": errors}
+
+
+def cache_key_inputs(sam_type: str, digest: str, tail_blocks: int, img_size: int) -> dict:
+    return {"format": CACHE_FORMAT, "sam_type": sam_type, "trunk_digest": digest, "tail_blocks": tail_blocks,
+            "img_size": img_size}
+
+
+def check_cache_key(cache_uri: str, expected: dict, storage: StorageOptions | None = None) -> None:
+    """Refuses a cache written by another encoder or split (training calls this first)."""
+    found = json.loads(read_bytes(join(cache_uri, "_cache.json"), storage))
+    diff = {k: (found.get(k), v) for k, v in expected.items() if found.get(k) != v}
+    if diff:
+        details = ", ".join(f"{k}: cache has {a!r}, model has {b!r}" for k, (a, b) in diff.items())
+        raise ValueError(f"embedding cache {cache_uri} does not match this model ({details})")
+
+
+def run_embed_job(config: EmbedConfig) -> dict:
+    """Encodes every uncommitted shard; returns (and writes) the run summary."""
+    import ray
+    import torch
+
+    from talora.config import DEFAULT_TAIL_BLOCKS
+    from talora.sam import build_sam, trunk_digest
+
+    require_shared(config.output, "--output")
+    for uri in (config.images, config.annotations):
+        if uri:
+            require_shared(uri)
+    tail = DEFAULT_TAIL_BLOCKS[config.sam_type] if config.tail_blocks is None else config.tail_blocks
+    items = list_items(config)  # fails early on a bad prefix or JSON
+    sam = build_sam(config.sam_type, config.sam_checkpoint, config.storage)  # fails early on a bad checkpoint
+    key_inputs = cache_key_inputs(config.sam_type, trunk_digest(sam, tail), tail, sam.image_encoder.img_size)
+    del sam
+    key = run_key(key_inputs)
+    run = RunOutput(config.output, key, config.storage)
+    write_bytes(join(run.root, "_cache.json"), json.dumps(key_inputs, indent=1).encode(), config.storage)
+
+    committed = run.committed_shards()
+    todo = [i for i in items if i.shard not in committed]
+    expected: dict[str, list[str]] = {}
+    for i in todo:
+        expected.setdefault(i.shard, []).append(i.uri)
+    tracker = ShardTracker(run, expected)
+    print(f"embed: {len(items)} images in {len({i.shard for i in items})} shards; "
+          f"{len(committed)} shards already committed, {len(expected)} to do -> {run.root}", flush=True)
+
+    start = time.perf_counter()
+    errors = 0
+    if todo:
+        ds = ray.data.from_items([{"uri": i.uri, "image_id": i.image_id, "shard": i.shard, "index": i.index}
+                                  for i in todo])
+        ds = ds.map_batches(read_image_bytes, fn_kwargs={"storage": config.storage}, batch_size=config.batch_size,
+                            batch_format="numpy", num_cpus=0.25)
+        ds = ds.map_batches(
+            TrunkEncoder,
+            fn_constructor_kwargs={"sam_type": config.sam_type, "sam_checkpoint": config.sam_checkpoint,
+                                   "tail_blocks": tail, "out": config.output, "key": key, "storage": config.storage},
+            compute=ray.data.ActorPoolStrategy(size=config.num_actors),
+            batch_size=config.batch_size,
+            batch_format="numpy",
+            num_cpus=config.cpus_per_actor,
+            num_gpus=config.gpus_per_actor,
+        )
+        for row in ds.iter_rows():  # small metadata rows; features went straight to storage
+            errors += bool(row["error"])
+            if tracker.add(row["shard"], row["item"], int(row["rows"]), row["part"] or None, row["error"] or None):
+                print(f"embed: committed shard {row['shard']}", flush=True)
+    seconds = time.perf_counter() - start
+    summary = {
+        "job": "embed_images",
+        "output": run.root,
+        "run_key": key,
+        "cache": key_inputs,
+        "images": len(todo),
+        "images_total": len(items),
+        "errors": errors,
+        "shards_committed": tracker.committed,
+        "shards_skipped": sorted(committed),
+        "seconds": round(seconds, 3),
+        "images_per_second": round(len(todo) / seconds, 3) if todo and seconds > 0 else None,
+        "config": {**{k: v for k, v in config.__dict__.items() if k != "storage"}, "storage": config.storage.public_dict()},
+        "torch": torch.__version__,
+        "host": os.uname().nodename,
+    }
+    write_bytes(join(run.root, "_summary.json"), json.dumps(summary, indent=1, default=str).encode(), config.storage)
+    return summary
+
+
+def read_cache(cache_uri: str, storage: StorageOptions | None = None) -> pa.Table:
+    """All committed cache rows (small caches and tests; training streams parts through Ray Data)."""
+    out, key = cache_uri.rstrip("/").rsplit("/", 1)
+    table = RunOutput(out, key, storage).read_table()
+    if table is None:
+        raise ValueError(f"embedding cache {cache_uri} has no committed shard")
+    return table
+
+
+def cache_dataset(cache_uri: str, storage: StorageOptions | None = None):
+    """The committed cache as a Ray Dataset (manifest-listed parts only), for training to stream
+    with ``iter_batches(local_shuffle_buffer_size=...)`` or ``streaming_split``."""
+    import ray
+
+    from talora.storage import pyarrow_filesystem
+
+    out, key = cache_uri.rstrip("/").rsplit("/", 1)
+    uris = RunOutput(out, key, storage).committed_part_uris()
+    if not uris:
+        raise ValueError(f"embedding cache {cache_uri} has no committed shard")
+    fs, _ = pyarrow_filesystem(uris[0], storage)
+    paths = [u.split("://", 1)[1] if "://" in u else u for u in uris]
+    return ray.data.read_parquet(paths, filesystem=fs)
+
+
+def features_of(row: dict) -> np.ndarray:
+    return np.frombuffer(row["features"], dtype=np.float16).reshape(row["shape"])

@@ -1,0 +1,50 @@
+"""What every job script shares: storage flags, Ray start-up, and error handling that never leaks
+a credential and always exits non-zero on failure."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import traceback
+from typing import Callable
+
+from talora.storage import StorageOptions, redact
+
+
+def add_storage_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("object storage (standard AWS_* variables and profiles work unchanged)")
+    g.add_argument("--s3-endpoint-url", default=None, help="S3-compatible endpoint, e.g. http://127.0.0.1:9000")
+    g.add_argument("--s3-profile", default=None, help="AWS profile name")
+    g.add_argument("--s3-anon", action="store_true", help="unsigned requests (public buckets)")
+    g.add_argument("--s3-access-key-id", default=None, help="prefer env vars or roles; never printed")
+    g.add_argument("--s3-secret-access-key", default=None, help="prefer env vars or roles; never printed")
+
+
+def storage_from_args(args: argparse.Namespace) -> StorageOptions:
+    return StorageOptions(endpoint_url=args.s3_endpoint_url, profile=args.s3_profile, anon=args.s3_anon,
+                          access_key_id=args.s3_access_key_id, secret_access_key=args.s3_secret_access_key)
+
+
+def init_ray(address: str | None = None) -> None:
+    """Connects to RAY_ADDRESS (under `ray job submit`) or `address`, else starts a local Ray."""
+    import ray
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if ray.is_initialized():
+        return
+    ray.init(address=address or os.environ.get("RAY_ADDRESS"), include_dashboard=False,
+             log_to_driver=True, configure_logging=False)
+
+
+def run_main(name: str, job: Callable[[], int], storage: StorageOptions) -> int:
+    """Runs `job`; any failure prints one redacted error line (and a redacted traceback) and returns 1."""
+    try:
+        return job()
+    except (ValueError, FileNotFoundError, KeyError, PermissionError) as e:
+        print(f"{name}: error: {redact(str(e), storage)}", file=sys.stderr)
+        return 2
+    except Exception:
+        print(redact(traceback.format_exc(), storage), file=sys.stderr)
+        print(f"{name}: failed", file=sys.stderr)
+        return 1
