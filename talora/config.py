@@ -70,8 +70,13 @@ class HyperNetConfig:
     num_heads: int = 8
     mlp_ratio: float = 4.0
     dropout: float = 0.0
+    # lora: the hypernet emits A and B per target. tucker (TA-LoRA): task-shared factors U, V per
+    # target are learned once and the hypernet emits only an r x r core per target.
+    adapter_type: str = "lora"
 
     def __post_init__(self) -> None:
+        if self.adapter_type not in ("lora", "tucker"):
+            raise ValueError(f"hypernet.adapter_type must be 'lora' or 'tucker', got {self.adapter_type!r}")
         if self.hidden_dim % self.num_heads:
             raise ValueError(
                 f"hypernet.hidden_dim ({self.hidden_dim}) must be divisible by hypernet.num_heads ({self.num_heads})"

@@ -11,6 +11,11 @@ bias-HyperInit: head weights are zero and head biases are the flattened standard
 (A ~ kaiming-uniform, B = 0), so the untrained hypernet emits B = 0, i.e. Delta W = 0, for every
 prompt. The first backward then reaches only the B part of the heads; once head weights are
 non-zero, gradients flow into the transformer and the text projection.
+
+``adapter_type="tucker"`` (TA-LoRA): each target has task-shared factors U (out, r) and V (r, in),
+random orthogonal at init, and one shared head emits a task core C (r, r) per target, zero at
+init; the adapter is A = C V, B = U, so Delta W = U C V = 0 at init while dL/dC = U^T (dL/dW) V^T
+is not (U and V must never both start at zero).
 """
 
 from __future__ import annotations
@@ -68,11 +73,22 @@ class TaskAwareHyperNet(nn.Module):
         self.encoder = nn.TransformerEncoder(layer, config.num_layers, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(d)
 
-        # One head per (in, out) shape; targets of a shape are gathered and run through it at once.
+        self.adapter_type = config.adapter_type
         self.shape_groups: dict[str, list[int]] = {}
+        self.heads = nn.ModuleDict()
+        if self.adapter_type == "tucker":
+            self.core_head = nn.Linear(d, rank * rank)  # zero-initialised: C = 0
+            nn.init.zeros_(self.core_head.weight)
+            nn.init.zeros_(self.core_head.bias)
+            self.factors_u = nn.ParameterList([nn.Parameter(nn.init.orthogonal_(torch.empty(t.out_features, rank)))
+                                               for t in targets])
+            self.factors_v = nn.ParameterList([nn.Parameter(nn.init.orthogonal_(torch.empty(rank, t.in_features)))
+                                               for t in targets])
+            return
+
+        # One head per (in, out) shape; targets of a shape are gathered and run through it at once.
         for i, t in enumerate(targets):
             self.shape_groups.setdefault(_shape_key(t), []).append(i)
-        self.heads = nn.ModuleDict()
         for key, members in self.shape_groups.items():
             t = targets[members[0]]
             self.heads[key] = nn.Linear(d, rank * (t.in_features + t.out_features))
@@ -105,6 +121,13 @@ class TaskAwareHyperNet(nn.Module):
         tokens = queries.unsqueeze(0) + text.unsqueeze(1)  # (P, T, d)
         tokens = torch.cat([text.unsqueeze(1), tokens], dim=1)  # (P, 1 + T, d)
         hidden = self.norm(self.encoder(tokens))[:, 1:]  # (P, T, d)
+
+        if self.adapter_type == "tucker":
+            core = self.core_head(hidden).reshape(P, len(self.targets), r, r)  # (P, T, r, r)
+            return Adapter({
+                t.name: (core[:, i] @ v, u.expand(P, -1, -1))  # A = C V: (P, r, in); B = U: (P, out, r)
+                for i, (t, u, v) in enumerate(zip(self.targets, self.factors_u, self.factors_v))
+            }, self.scale)
 
         # One head per shape: (P, T_s, d) -> (P, T_s, r*(in+out)) -> A, B.
         weights: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}

@@ -112,6 +112,13 @@ def write_bytes(uri: str, data: bytes, options: StorageOptions | None = None) ->
     fs.pipe_file(path, data)
 
 
+def absolute(uri: str | None) -> str | None:
+    """Local paths made absolute (Ray workers may run in another directory); URIs unchanged."""
+    if uri is None or protocol_of(uri) != "file":
+        return uri
+    return os.path.abspath(uri.removeprefix("file://"))
+
+
 def join(uri: str, *parts: str) -> str:
     """`uri` / parts, keeping the scheme (``s3://b/p`` + ``x`` -> ``s3://b/p/x``)."""
     return posixpath.join(uri.rstrip("/"), *parts)

@@ -3,6 +3,7 @@ loopback, and the offline text encoder."""
 
 from __future__ import annotations
 
+import logging
 import os
 import urllib.request
 
@@ -18,6 +19,9 @@ os.environ["AWS_SECRET_ACCESS_KEY"] = "testing"
 os.environ["AWS_DEFAULT_REGION"] = "us-east-1"
 for _var in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
     os.environ.pop(_var, None)
+
+
+logging.getLogger("werkzeug").setLevel(logging.WARNING)  # moto's per-request access log
 
 
 @pytest.fixture(scope="session")

@@ -75,3 +75,27 @@ def test_digest_changes_with_the_weights(tiny_model):
     with torch.no_grad():
         next(tiny_model.hypernet.parameters()).add_(1.0)
     assert tiny_model.hypernet.digest() != before
+
+
+def test_tucker_hypernet_starts_at_zero_delta_and_learns_the_core(tiny_config):
+    import dataclasses
+
+    from talora.model import build_task_aware_sam
+
+    config = dataclasses.replace(tiny_config, hypernet=dataclasses.replace(tiny_config.hypernet, adapter_type="tucker"))
+    torch.manual_seed(0)
+    model = build_task_aware_sam(config)
+    adapter = model.hypernet(torch.randn(2, 384))
+    t = model.targets[0]
+    a, b = adapter.weights[t.name]
+    assert a.shape == (2, 4, t.in_features) and b.shape == (2, t.out_features, 4)
+    assert all(torch.count_nonzero(adapter.row(i).delta_weight(n)) == 0 for i in range(2) for n in adapter.weights)
+    u = model.hypernet.factors_u[0]
+    torch.testing.assert_close(u.T @ u, torch.eye(4), atol=1e-5, rtol=0)  # orthogonal init, never zero
+
+    trunk = model.embed_trunk(torch.randn(1, 3, 256, 256))
+    out = model.decode(model.embed_tail(trunk.expand(2, -1, -1, -1), adapter), adapter, multimask_output=False)
+    out.masks.sum().backward()
+    assert torch.count_nonzero(model.hypernet.core_head.bias.grad) > 0  # the core gets a gradient at C = 0
+    lora_numbers = sum(r.numel() for r in build_task_aware_sam(tiny_config).hypernet.heads.parameters())
+    assert sum(p.numel() for p in model.hypernet.core_head.parameters()) < lora_numbers / 100  # far smaller heads

@@ -1,0 +1,107 @@
+"""Training batches: (image, task) rows with their semantic, positive and negative samples.
+
+Shapes: B = images, R = (image, task) rows, Q = point rows, L = the low-res mask grid (4h = 64 for
+vit_tiny, 256 for 1024-px SAM), S = the model input size.
+
+Every step's randomness comes from a generator seeded by (seed, rank, step), so a resumed run
+draws the same batches as an uninterrupted one would have.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from talora.data.coco import CocoDataset, ImageRecord
+from talora.data.sampling import sample_task
+from talora.tasks import Task
+
+
+@dataclass
+class Batch:
+    trunk: torch.Tensor  # (B, h, w, C) trunk features
+    image_index: torch.Tensor  # (R,) row -> image
+    prompt_index: torch.Tensor  # (R,) row -> prompt in `prompts`
+    prompts: list[str]
+    semantic_target: torch.Tensor  # (R, L, L)
+    present: torch.Tensor  # (R,) float
+    point_row: torch.Tensor  # (Q,) point row -> (image, task) row
+    point_coords: torch.Tensor  # (Q, 1, 2) in the input frame
+    point_labels: torch.Tensor  # (Q, 1)
+    point_target: torch.Tensor  # (Q, L, L)
+
+    def to(self, device: torch.device) -> Batch:
+        return Batch(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in self.__dict__.items()})
+
+
+def lowres_target(mask: np.ndarray, input_size: tuple[int, int], image_size: int, lowres: int) -> torch.Tensor:
+    """(H, W) bool in the original frame -> (L, L) float in SAM's low-res frame (resized, padded)."""
+    t = torch.from_numpy(mask.astype(np.float32))[None, None]
+    t = F.interpolate(t, size=input_size, mode="bilinear", align_corners=False)  # the resized frame
+    t = F.pad(t, (0, image_size - input_size[1], 0, image_size - input_size[0]))  # SAM pads bottom/right
+    return F.interpolate(t, size=(lowres, lowres), mode="area")[0, 0]
+
+
+def choose_tasks(tasks: list[Task], instances, k: int, rng: np.random.Generator) -> list[Task]:
+    """Up to k tasks for one image: half present in it, the rest absent (presence training)."""
+    present = [t for t in tasks if any(t.matches(i) and not i.iscrowd for i in instances)]
+    absent = [t for t in tasks if t not in present]
+    n_present = min(len(present), (k + 1) // 2) if absent else min(len(present), k)
+    chosen = [present[i] for i in rng.choice(len(present), n_present, replace=False)] if n_present else []
+    n_absent = min(len(absent), k - len(chosen))
+    chosen += [absent[i] for i in rng.choice(len(absent), n_absent, replace=False)] if n_absent else []
+    return chosen
+
+
+def build_batch(
+    records: list[ImageRecord],
+    trunk: torch.Tensor,
+    input_sizes: list[tuple[int, int]],
+    dataset: CocoDataset,
+    tasks: list[Task],
+    prompts_of: dict[str, list[str]],
+    rng: np.random.Generator,
+    image_size: int,
+    lowres: int,
+    tasks_per_image: int,
+    num_points: int,
+) -> Batch:
+    """Rows for `records` (whose trunk features are `trunk`, (B, h, w, C))."""
+    prompts: list[str] = []
+    image_index, prompt_index, sem_targets, present = [], [], [], []
+    point_row, coords, point_targets = [], [], []
+    for b, (record, input_size) in enumerate(zip(records, input_sizes)):
+        instances = dataset.instances[record.id]
+        for task in choose_tasks(tasks, instances, tasks_per_image, rng):
+            options = prompts_of[task.id]
+            prompt = options[int(rng.integers(len(options)))]
+            if prompt not in prompts:
+                prompts.append(prompt)
+            row = len(image_index)
+            image_index.append(b)
+            prompt_index.append(prompts.index(prompt))
+            for s in sample_task(record, instances, task, rng, image_size, num_points):
+                target = lowres_target(s.target, input_size, image_size, lowres)
+                if s.kind == "semantic":
+                    sem_targets.append(target)
+                    present.append(float(s.present))
+                else:
+                    point_row.append(row)
+                    coords.append(torch.as_tensor(s.point_coords, dtype=torch.float32))
+                    point_targets.append(target)
+    lowres_shape = (0, lowres, lowres)
+    return Batch(
+        trunk=trunk,
+        image_index=torch.tensor(image_index, dtype=torch.long),
+        prompt_index=torch.tensor(prompt_index, dtype=torch.long),
+        prompts=prompts,
+        semantic_target=torch.stack(sem_targets),
+        present=torch.tensor(present),
+        point_row=torch.tensor(point_row, dtype=torch.long),
+        point_coords=torch.stack(coords) if coords else torch.zeros(0, 1, 2),
+        point_labels=torch.ones(len(coords), 1, dtype=torch.long),
+        point_target=torch.stack(point_targets) if point_targets else torch.zeros(lowres_shape),
+    )

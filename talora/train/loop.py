@@ -1,0 +1,247 @@
+"""The per-worker training loop (Ray Train V2), the same for one CPU worker, one T4 or N GPUs.
+
+Where the time goes: the frozen trunk runs once per image (memoised per worker, or read from the
+embedding cache); each step runs the encoder tail and the decoder for R = batch_images x
+tasks_per_image (image, task) rows plus their point rows, and the hypernet once for the step's
+distinct prompts (text embeddings are computed once at start: the text encoder is frozen).
+
+Synchronisation: `ray.train.report` is a barrier in V2, so every worker reports at the same
+steps (validation steps only); rank 0 attaches the checkpoint. Validation is sharded across
+workers and all-reduced. DDP wraps `TrainStep` (trainable modules only).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+from talora.storage import StorageOptions, join, read_bytes, write_bytes
+
+CHECKPOINT_FILES = ("trainable.safetensors", "optimizer.pt", "state.json", "config.yaml")
+
+
+def _task_list(tasks, spec):
+    from talora.tasks import Task
+
+    if spec.train.mode != "static":
+        return [t for t in tasks if not t.heldout], list(tasks)
+    if spec.train.task is None:  # the whole dataset: every object is the target
+        everything = Task("all", "all", "object", "objects", ())
+        return [everything], [everything]
+    if spec.train.task not in tasks.by_id:
+        raise ValueError(f"train.task {spec.train.task!r} is not a task of {spec.train.train_annotations}")
+    return [tasks.by_id[spec.train.task]], [tasks.by_id[spec.train.task]]
+
+
+class TrunkMemo:
+    """Trunk features per image id, computed once per worker (the trunk is frozen)."""
+
+    def __init__(self, model, dataset, storage: StorageOptions, device: torch.device) -> None:
+        self.model, self.dataset, self.storage, self.device = model, dataset, storage, device
+        self.memo: dict[int, tuple[torch.Tensor, tuple[int, int]]] = {}
+
+    @torch.no_grad()
+    def __call__(self, image_id: int) -> tuple[torch.Tensor, tuple[int, int]]:
+        if image_id not in self.memo:
+            x, input_size = self.model.preprocess(self.dataset.load_image(image_id, self.storage))
+            trunk = self.model.embed_trunk(x[None].to(self.device))[0]
+            self.memo[image_id] = (trunk, input_size)
+        return self.memo[image_id]
+
+
+def train_loop_per_worker(loop_config: dict) -> None:
+    import ray.train
+    import ray.train.torch
+    from ray.train import Checkpoint
+
+    from talora.data.coco import CocoDataset
+    from talora.model import build_task_aware_sam
+    from talora.static import StaticLora
+    from talora.tasks import TaskSet
+    from talora.text import TextEncoder
+    from talora.train.batches import build_batch
+    from talora.train.config import dump_run_spec, load_run_spec
+    from talora.train.step import TrainStep
+    from talora.train.validate import group_metrics, reduce_ious, validate, validation_rows
+    from talora.weights import read_weights, write_weights
+
+    spec = load_run_spec(loop_config["spec"])
+    cfg = spec.train
+    storage = StorageOptions(**loop_config["storage"])
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()
+    torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
+    torch.manual_seed(cfg.seed)  # identical trainable init on every worker (DDP broadcasts anyway)
+
+    # --- model, trainable modules, optimiser ---------------------------------------------------
+    model = build_task_aware_sam(spec.model, storage=storage).to(device)
+    source = model.hypernet if cfg.mode == "hypernet" else StaticLora(model.targets, spec.model.lora.rank,
+                                                                      spec.model.lora.scale).to(device)
+    step_module = TrainStep(model, source).to(device)
+    model.train()
+    trainable = ray.train.torch.prepare_model(step_module) if world > 1 else step_module
+    optimizer = torch.optim.AdamW(step_module.parameters(), lr=cfg.lr * world, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)))
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp)
+
+    # --- data ------------------------------------------------------------------------------------
+    train_set = CocoDataset.load(cfg.train_annotations, cfg.train_image_root, storage)
+    tasks = TaskSet.from_dataset(train_set)
+    train_tasks, val_tasks = _task_list(tasks, spec)
+    prompts_of = {t.id: t.train_prompts or t.prompts()[:1] for t in train_tasks}
+    val_rows = validation_rows(val_tasks, static=cfg.mode == "static")
+    text_embeddings: dict[str, torch.Tensor] = {}
+    if cfg.mode == "hypernet":
+        encoder = TextEncoder(spec.model.text.model)
+        prompts = sorted({p for ps in prompts_of.values() for p in ps} | {p for _, _, p in val_rows})
+        text_embeddings = dict(zip(prompts, encoder.encode(prompts).to(device)))
+        del encoder
+    image_size = model.sam.image_encoder.img_size
+    lowres = 4 * model.sam.prompt_encoder.image_embedding_size[0]
+    train_trunk = TrunkMemo(model, train_set, storage, device)
+    mine = train_set.image_ids[rank::world]
+    if not mine:
+        raise ValueError(f"worker {rank} has no training image: {len(train_set.image_ids)} images for {world} workers")
+    val_entries = []
+    if cfg.val_annotations:
+        val_set = CocoDataset.load(cfg.val_annotations, cfg.val_image_root, storage)
+        val_trunk = TrunkMemo(model, val_set, storage, device)
+        val_ids = val_set.image_ids[: cfg.val_images][rank::world]
+    cache_batches = None
+    if cfg.embeddings:
+        cache_batches = _cache_batches(ray.train.get_dataset_shard("train"), cfg.batch_images, device)
+
+    # --- resume ----------------------------------------------------------------------------------
+    start_step, history = 0, []
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as d:
+            state, _ = read_weights(os.path.join(d, "trainable.safetensors"))
+            step_module.load_state_dict(state)
+            opt_state = torch.load(os.path.join(d, "optimizer.pt"), map_location=device, weights_only=True)
+            optimizer.load_state_dict(opt_state["optimizer"])
+            scheduler.load_state_dict(opt_state["scheduler"])
+            scaler.load_state_dict(opt_state["scaler"])
+            start_step = json.load(open(os.path.join(d, "state.json")))["step"]
+        history = _read_history(loop_config["run_uri"], storage, start_step)
+        if rank == 0:
+            print(f"train: resumed from step {start_step}", flush=True)
+    fail_at = loop_config.get("fail_at_step", 0)  # test hook: fail once, right after that step's checkpoint
+
+    # --- loop ------------------------------------------------------------------------------------
+    started, samples = time.perf_counter(), 0
+    for step in range(start_step, cfg.max_steps):
+        rng = np.random.default_rng([cfg.seed, rank, step])  # the same batches after a resume
+        if cache_batches is not None:
+            records, trunk, input_sizes = next(cache_batches)
+            records = [train_set.images[i] for i in records]
+        else:
+            records = [train_set.images[int(i)] for i in rng.choice(mine, cfg.batch_images)]
+            entries = [train_trunk(r.id) for r in records]
+            trunk = torch.stack([e[0] for e in entries])
+            input_sizes = [e[1] for e in entries]
+        batch = build_batch(records, trunk, input_sizes, train_set, train_tasks, prompts_of, rng, image_size,
+                            lowres, cfg.tasks_per_image, cfg.num_points).to(device)
+        text = torch.stack([text_embeddings[p] for p in batch.prompts]) if cfg.mode == "hypernet" else None
+
+        with torch.autocast(device.type, dtype=torch.float16, enabled=cfg.amp):
+            losses = trainable(batch, text, cfg)
+        backward_and_step(losses["loss"], scaler, optimizer, step_module.parameters(), cfg.grad_clip)
+        scheduler.step()
+        samples += len(batch.image_index) * world
+
+        done = step + 1
+        metrics = {"step": done, **{k: float(v) for k, v in losses.items()}, "lr": scheduler.get_last_lr()[0],
+                   "start_step": start_step}
+        if rank == 0 and (done % cfg.log_every == 0 or done == cfg.max_steps):
+            elapsed = time.perf_counter() - started
+            rate = samples / elapsed
+            eta = (cfg.max_steps - done) * elapsed / (done - start_step)
+            print(f"train: step {done}/{cfg.max_steps} loss {metrics['loss']:.4f} "
+                  f"{rate:.1f} samples/s eta {eta:.0f}s", flush=True)
+        if rank == 0:
+            history.append(metrics)
+
+        if done % cfg.val_every == 0 or done == cfg.max_steps:
+            step_module.eval()
+            with torch.autocast(device.type, dtype=torch.float16, enabled=cfg.amp):
+                entries = [(val_set.images[i], *val_trunk(i)) for i in val_ids] if cfg.val_annotations else []
+                val_text = torch.stack([text_embeddings[p] for _, _, p in val_rows]) if text_embeddings else None
+                ious = validate(step_module, entries, val_set if entries else None, val_rows, val_text)
+            keys = sorted({(t.id, g) for t, g, _ in val_rows})
+            val = group_metrics(reduce_ious(ious, keys, device))
+            step_module.train()
+            model.sam.eval()
+            report = {**metrics, **val}
+            if rank == 0:
+                history[-1] = report
+                print("train: validation " + " ".join(f"{k} {v:.4f}" for k, v in val.items()), flush=True)
+                write_bytes(join(loop_config["run_uri"], "metrics.jsonl"),
+                            "".join(json.dumps(h) + "\n" for h in history).encode(), storage)
+                with tempfile.TemporaryDirectory() as d:
+                    write_weights(os.path.join(d, "trainable.safetensors"), step_module.state_dict())
+                    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                                "scaler": scaler.state_dict()}, os.path.join(d, "optimizer.pt"))
+                    json.dump({"step": done, "metrics": report}, open(os.path.join(d, "state.json"), "w"))
+                    open(os.path.join(d, "config.yaml"), "w").write(dump_run_spec(spec))
+                    _write_artifact(d, model, source, spec)
+                    ray.train.report(report, checkpoint=Checkpoint.from_directory(d))
+            else:
+                ray.train.report(report)
+            if fail_at and done == fail_at and start_step == 0 and rank == 0:
+                raise RuntimeError(f"injected failure after step {done} (TALORA_FAIL_AT_STEP)")
+
+
+def backward_and_step(loss, scaler, optimizer, parameters, grad_clip: float, before_step=None) -> bool:
+    """Scaled backward, unscale, clip, step, update. Returns False when the step was skipped
+    because a gradient held an inf or a NaN (the scaler then lowers its scale). Losses are fp32."""
+    parameters = list(parameters)
+    scaler.scale(loss).backward()
+    if before_step is not None:
+        before_step()
+    scaler.unscale_(optimizer)
+    torch.nn.utils.clip_grad_norm_(parameters, grad_clip)
+    scale = scaler.get_scale() if scaler.is_enabled() else None
+    scaler.step(optimizer)  # skipped when the unscaled gradients hold an inf or a NaN
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return scale is None or scaler.get_scale() >= scale
+
+
+def _write_artifact(directory: str, model, source, spec) -> None:
+    """The file users take away: a hypernet file (`--hypernet`) or a static adapter file (`--adapter`)."""
+    if spec.train.mode == "hypernet":
+        model.save_hypernet(os.path.join(directory, "hypernet.safetensors"))
+        return
+    from talora.adapter_file import AdapterHeader, save_adapter
+
+    header = AdapterHeader(spec.model.sam.sam_type, spec.model.lora.rank, spec.model.lora.alpha,
+                           spec.train.task or "all objects", "static",
+                           [{"name": t.name, "in_features": t.in_features, "out_features": t.out_features}
+                            for t in model.targets])
+    save_adapter(os.path.join(directory, "adapter.safetensors"), source(), header)
+
+
+def _read_history(run_uri: str, storage: StorageOptions, upto: int) -> list[dict]:
+    try:
+        lines = read_bytes(join(run_uri, "metrics.jsonl"), storage).decode().splitlines()
+    except FileNotFoundError:
+        return []
+    return [h for h in map(json.loads, lines) if h["step"] <= upto]
+
+
+def _cache_batches(shard, batch_images: int, device: torch.device):
+    """Endless (image ids, trunk (B, h, w, C), input sizes) from this worker's cache shard."""
+    while True:
+        for b in shard.iter_batches(batch_size=batch_images, local_shuffle_buffer_size=4 * batch_images,
+                                    batch_format="numpy"):
+            feats = [np.frombuffer(f, dtype=np.float16).reshape(s) for f, s in zip(b["features"], b["shape"])]
+            trunk = torch.from_numpy(np.stack(feats).astype(np.float32)).to(device)
+            sizes = list(zip(b["input_height"].tolist(), b["input_width"].tolist()))
+            yield [int(i) for i in b["image_id"]], trunk, sizes

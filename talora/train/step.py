@@ -1,0 +1,57 @@
+"""One training forward: adapters -> encoder tail -> decoder (semantic and point rows) -> losses.
+
+`TrainStep` holds only the trainable modules (the adapter source and the presence head) as
+submodules; the frozen TaskAwareSam is kept outside the module tree, so DDP wraps and
+broadcasts the trainable weights only (a frozen vit_h would be 2.5 GB per broadcast).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from talora.model import TaskAwareSam
+from talora.train.batches import Batch
+from talora.train.config import TrainConfig
+from talora.train.losses import mask_losses, presence_loss
+
+
+class TrainStep(nn.Module):
+    def __init__(self, model: TaskAwareSam, adapter_source: nn.Module) -> None:
+        """`adapter_source`: the hypernet (text embeddings -> per-row Adapter) or a StaticLora."""
+        super().__init__()
+        self.adapter_source = adapter_source
+        self.presence_head = model.presence_head
+        object.__setattr__(self, "model", model)  # not a submodule: DDP must not see the frozen SAM
+
+    def adapters(self, text_embeddings: torch.Tensor | None, rows: torch.Tensor):
+        """One adapter row per entry of `rows` (indices into the step's prompts)."""
+        if text_embeddings is None:  # static: the same adapter for every row
+            return self.adapter_source().expand(len(rows))
+        return self.adapter_source(text_embeddings).select(rows)
+
+    def forward(self, batch: Batch, text_embeddings: torch.Tensor | None, config: TrainConfig) -> dict[str, torch.Tensor]:
+        model = self.model
+        adapter = self.adapters(text_embeddings, batch.prompt_index)  # R rows
+        embeddings = model.embed_tail(batch.trunk[batch.image_index], adapter)  # (R, C, h, w)
+
+        # Semantic rows: no prompt; the mask is the task's union, the presence head says "is it here".
+        semantic = model.decode(embeddings, adapter, multimask_output=False)
+        sem_loss, sem_iou = mask_losses(semantic.masks, semantic.iou_predictions, batch.semantic_target,
+                                        config.focal_weight, config.dice_weight, config.iou_weight)
+        pres_loss = presence_loss(semantic.presence_logits, batch.present)
+        loss = sem_loss.mean() + config.presence_weight * pres_loss.mean()
+        out = {"loss_semantic": sem_loss.mean().detach(), "loss_presence": pres_loss.mean().detach(),
+               "iou_semantic": sem_iou.mean()}
+
+        # Point rows: one positive or negative point each; SAM's best-of-3 masks.
+        if len(batch.point_row):
+            rows = batch.point_row
+            points = model.decode(embeddings[rows], adapter.select(rows) if adapter.num_rows else adapter,
+                                  batch.point_coords, batch.point_labels, multimask_output=True)
+            point_loss, point_iou = mask_losses(points.masks, points.iou_predictions, batch.point_target,
+                                                config.focal_weight, config.dice_weight, config.iou_weight)
+            loss = loss + point_loss.mean()
+            out.update(loss_points=point_loss.mean().detach(), iou_points=point_iou.mean())
+        out["loss"] = loss
+        return out

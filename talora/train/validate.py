@@ -1,0 +1,75 @@
+"""Validation: task mIoU per group on held-out images, sharded across workers and all-reduced.
+
+Rows per image: every non-held-out task under one seen prompt and one held-out paraphrase, and
+every held-out composition under one of its prompts. Predictions are the semantic masks
+(no point prompt), upsampled with SAM's own postprocess_masks and gated by the presence logit.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from talora.metrics import TaskIoU
+from talora.tasks import Task, semantic_mask
+
+
+def validation_rows(tasks: list[Task], static: bool) -> list[tuple[Task, str, str]]:
+    """(task, group, prompt) for every row scored on each image."""
+    rows = []
+    for t in tasks:
+        if static:
+            rows.append((t, "seen", t.prompts()[0]))
+        elif t.heldout:
+            rows.append((t, "heldout_composition", t.heldout_prompts[0]))
+        else:
+            rows += [(t, "seen", t.train_prompts[0]), (t, "heldout_paraphrase", t.heldout_prompts[0])]
+    return rows
+
+
+@torch.no_grad()
+def validate(step_module, entries, dataset, rows, text_embeddings: torch.Tensor | None, chunk: int = 64) -> TaskIoU:
+    """`entries`: [(record, trunk (h, w, C), input_size)] of this worker's share of the val images;
+    `text_embeddings`: one per row (hypernet) or None (static). Returns this worker's sums."""
+    model = step_module.model
+    ious = TaskIoU()
+    all_rows = torch.arange(len(rows))
+    adapter = step_module.adapters(text_embeddings, all_rows)  # one row per (task, group, prompt)
+    for record, trunk, input_size in entries:
+        instances = dataset.instances[record.id]
+        truths = {t.id: semantic_mask([i for i in instances if t.matches(i)], record.height, record.width)
+                  for t, _, _ in rows}
+        for start in range(0, len(rows), chunk):
+            index = all_rows[start : start + chunk]
+            part = adapter.select(index)
+            embeddings = model.embed_tail(trunk[None].expand(len(index), -1, -1, -1), part)
+            out = model.decode(embeddings, part, multimask_output=False)
+            masks = model.sam.postprocess_masks(out.masks.float(), input_size, (record.height, record.width))
+            predicted = (masks[:, 0] > 0) & (out.presence_logits > 0)[:, None, None]
+            for i, pred in zip(index.tolist(), predicted.cpu().numpy()):
+                task, group, _ = rows[i]
+                ious.add((task.id, group), pred, truths[task.id])
+    return ious
+
+
+def reduce_ious(ious: TaskIoU, keys: list, device: torch.device) -> TaskIoU:
+    """Sums every worker's intersections and unions (a no-op on one worker)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return ious
+    counts = torch.tensor([[ious.intersection[k], ious.union[k]] for k in keys], dtype=torch.float64, device=device)
+    dist.all_reduce(counts)
+    total = TaskIoU()
+    for k, (inter, union) in zip(keys, counts.tolist()):
+        total.intersection[k], total.union[k] = int(inter), int(union)
+    return total
+
+
+def group_metrics(ious: TaskIoU) -> dict[str, float]:
+    """val_miou_<group> per group present, and val_score = their mean (the best-checkpoint metric)."""
+    per_group: dict[str, list[float]] = {}
+    for (task_id, group), value in ious.per_key().items():
+        per_group.setdefault(group, []).append(value)
+    metrics = {f"val_miou_{g}": sum(v) / len(v) for g, v in per_group.items()}
+    metrics["val_score"] = sum(metrics.values()) / len(metrics) if metrics else 0.0
+    return metrics

@@ -1,0 +1,125 @@
+"""Training on Ray Train (V2) with a local cluster and moto S3: loss, checkpoints, resume, modes."""
+
+import json
+import os
+
+import pytest
+import s3fs
+import torch
+import yaml
+
+from talora.adapter_file import load_adapter
+from talora.data.synthetic import write_demo_dataset
+from talora.model import load_task_aware_sam
+from talora.sam import build_sam, save_sam
+from talora.storage import read_bytes
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def train_setup(s3, tmp_path):
+    """Tiny demo data and a vit_tiny base on S3, and a writer of run configs."""
+    written = write_demo_dataset("s3://talora-test/demo", num_train=10, num_val=2, seed=3, storage=s3)
+    torch.manual_seed(0)
+    save_sam(build_sam("vit_tiny"), "s3://talora-test/models/base.safetensors", s3)
+
+    def config(**train):
+        data = {
+            "model": {"sam": {"sam_type": "vit_tiny", "checkpoint": "s3://talora-test/models/base.safetensors"},
+                      "hypernet": {"hidden_dim": 32, "num_layers": 1, "num_heads": 4}},
+            "train": {"train_annotations": written["train"], "val_annotations": written["val"], "val_images": 2,
+                      "batch_images": 2, "tasks_per_image": 2, "storage_path": "s3://talora-test/runs",
+                      "warmup_steps": 1, "log_every": 5, "cpus_per_worker": 0.5, "lr": 0.003, **train},
+        }
+        path = tmp_path / f"config-{len(list(tmp_path.iterdir()))}.yaml"
+        path.write_text(yaml.safe_dump(data))
+        return str(path)
+
+    return config
+
+
+def _train(config, s3, *extra):
+    from jobs.train_hypernet import main
+
+    return main(["--config", config, "--s3-endpoint-url", s3.endpoint_url, *extra])
+
+
+def _metrics(s3, name):
+    return [json.loads(line) for line in read_bytes(f"s3://talora-test/runs/{name}/metrics.jsonl", s3).splitlines()]
+
+
+def _checkpoints(s3, name):
+    fs = s3fs.S3FileSystem(endpoint_url=s3.endpoint_url)
+    return sorted(p for p in fs.ls(f"talora-test/runs/{name}") if fs.exists(f"{p}/state.json"))
+
+
+def test_two_workers_reduce_the_loss_and_checkpoint_to_s3(ray_cluster, s3, train_setup):
+    config = train_setup(name="ddp", max_steps=30, val_every=15, num_workers=2)
+    assert _train(config, s3) == 0
+    history = _metrics(s3, "ddp")
+    assert [h["step"] for h in history] == list(range(1, 31))
+    first, last = history[:5], history[-5:]
+    assert sum(h["loss"] for h in last) < sum(h["loss"] for h in first)
+    assert "val_score" in history[14] and "val_miou_seen" in history[-1]
+    checkpoints = _checkpoints(s3, "ddp")
+    assert len(checkpoints) == 2
+    summary = json.loads(read_bytes("s3://talora-test/runs/ddp/summary.json", s3))
+    assert summary["final_metrics"]["step"] == 30 and summary["best_checkpoint"]
+    model = load_task_aware_sam(f"s3://{checkpoints[-1]}/hypernet.safetensors", storage=s3)
+    assert len(model.targets) == 36
+
+
+def test_a_failed_run_relaunched_with_the_same_name_resumes_and_a_changed_config_is_refused(
+    ray_cluster, s3, train_setup, monkeypatch, capsys
+):
+    config = train_setup(name="resume", max_steps=20, val_every=10)
+    monkeypatch.setenv("TALORA_FAIL_AT_STEP", "10")
+    assert _train(config, s3) == 1  # died right after the step-10 checkpoint
+    assert len(_checkpoints(s3, "resume")) == 1
+    monkeypatch.delenv("TALORA_FAIL_AT_STEP")
+
+    assert _train(config, s3) == 0
+    history = _metrics(s3, "resume")
+    assert [h["step"] for h in history] == list(range(1, 21))
+    assert history[-1]["start_step"] == 10  # resumed from step 10, not from zero
+    assert history[9]["start_step"] == 0
+
+    changed = train_setup(name="resume", max_steps=20, val_every=10, lr=0.01)
+    capsys.readouterr()
+    assert _train(changed, s3) == 2
+    err = capsys.readouterr().err
+    assert "exists with another config" in err and "train.lr: 0.003 -> 0.01" in err
+
+
+def test_static_mode_and_tucker_adapters_produce_loadable_weights(ray_cluster, s3, train_setup):
+    assert _train(train_setup(name="static", mode="static", task="supercategory:vehicle", max_steps=4, val_every=4), s3) == 0
+    (checkpoint,) = _checkpoints(s3, "static")
+    from talora.config import default_config
+    from talora.lora import find_targets
+
+    targets = find_targets(build_sam("vit_tiny"), default_config("vit_tiny").lora, 1)
+    adapter, header = load_adapter(f"s3://{checkpoint}/adapter.safetensors", targets, "vit_tiny", s3)
+    assert header.prompt == "supercategory:vehicle" and any(b.abs().sum() > 0 for _, b in adapter.weights.values())
+
+    assert _train(train_setup(name="tucker", max_steps=4, val_every=4), s3, "--adapter-type", "tucker") == 0
+    (checkpoint,) = _checkpoints(s3, "tucker")
+    model = load_task_aware_sam(f"s3://{checkpoint}/hypernet.safetensors", storage=s3)
+    assert model.config.hypernet.adapter_type == "tucker"
+    assert model.hypernet.core_head.weight.abs().sum() > 0  # the core was trained
+
+
+def test_bad_configs_fail_before_any_worker_starts(tmp_path, capsys):
+    from jobs.train_hypernet import main
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  train_annotations: a.json\n  rnak: 3\n")
+    assert main(["--config", str(bad)]) == 2
+    assert "train.rnak" in capsys.readouterr().err
+    bad.write_text("train:\n  train_annotations: a.json\n  batch_images: 0\n")
+    assert main(["--config", str(bad)]) == 2
+    assert "train.batch_images must be >= 1" in capsys.readouterr().err
+    bad.write_text(f"train:\n  train_annotations: {tmp_path}/missing.json\n  storage_path: {tmp_path}/runs\n")
+    assert main(["--config", str(bad)]) == 2
+    assert "missing.json" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()

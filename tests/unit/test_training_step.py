@@ -1,0 +1,116 @@
+"""The training step on CPU, without Ray: losses, AMP's scaler path, static LoRA."""
+
+import numpy as np
+import pytest
+import torch
+
+from talora.config import default_config
+from talora.data.coco import CocoDataset
+from talora.data.synthetic import make_split
+from talora.model import build_task_aware_sam
+from talora.static import StaticLora
+from talora.tasks import TaskSet
+from talora.train.batches import build_batch
+from talora.train.config import TrainConfig, load_run_spec
+from talora.train.loop import backward_and_step
+from talora.train.losses import dice_loss, focal_loss, mask_losses
+from talora.train.step import TrainStep
+
+
+@pytest.fixture(scope="module")
+def demo():
+    coco, files = make_split(6, seed=11)
+    dataset = CocoDataset.from_dict(coco, "root")
+    from talora.data.coco import decode_image
+
+    images = {i["id"]: decode_image(files[i["file_name"]]) for i in coco["images"]}
+    return dataset, images
+
+
+def _batch(model, demo, rng_seed=0, tasks_per_image=2):
+    dataset, images = demo
+    tasks = [t for t in TaskSet.from_dataset(dataset) if not t.heldout]
+    prompts_of = {t.id: t.train_prompts for t in tasks}
+    records = [dataset.images[i] for i in dataset.image_ids[:2]]
+    inputs = [model.preprocess(images[r.id]) for r in records]
+    with torch.no_grad():
+        trunk = model.embed_trunk(torch.stack([x for x, _ in inputs]))
+    return build_batch(records, trunk, [s for _, s in inputs], dataset, tasks, prompts_of,
+                       np.random.default_rng(rng_seed), 256, 64, tasks_per_image, 1)
+
+
+def test_losses_are_zero_for_a_perfect_prediction_and_fp32_under_autocast():
+    target = torch.zeros(2, 8, 8)
+    target[0, :4] = 1
+    perfect = (target * 2 - 1) * 50
+    assert focal_loss(perfect, target).max() < 1e-6 and dice_loss(perfect, target).max() < 1e-6
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, iou = mask_losses(perfect[:, None].bfloat16(), torch.ones(2, 1), target, 20, 1, 1)
+    assert loss.dtype == torch.float32 and torch.equal(iou, torch.ones(2))
+
+
+def test_batch_has_semantic_rows_for_present_and_absent_tasks(demo):
+    model = build_task_aware_sam(default_config("vit_tiny"))
+    batch = _batch(model, demo, tasks_per_image=4)
+    assert len(batch.image_index) == 8 and batch.semantic_target.shape == (8, 64, 64)
+    assert 0 < batch.present.sum() < 8  # presence is trained on both kinds
+    assert all((batch.semantic_target[i].sum() > 0) == bool(batch.present[i]) for i in range(8))
+    assert len(batch.point_row) > 0 and batch.point_coords.shape[1:] == (1, 2)
+
+
+def test_a_few_steps_reduce_the_loss_on_a_fixed_batch(demo):
+    torch.manual_seed(0)
+    model = build_task_aware_sam(default_config("vit_tiny"))
+    step = TrainStep(model, model.hypernet)
+    batch = _batch(model, demo)
+    text = torch.randn(len(batch.prompts), 384)
+    config = TrainConfig(train_annotations="x")
+    optimiser = torch.optim.AdamW(step.parameters(), lr=3e-3)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    losses = []
+    for _ in range(15):
+        out = step(batch, text, config)
+        losses.append(out["loss"].item())
+        assert backward_and_step(out["loss"], scaler, optimiser, step.parameters(), 1.0)
+    assert losses[-1] < 0.85 * losses[0], losses
+
+
+def test_amp_scaler_on_cpu_skips_a_step_with_an_injected_inf(demo):
+    torch.manual_seed(0)
+    model = build_task_aware_sam(default_config("vit_tiny"))
+    source = StaticLora(model.targets, 4, 2.0)
+    step = TrainStep(model, source)
+    batch = _batch(model, demo)
+    config = TrainConfig(train_annotations="x", amp=True)
+    optimiser = torch.optim.AdamW(step.parameters(), lr=1e-2)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    params = list(step.parameters())
+
+    with torch.autocast("cpu", dtype=torch.float16):
+        out = step(batch, None, config)
+    assert out["loss"].dtype == torch.float32  # losses in fp32 under autocast
+    before = [p.detach().clone() for p in params]
+
+    def inject():
+        params[0].grad.view(-1)[0] = float("inf")
+
+    assert not backward_and_step(out["loss"], scaler, optimiser, params, 1.0, before_step=inject)
+    assert all(torch.equal(p, b) for p, b in zip(params, before))  # the step was skipped
+    assert scaler.get_scale() < 1024.0  # and the scale backed off
+
+    with torch.autocast("cpu", dtype=torch.float16):
+        out = step(batch, None, config)
+    assert backward_and_step(out["loss"], scaler, optimiser, params, 1.0)
+    assert any(not torch.equal(p, b) for p, b in zip(params, before))  # a clean step does update
+
+
+def test_run_spec_is_strict_and_checks_values_before_any_worker():
+    with pytest.raises(ValueError, match=r"train\.rnak"):
+        load_run_spec("train:\n  train_annotations: a.json\n  rnak: 1\n")
+    with pytest.raises(ValueError, match=r"train\.max_steps must be >= 1"):
+        load_run_spec("train:\n  train_annotations: a.json\n  max_steps: 0\n")
+    with pytest.raises(ValueError, match=r"model\.lora\.rank must be >= 1|lora\.rank must be >= 1"):
+        load_run_spec("model:\n  lora:\n    rank: 0\ntrain:\n  train_annotations: a.json\n")
+    spec = load_run_spec("model:\n  sam:\n    sam_type: vit_b\ntrain:\n  train_annotations: a.json\n",
+                         {"train": {"max_steps": 7}})
+    assert spec.train.max_steps == 7 and spec.model.hypernet.hidden_dim == 512  # the variant's defaults
