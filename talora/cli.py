@@ -153,6 +153,29 @@ def cmd_demo_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_merge(args: argparse.Namespace) -> int:
+    from talora.export import merge_into_checkpoint
+
+    out = merge_into_checkpoint(args.adapter, args.sam_checkpoint, args.out, _storage(args))
+    print(f"merged {args.adapter} into {args.sam_checkpoint or 'a randomly initialised base'} -> {out}")
+    return 0
+
+
+def cmd_export_peft(args: argparse.Namespace) -> int:
+    from talora.export import export_peft
+
+    for path in export_peft(args.adapter, args.out, _storage(args)):
+        print(f"wrote {path}")
+    return 0
+
+
+def cmd_plot_run(args: argparse.Namespace) -> int:
+    from talora.viz import plot_run
+
+    print(f"wrote {plot_run(args.run_dir, args.out, _storage(args))}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="talora", description="Text-to-LoRA for Segment Anything")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -186,6 +209,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=("jpg", "png"), default="jpg")
     _add_storage_args(p)
     p.set_defaults(func=cmd_demo_data)
+
+    p = sub.add_parser("merge", help="merge an adapter file into a full SAM checkpoint")
+    p.add_argument("--adapter", required=True, help="adapter .safetensors (talora adapter, or a static run's)")
+    p.add_argument("--sam-checkpoint", default=None, help="the base SAM the adapter was made for")
+    p.add_argument("--out", required=True, help="merged SAM checkpoint (.safetensors) to write")
+    _add_storage_args(p)
+    p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser("export-peft", help="write an adapter file as a PEFT adapter folder")
+    p.add_argument("--adapter", required=True)
+    p.add_argument("--out", required=True, help="folder for adapter_config.json + adapter_model.safetensors")
+    _add_storage_args(p)
+    p.set_defaults(func=cmd_export_peft)
+
+    p = sub.add_parser("plot-run", help="draw a training run's loss and validation curves to PNG")
+    p.add_argument("run_dir", help="the run folder (<storage-path>/<name>), local or URI")
+    p.add_argument("--out", default=None, help="PNG path (default RUN_DIR/curves.png)")
+    _add_storage_args(p)
+    p.set_defaults(func=cmd_plot_run)
     return parser
 
 

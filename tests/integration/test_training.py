@@ -123,3 +123,25 @@ def test_bad_configs_fail_before_any_worker_starts(tmp_path, capsys):
     assert main(["--config", str(bad)]) == 2
     assert "missing.json" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()
+
+
+def test_training_streams_the_embedding_cache_and_refuses_a_mismatched_one(ray_cluster, s3, train_setup, capsys):
+    from jobs.embed_images import main as embed
+
+    config = train_setup(name="cached", max_steps=4, val_every=4)
+    spec = yaml.safe_load(open(config))
+    assert embed(["--annotations", spec["train"]["train_annotations"], "--sam-checkpoint",
+                  spec["model"]["sam"]["checkpoint"], "--output", "s3://talora-test/cache",
+                  "--s3-endpoint-url", s3.endpoint_url]) == 0
+    cache = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["output"]
+
+    assert _train(config, s3, "--embeddings", cache) == 0
+    assert [h["step"] for h in _metrics(s3, "cached")] == [1, 2, 3, 4]
+
+    spec["model"]["lora"] = {"tail_blocks": 2}  # another split: the cached features are not its input
+    spec["train"]["name"] = "cached-mismatch"
+    other = config.replace(".yaml", "-tail2.yaml")
+    open(other, "w").write(yaml.safe_dump(spec))
+    capsys.readouterr()
+    assert _train(other, s3, "--embeddings", cache) == 2
+    assert "does not match this model" in capsys.readouterr().err
