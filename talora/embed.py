@@ -26,7 +26,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 
-from talora.commit import RunOutput, ShardTracker, run_key
+from talora.commit import RunOutput, run_key
+from talora.pipeline import Item, ShardWriter, number_items, run_sharded
 from talora.storage import StorageOptions, join, list_shards, read_bytes, require_shared, write_bytes
 
 CACHE_FORMAT = "talora.embedding-cache/1"
@@ -50,14 +51,6 @@ class EmbedConfig:
     storage: StorageOptions = field(default_factory=StorageOptions)
 
 
-@dataclass(frozen=True)
-class Item:
-    uri: str
-    image_id: int
-    shard: str
-    index: int  # position inside its shard: names the part a batch starting here writes
-
-
 def list_items(config: EmbedConfig) -> list[Item]:
     """Every image to encode, with its shard, in a stable order."""
     if config.annotations:
@@ -76,18 +69,14 @@ def list_items(config: EmbedConfig) -> list[Item]:
                  for s in list_shards(config.images, config.shard_size, options=config.storage) for uri in s.uris]
     else:
         raise ValueError("give --images (a prefix) or --annotations (a COCO JSON)")
-    position: dict[str, int] = {}
-    items = []
-    for shard, uri, image_id in pairs:
-        items.append(Item(uri, image_id, shard, position.get(shard, 0)))
-        position[shard] = position.get(shard, 0) + 1
+    items = number_items(pairs)
     if not items:
         raise ValueError(f"no images found under {config.images or config.annotations}")
     return items[: config.max_images] if config.max_images else items
 
 
-class TrunkEncoder:
-    """Ray Data actor: one frozen SAM encoder; batch of image bytes in, part files + metadata out."""
+class TrunkEncoder(ShardWriter):
+    """Ray Data actor: one frozen SAM encoder; a batch of image bytes in, one cache row per image."""
 
     def __init__(self, sam_type: str, sam_checkpoint: str | None, tail_blocks: int, out: str, key: str,
                  storage: StorageOptions) -> None:
@@ -95,19 +84,19 @@ class TrunkEncoder:
 
         from talora.sam import build_sam
 
+        super().__init__(out, key, storage)
         self.torch = torch
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.sam = build_sam(sam_type, sam_checkpoint, storage).to(self.device)
         self.tail_blocks = tail_blocks
-        self.run = RunOutput(out, key, storage)
 
-    def __call__(self, batch: dict) -> dict:
+    def process(self, batch: dict) -> list[tuple[list[dict], str]]:
         from talora.data.coco import decode_image
         from talora.sam import embed_tail, embed_trunk, preprocess_image
 
         torch = self.torch
-        rows, meta = [], {"shard": [], "item": [], "rows": [], "part": [], "error": []}
-        inputs = []
+        results: list[tuple[list[dict], str]] = []
+        inputs, rows = [], []
         for uri, image_id, shard, index, data, error in zip(batch["uri"], batch["image_id"], batch["shard"],
                                                             batch["index"], batch["bytes"], batch["error"]):
             try:
@@ -116,45 +105,24 @@ class TrunkEncoder:
                 image = decode_image(data)
                 x, input_size = preprocess_image(self.sam, image)
             except Exception as e:  # a bad image is an error entry, never a crash
-                meta["shard"].append(shard); meta["item"].append(uri); meta["rows"].append(0)
-                meta["part"].append(""); meta["error"].append(f"{type(e).__name__}: {e}")
+                results.append(([], f"{type(e).__name__}: {e}"))
                 continue
+            row = {"image_uri": uri, "image_id": int(image_id), "shard": shard, "index": int(index),
+                   "height": image.shape[0], "width": image.shape[1], "input_height": input_size[0],
+                   "input_width": input_size[1]}
             inputs.append(x)
-            rows.append({"image_uri": uri, "image_id": int(image_id), "shard": shard, "index": int(index),
-                         "height": image.shape[0],
-                         "width": image.shape[1], "input_height": input_size[0], "input_width": input_size[1]})
+            rows.append(row)
+            results.append(([row], ""))
         if inputs:
             with torch.no_grad(), torch.autocast(self.device, torch.float16, enabled=self.device == "cuda"):
                 features = embed_trunk(self.sam.image_encoder, torch.stack(inputs), self.tail_blocks)
                 if self.tail_blocks == 0:  # decoder-only configs cache the final embedding
                     features = embed_tail(self.sam.image_encoder, features, 0)
             features = features.to(torch.float16).cpu().numpy()
+            kind = "embedding" if self.tail_blocks == 0 else "trunk"
             for row, f in zip(rows, features):
-                row.update(features=f.tobytes(), shape=list(f.shape), kind="embedding" if self.tail_blocks == 0 else "trunk")
-        # One part per shard present in the batch; k = the shard-local index of its first item.
-        by_shard: dict[str, list[dict]] = {}
-        for row in rows:
-            by_shard.setdefault(row["shard"], []).append(row)
-        for shard, shard_rows in by_shard.items():
-            k = min(r["index"] for r in shard_rows)
-            part = self.run.write_part(shard, k, pa.Table.from_pylist(shard_rows))
-            for r in shard_rows:
-                meta["shard"].append(shard); meta["item"].append(r["image_uri"]); meta["rows"].append(1)
-                meta["part"].append(part); meta["error"].append("")
-        return meta
-
-
-def read_image_bytes(batch: dict, storage: StorageOptions) -> dict:
-    """Ray Data task: fetch each image's bytes; a failed read becomes an error ("" = none), not a crash."""
-    data, errors = [], []
-    for uri in batch["uri"]:
-        try:
-            data.append(read_bytes(uri, storage))
-            errors.append("")
-        except Exception as e:
-            data.append(b"")
-            errors.append(f"{type(e).__name__}: {e}")
-    return {**batch, "bytes": data, "error": errors}
+                row.update(features=f.tobytes(), shape=list(f.shape), kind=kind)
+        return results
 
 
 def cache_key_inputs(sam_type: str, digest: str, tail_blocks: int, img_size: int) -> dict:
@@ -173,7 +141,6 @@ def check_cache_key(cache_uri: str, expected: dict, storage: StorageOptions | No
 
 def run_embed_job(config: EmbedConfig) -> dict:
     """Encodes every uncommitted shard; returns (and writes) the run summary."""
-    import ray
     import torch
 
     from talora.config import DEFAULT_TAIL_BLOCKS
@@ -192,49 +159,22 @@ def run_embed_job(config: EmbedConfig) -> dict:
     run = RunOutput(config.output, key, config.storage)
     write_bytes(join(run.root, "_cache.json"), json.dumps(key_inputs, indent=1).encode(), config.storage)
 
-    committed = run.committed_shards()
-    todo = [i for i in items if i.shard not in committed]
-    expected: dict[str, list[str]] = {}
-    for i in todo:
-        expected.setdefault(i.shard, []).append(i.uri)
-    tracker = ShardTracker(run, expected)
-    print(f"embed: {len(items)} images in {len({i.shard for i in items})} shards; "
-          f"{len(committed)} shards already committed, {len(expected)} to do -> {run.root}", flush=True)
-
     start = time.perf_counter()
-    errors = 0
-    if todo:
-        ds = ray.data.from_items([{"uri": i.uri, "image_id": i.image_id, "shard": i.shard, "index": i.index}
-                                  for i in todo])
-        ds = ds.map_batches(read_image_bytes, fn_kwargs={"storage": config.storage}, batch_size=config.batch_size,
-                            batch_format="numpy", num_cpus=0.25)
-        ds = ds.map_batches(
-            TrunkEncoder,
-            fn_constructor_kwargs={"sam_type": config.sam_type, "sam_checkpoint": config.sam_checkpoint,
-                                   "tail_blocks": tail, "out": config.output, "key": key, "storage": config.storage},
-            compute=ray.data.ActorPoolStrategy(size=config.num_actors),
-            batch_size=config.batch_size,
-            batch_format="numpy",
-            num_cpus=config.cpus_per_actor,
-            num_gpus=config.gpus_per_actor,
-        )
-        for row in ds.iter_rows():  # small metadata rows; features went straight to storage
-            errors += bool(row["error"])
-            if tracker.add(row["shard"], row["item"], int(row["rows"]), row["part"] or None, row["error"] or None):
-                print(f"embed: committed shard {row['shard']}", flush=True)
+    counts = run_sharded(items, run, TrunkEncoder,
+                         {"sam_type": config.sam_type, "sam_checkpoint": config.sam_checkpoint, "tail_blocks": tail,
+                          "out": config.output, "key": key, "storage": config.storage},
+                         config.storage, config.batch_size, config.num_actors, config.cpus_per_actor,
+                         config.gpus_per_actor, log=lambda m: print(f"embed: {m}", flush=True))
     seconds = time.perf_counter() - start
     summary = {
         "job": "embed_images",
         "output": run.root,
         "run_key": key,
         "cache": key_inputs,
-        "images": len(todo),
         "images_total": len(items),
-        "errors": errors,
-        "shards_committed": tracker.committed,
-        "shards_skipped": sorted(committed),
+        **counts,
         "seconds": round(seconds, 3),
-        "images_per_second": round(len(todo) / seconds, 3) if todo and seconds > 0 else None,
+        "images_per_second": round(counts["images"] / seconds, 3) if counts["images"] and seconds > 0 else None,
         "config": {**{k: v for k, v in config.__dict__.items() if k != "storage"}, "storage": config.storage.public_dict()},
         "torch": torch.__version__,
         "host": os.uname().nodename,

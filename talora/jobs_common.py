@@ -33,7 +33,8 @@ def init_ray(address: str | None = None) -> None:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if ray.is_initialized():
         return
-    ray.init(address=address or os.environ.get("RAY_ADDRESS"), include_dashboard=False,
+    # The dashboard process also serves the state API that Ray Train's cleanup polls.
+    ray.init(address=address or os.environ.get("RAY_ADDRESS"),
              log_to_driver=True, configure_logging=False)
 
 

@@ -11,6 +11,6 @@ def ray_cluster():
 
     os.environ["RAY_AUTH_MODE"] = "disabled"  # a loopback-only test head; subprocess jobs connect to it
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
-    context = ray.init(num_cpus=2, include_dashboard=False, configure_logging=False)
+    context = ray.init(num_cpus=2, configure_logging=False)
     yield context.address_info["gcs_address"]
     ray.shutdown()
