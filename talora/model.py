@@ -72,6 +72,7 @@ class TaskAwareSam(nn.Module):
         self.tail_blocks = config.tail_blocks
         self.text_encoder = text_encoder
         self._adapter_cache: dict[str, Adapter] = {}
+        self.fixed_adapter: Adapter | None = None  # a static LoRA used for every prompt (--adapter)
 
     # --- modes and bookkeeping ------------------------------------------------------------------
 
@@ -96,9 +97,11 @@ class TaskAwareSam(nn.Module):
 
     def adapters(self, prompts: list[str]) -> Adapter:
         """One adapter row per prompt (P rows). Cached by prompt when not training and no grad."""
+        prompts = validate_prompts(prompts)
+        if self.fixed_adapter is not None:
+            return self.fixed_adapter.expand(len(prompts))
         if self.text_encoder is None:
             raise RuntimeError("TaskAwareSam was built without a text encoder; pass text_encoder=")
-        prompts = validate_prompts(prompts)
         cacheable = not self.training and not torch.is_grad_enabled()
         if cacheable and all(p in self._adapter_cache for p in prompts):
             return Adapter.stack([self._adapter_cache[p] for p in prompts])

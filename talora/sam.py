@@ -25,6 +25,9 @@ from talora.config import SAM_TYPES
 from talora.storage import StorageOptions, read_bytes
 from talora.weights import parse_safetensors, write_weights
 
+# The encoder's square input side per variant (images are resized so the long side fits it).
+INPUT_SIZE = {"vit_h": 1024, "vit_l": 1024, "vit_b": 1024, "vit_tiny": 256}
+
 # (encoder embed dim, encoder depth) -> variant; enough to tell the variants apart from a state dict.
 _ENCODER_SHAPES = {"vit_h": (1280, 32), "vit_l": (1024, 24), "vit_b": (768, 12), "vit_tiny": (128, 4)}
 

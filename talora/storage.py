@@ -192,3 +192,36 @@ def list_shards(
         shards.append(Shard(f"virtual-{i // shard_size:05d}", tuple(flat[i : i + shard_size])))
     shards += [Shard(name, tuple(uris)) for name, uris in sorted(by_folder.items())]
     return shards
+
+
+def file_identity(uri: str, options: StorageOptions | None = None) -> dict[str, Any]:
+    """What identifies a file's content cheaply (size + ETag or mtime), for run keys: hashing a
+    2.5 GB remote checkpoint on the driver would mean downloading it."""
+    fs, path = filesystem(uri, options)
+    try:
+        info = fs.info(path)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"no such file: {uri}") from e
+    return {"uri": uri, "size": info.get("size"),
+            "version": str(info.get("ETag") or info.get("etag") or info.get("mtime") or info.get("LastModified"))}
+
+
+def local_copy(uri: str, options: StorageOptions | None = None, cache_dir: str | None = None) -> str:
+    """A local path for `uri`: the file itself when local, else a copy cached once per node
+    (keyed by URI and identity; a file lock makes concurrent actors on a node download once)."""
+    import fcntl
+    import hashlib
+    import json
+
+    if protocol_of(uri) == "file":
+        return uri.removeprefix("file://")
+    cache_dir = cache_dir or os.environ.get("TALORA_CACHE", os.path.expanduser("~/.cache/talora"))
+    os.makedirs(cache_dir, exist_ok=True)
+    identity = json.dumps(file_identity(uri, options), sort_keys=True)
+    name = hashlib.sha256(identity.encode()).hexdigest()[:16] + "-" + posixpath.basename(uri)
+    target = os.path.join(cache_dir, name)
+    with open(target + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not os.path.exists(target):
+            write_bytes(target, read_bytes(uri, options))
+    return target

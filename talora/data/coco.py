@@ -199,10 +199,20 @@ def image_id_for_uri(uri: str) -> int:
     return int.from_bytes(hashlib.sha256(uri.encode()).digest()[:8], "big") >> 1
 
 
-def decode_image(data: bytes) -> np.ndarray:
-    """Encoded image bytes -> (H, W, 3) uint8 RGB: EXIF orientation applied, grey/RGBA/16-bit
-    converted (16-bit scaled to 8-bit, not clipped)."""
-    image = ImageOps.exif_transpose(Image.open(io.BytesIO(data)))
+DEFAULT_MAX_PIXELS = 100_000_000
+
+
+def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Encoded image bytes -> (H, W, 3) uint8 RGB: EXIF orientation applied, grey/RGBA/CMYK/16-bit
+    converted (16-bit scaled to 8-bit, not clipped); an animated image gives its first frame.
+    An image over `max_pixels` is refused from its header, before its pixels are decoded."""
+    if not data:
+        raise ValueError("empty file (0 bytes)")
+    image = Image.open(io.BytesIO(data))
+    width, height = image.size
+    if width * height > max_pixels:
+        raise ValueError(f"image of {width}x{height} = {width * height} pixels exceeds the limit of {max_pixels}")
+    image = ImageOps.exif_transpose(image)
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):
         array = np.asarray(image, dtype=np.float64)
         top = 65535.0 if array.max() > 255 else 255.0

@@ -1,0 +1,232 @@
+"""Scoring a labelling run against COCO ground truth: COCOeval (segm) per task, task mIoU per group.
+
+Prompts map to tasks by exact paraphrase (`TaskSet.for_prompt`), an explicit `task_map`, or the
+rows' `task` column; unmapped prompts are reported, not guessed. Predictions join ground truth by
+file name. Only manifest-listed parts are read, each validated against the row schema.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+from dataclasses import dataclass, field
+
+import numpy as np
+from pycocotools import mask as mask_utils
+
+from talora.commit import RunOutput
+from talora.data.coco import CocoDataset
+from talora.metrics import GROUPS, REFERENCES, TaskIoU, mean, reference_scores
+from talora.rows import SCHEMA, validate_table
+from talora.storage import StorageOptions, join, read_bytes, write_bytes
+from talora.tasks import TaskSet, semantic_mask, task_ground_truth
+
+STAT_NAMES = ("AP", "AP50", "AP75", "AP_small", "AP_medium", "AP_large")
+
+
+@dataclass
+class EvalConfig:
+    predictions: str  # OUT/<run_key> of a labelling run
+    annotations: str
+    output: str
+    image_root: str | None = None
+    task_map: dict[str, str] = field(default_factory=dict)  # prompt -> task id
+    backend: str = "pycocotools"  # or faster-coco-eval
+    storage: StorageOptions = field(default_factory=StorageOptions)
+
+
+def read_predictions(run_uri: str, storage: StorageOptions | None = None):
+    """(every committed row as a pyarrow Table, each part schema-checked; the image URIs that were
+    processed without error, zero-row images included: they come from the manifests)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    out, key = run_uri.rstrip("/").rsplit("/", 1)
+    run = RunOutput(out, key, storage)
+    manifests = run.manifests()
+    if not manifests:
+        raise ValueError(f"{run_uri} has no committed shard (no _manifests/*.json)")
+    uris = run.committed_part_uris()
+    tables = [validate_table(pq.read_table(io.BytesIO(read_bytes(u, storage))), u) for u in uris]
+    processed = [item for m in manifests.values() for item in m.items if item not in m.errors]
+    return (pa.concat_tables(tables) if tables else pa.Table.from_pylist([], schema=SCHEMA)), processed
+
+
+def _cocoeval_class(backend: str):
+    if backend == "pycocotools":
+        from pycocotools.coco import COCO
+        from pycocotools.cocoeval import COCOeval
+
+        return COCO, COCOeval
+    if backend == "faster-coco-eval":
+        try:
+            from faster_coco_eval import COCO, COCOeval_faster
+        except ImportError as e:
+            raise ValueError("--backend faster-coco-eval needs `pip install faster-coco-eval`") from e
+        return COCO, COCOeval_faster
+    raise ValueError(f"--backend must be pycocotools or faster-coco-eval, got {backend!r}")
+
+
+def coco_stats(gt: dict, results: list[dict], category_ids: list[int] | None, backend: str) -> dict[str, float]:
+    """COCOeval segm stats for `category_ids` (None = all); no result is a zero score, not a crash."""
+    if not results:
+        return {name: 0.0 for name in STAT_NAMES}
+    COCO, COCOeval = _cocoeval_class(backend)
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco_gt = COCO()
+        coco_gt.dataset = gt
+        coco_gt.createIndex()
+        coco_dt = coco_gt.loadRes([dict(r) for r in results])  # loadRes writes into the dicts it gets
+        evaluator = COCOeval(coco_gt, coco_dt, "segm")
+        if category_ids is not None:
+            evaluator.params.catIds = category_ids
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+    return {name: max(0.0, float(v)) for name, v in zip(STAT_NAMES, evaluator.stats[:6])}
+
+
+def evaluate(config: EvalConfig) -> dict:
+    dataset = CocoDataset.load(config.annotations, config.image_root, config.storage)
+    tasks = TaskSet.from_dataset(dataset)
+    table, processed = read_predictions(config.predictions, config.storage)
+    rows = table.to_pylist()
+
+    # Prompts -> tasks.
+    prompt_task: dict[str, str] = {}
+    unmapped: set[str] = set()
+    for r in rows:
+        p = r["prompt"]
+        if p is None or p in prompt_task or p in unmapped:
+            continue
+        task_id = config.task_map.get(p) or (tasks.for_prompt(p).id if tasks.for_prompt(p) else None) or r["task"]
+        if task_id is None or task_id not in tasks.by_id:
+            unmapped.add(p)
+        else:
+            prompt_task[p] = task_id
+
+    # Images: by file name (the part of the URI after the image root, or its base name).
+    by_name = {}
+    for record in dataset.images.values():
+        by_name[record.file_name] = record
+        by_name.setdefault(record.file_name.rsplit("/", 1)[-1], record)
+
+    def record_of(uri: str):
+        parts = uri.split("/")
+        for n in range(len(parts), 0, -1):  # the longest matching suffix: "shard-00000/000003.jpg", then "000003.jpg"
+            record = by_name.get("/".join(parts[-n:]))
+            if record is not None:
+                return record
+        return None
+
+    task_ids = sorted(set(prompt_task.values()), key=lambda t: [x.id for x in tasks].index(t))
+    eval_tasks = TaskSet([tasks.by_id[t] for t in task_ids])
+    gt = task_ground_truth(dataset, eval_tasks)
+    category_of = {c["name"]: c["id"] for c in gt["categories"]}
+
+    evaluated_images, unmatched, errors = set(), set(), 0
+    for uri in processed:  # every image the run processed counts, with or without rows
+        record = record_of(uri)
+        if record is None:
+            unmatched.add(uri)
+        else:
+            evaluated_images.add(record.id)
+    results, semantic = [], {}
+    for r in rows:
+        if r["kind"] == "error":
+            errors += 1
+            continue
+        record = record_of(r["image_uri"])
+        if record is None:
+            unmatched.add(r["image_uri"])
+            continue
+        evaluated_images.add(record.id)
+        if r["prompt"] not in prompt_task:
+            continue
+        task_id = prompt_task[r["prompt"]]
+        if r["kind"] == "instance":
+            results.append({"image_id": record.id, "category_id": category_of[task_id], "score": float(r["score"]),
+                            "segmentation": {"size": r["segmentation"]["size"], "counts": r["segmentation"]["counts"]}})
+        elif r["kind"] == "semantic":
+            rle = {"size": r["segmentation"]["size"], "counts": r["segmentation"]["counts"].encode()}
+            key = (record.id, r["prompt"])
+            semantic[key] = semantic.get(key, False) | mask_utils.decode(rle).astype(bool)
+    evaluated = sorted(evaluated_images)
+
+    # COCOeval per task and overall, on the evaluated images only.
+    gt_eval = {**gt, "images": [im for im in gt["images"] if im["id"] in evaluated_images],
+               "annotations": [a for a in gt["annotations"] if a["image_id"] in evaluated_images]}
+    per_task = {t: coco_stats(gt_eval, [x for x in results if x["category_id"] == category_of[t]], [category_of[t]],
+                              config.backend) for t in task_ids}
+    overall = coco_stats(gt_eval, results, None, config.backend) if task_ids else {n: 0.0 for n in STAT_NAMES}
+
+    # Task mIoU per group: every evaluated image counts for every mapped prompt.
+    ious = TaskIoU()
+    for prompt, task_id in prompt_task.items():
+        task = tasks.by_id[task_id]
+        group = task.group_of(prompt)
+        for image_id in evaluated:
+            record = dataset.images[image_id]
+            truth = semantic_mask([i for i in dataset.instances[image_id] if task.matches(i)], record.height, record.width)
+            pred = semantic.get((image_id, prompt), np.zeros_like(truth))
+            ious.add((task_id, group), pred, truth)
+    per_key = ious.per_key()
+    miou = {g: mean(v for (t, gg), v in per_key.items() if gg == g) for g in GROUPS}
+    references = reference_scores(dataset, eval_tasks, evaluated) if evaluated and task_ids else {}
+
+    report = {
+        "predictions": config.predictions,
+        "annotations": config.annotations,
+        "backend": config.backend,
+        "images_evaluated": len(evaluated),
+        "error_rows": errors,
+        "unmatched_images": sorted(unmatched)[:20],
+        "unmapped_prompts": sorted(unmapped),
+        "prompts": prompt_task,
+        "overall": overall,
+        "per_task": per_task,
+        "task_miou": miou,
+        "task_miou_per_task": {f"{t}|{g}": v for (t, g), v in sorted(per_key.items())},
+        "references": references,
+    }
+    write_report(report, config.output, config.storage)
+    return report
+
+
+def write_report(report: dict, output: str, storage: StorageOptions | None) -> None:
+    """report.json, report.md and per_task_ap.png under `output`."""
+    write_bytes(join(output, "report.json"), json.dumps(report, indent=1, default=str).encode(), storage)
+    fmt = lambda v: "–" if v is None else f"{v:.3f}"  # noqa: E731
+    lines = [f"# Evaluation of {report['predictions']}", "",
+             f"{report['images_evaluated']} images, {report['error_rows']} error rows, backend {report['backend']}.", ""]
+    if report["unmapped_prompts"]:
+        lines += [f"Unmapped prompts (not scored): {', '.join(report['unmapped_prompts'])}", ""]
+    lines += ["| task | AP | AP50 | AP75 |", "| --- | --- | --- | --- |"]
+    for task, stats in report["per_task"].items():
+        lines.append(f"| {task} | {fmt(stats['AP'])} | {fmt(stats['AP50'])} | {fmt(stats['AP75'])} |")
+    o = report["overall"]
+    lines += [f"| **all** | {fmt(o['AP'])} | {fmt(o['AP50'])} | {fmt(o['AP75'])} |", "",
+              "| group | task mIoU | " + " | ".join(REFERENCES) + " |", "| --- | --- |" + " --- |" * len(REFERENCES)]
+    for group in GROUPS:
+        refs = report["references"].get(group, {}) if report["task_miou"][group] is not None else {}
+        lines.append(f"| {group} | {fmt(report['task_miou'][group])} | "
+                     + " | ".join(fmt(refs.get(r)) for r in REFERENCES) + " |")
+    write_bytes(join(output, "report.md"), ("\n".join(lines) + "\n").encode(), storage)
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(report["per_task"]) or ["(no task)"]
+    values = [report["per_task"][n]["AP"] for n in report["per_task"]] or [0.0]
+    fig, ax = plt.subplots(figsize=(max(4, 0.5 * len(names) + 2), 4))
+    ax.bar(range(len(names)), values)
+    ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=8)
+    ax.set(ylabel="mask AP", ylim=(0, 1), title="mask AP per task")
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    plt.close(fig)
+    write_bytes(join(output, "per_task_ap.png"), buffer.getvalue(), storage)

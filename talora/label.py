@@ -1,0 +1,236 @@
+"""The labelling job: every image of a bucket, K prompts, COCO predictions as Parquet shards.
+
+Where the time goes (per image, K prompts): one trunk pass (most of the encoder, shared by all
+prompts), then per prompt the adapted tail + one semantic decoder row + the instance grid
+(points_per_side^2 rows, only those inside the task's dilated region). Adapters are generated
+once per prompt when an actor starts. Image decoding and resizing to the model's input frame run
+in a separate CPU stage (Ray Data tasks), so actors only run the model; the remote model files
+are copied once per node. Batches are small (default 4 images): an image's instance pass
+already fills a decoder batch of points_per_batch rows.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from talora.commit import RunOutput, run_key
+from talora.pipeline import Item, ShardWriter, number_items, run_sharded
+from talora.predictor import PredictConfig
+from talora.rows import SCHEMA, detection_rows, error_row
+from talora.storage import (StorageOptions, file_identity, join, list_shards, local_copy, protocol_of, require_shared,
+                            write_bytes)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Which model labels: a hypernet file, or a static adapter file on a base SAM."""
+
+    sam_type: str = "vit_tiny"
+    sam_checkpoint: str | None = None
+    hypernet: str | None = None
+    adapter: str | None = None
+
+
+@dataclass(frozen=True)
+class LabelConfig:
+    prompts: tuple[str, ...]
+    images: str
+    output: str
+    model: ModelSpec = field(default_factory=ModelSpec)
+    predict: PredictConfig = field(default_factory=PredictConfig)
+    task: str | None = None
+    annotations: str | None = None  # optional COCO JSON: image ids by file name
+    shard_size: int = 1000
+    max_images: int | None = None
+    max_shards: int | None = None
+    max_pixels: int = 100_000_000
+    batch_size: int = 4
+    num_actors: int = 1
+    cpus_per_actor: float = 0.5
+    gpus_per_actor: float = 0.0
+    storage: StorageOptions = field(default_factory=StorageOptions)
+
+
+def load_model(spec: ModelSpec, storage: StorageOptions):
+    """The TaskAwareSam for `spec`, model files copied once per node."""
+    from talora.adapter_file import load_adapter
+    from talora.config import default_config
+    from talora.model import build_task_aware_sam, load_task_aware_sam
+    from talora.text import TextEncoder
+
+    checkpoint = local_copy(spec.sam_checkpoint, storage) if spec.sam_checkpoint else None
+    if spec.hypernet:
+        model = load_task_aware_sam(local_copy(spec.hypernet, storage), checkpoint, TextEncoder(), storage)
+    else:
+        config = default_config(spec.sam_type, checkpoint=checkpoint)
+        model = build_task_aware_sam(config, None, storage)
+        if spec.adapter:
+            adapter, _ = load_adapter(local_copy(spec.adapter, storage), model.targets, spec.sam_type, storage)
+            model.fixed_adapter = adapter
+        else:  # no trained weights at all: the untrained hypernet (Delta W = 0), for smoke runs
+            model.text_encoder = TextEncoder()
+    return model
+
+
+def model_name(spec: ModelSpec, storage: StorageOptions) -> str:
+    """The `model` column: variant + the digest of what was given."""
+    from talora.weights import read_weights
+
+    if spec.hypernet:
+        return f"{spec.sam_type}+hypernet:{read_weights(spec.hypernet, storage)[1].get('digest', '?')}"
+    if spec.adapter:
+        return f"{spec.sam_type}+adapter:{run_key(file_identity(spec.adapter, storage))}"
+    return f"{spec.sam_type}+untrained"
+
+
+def decode_stage(batch: dict, max_pixels: int, image_size: int) -> dict:
+    """Ray Data task: bytes -> the model's resized frame (EXIF applied, RGB, 16-bit scaled) and
+    the oriented original size; a bad image becomes an error, never a crash."""
+    from segment_anything.utils.transforms import ResizeLongestSide
+
+    from talora.data.coco import decode_image
+
+    transform = ResizeLongestSide(image_size)
+    resized, heights, widths, errors = [], [], [], []
+    for data, error in zip(batch["bytes"], batch["error"]):
+        try:
+            if error:
+                raise OSError(error)
+            image = decode_image(bytes(data), max_pixels)
+            resized.append(transform.apply_image(image))
+            heights.append(image.shape[0])
+            widths.append(image.shape[1])
+            errors.append("")
+        except Exception as e:
+            resized.append(np.zeros((1, 1, 3), np.uint8))
+            heights.append(0)
+            widths.append(0)
+            errors.append(f"{type(e).__name__}: {e}")
+    out = {k: v for k, v in batch.items() if k != "bytes"}
+    return {**out, "resized": np.array(resized + [None], dtype=object)[:-1], "height": np.array(heights),
+            "width": np.array(widths), "error": np.array(errors, dtype=object)}
+
+
+class LabelActor(ShardWriter):
+    """Ray Data actor: one frozen SAM + text encoder + hypernet, adapters made once per prompt."""
+
+    def __init__(self, spec: ModelSpec, prompts: list[str], predict: PredictConfig, task: str | None, model: str,
+                 out: str, key: str, storage: StorageOptions) -> None:
+        import torch
+
+        from talora.predictor import TaskAwarePredictor
+
+        super().__init__(out, key, storage, SCHEMA)
+        self.torch = torch
+        sam_model = load_model(spec, storage)
+        if torch.cuda.is_available():
+            sam_model = sam_model.cuda()
+        self.predictor = TaskAwarePredictor(sam_model, predict)
+        self.prompts, self.task, self.model_name = list(prompts), task, model
+        with torch.no_grad():
+            sam_model.adapters(self.prompts)  # generate (and cache) every prompt's adapter once
+
+    def process(self, batch: dict) -> list[tuple[list[dict], str]]:
+        results = []
+        for uri, image_id, shard, resized, h, w, error in zip(batch["uri"], batch["image_id"], batch["shard"],
+                                                              batch["resized"], batch["height"], batch["width"],
+                                                              batch["error"]):
+            image_id = int(image_id)
+            try:
+                if error:
+                    raise ValueError(error)
+                predictions = self.predictor.predict_resized(np.asarray(resized), (int(h), int(w)), self.prompts)
+                results.append((detection_rows(uri, image_id, shard, int(w), int(h), predictions, self.task,
+                                               self.model_name), ""))
+            except Exception as e:  # one bad image is one error row; the job goes on
+                message = str(e) if isinstance(e, ValueError) and error else f"{type(e).__name__}: {e}"
+                results.append(([error_row(uri, image_id, shard, message, self.model_name)], message))
+        return results
+
+
+def list_items(config: LabelConfig) -> list[Item]:
+    from talora.data.coco import image_id_for_uri
+
+    shards = list_shards(config.images, config.shard_size, options=config.storage)
+    if config.max_shards:
+        shards = shards[: config.max_shards]
+    ids: dict[str, int] = {}
+    if config.annotations:
+        from talora.data.coco import CocoDataset
+
+        dataset = CocoDataset.load(config.annotations, config.images, config.storage)
+        ids = {r.uri: r.id for r in dataset.images.values()}
+    pairs = [(s.name, uri, ids.get(uri, image_id_for_uri(uri))) for s in shards for uri in s.uris]
+    if not pairs:
+        raise ValueError(f"no images under {config.images}")
+    return number_items(pairs[: config.max_images] if config.max_images else pairs)
+
+
+def run_label_job(config: LabelConfig) -> dict:
+    """Checks everything cheap first, then labels every uncommitted shard; returns the summary."""
+    import ray
+
+    from talora.sam import read_sam_checkpoint
+    from talora.text import validate_prompts
+
+    prompts = validate_prompts(list(config.prompts))
+    require_shared(config.output, "--output")
+    require_shared(config.images, "--images")
+    if len(ray.nodes()) > 1:
+        for name, uri in (("--images", config.images), ("--output", config.output)):
+            if protocol_of(uri) == "file":
+                raise ValueError(f"{name} {uri} is a local folder, but this Ray cluster has {len(ray.nodes())} "
+                                 "nodes that cannot all read it: use shared storage such as s3://")
+    spec = config.model
+    if spec.hypernet and spec.adapter:
+        raise ValueError("give --hypernet or --adapter, not both")
+    for uri in (spec.hypernet, spec.adapter, spec.sam_checkpoint):
+        if uri:
+            file_identity(uri, config.storage)  # missing model files fail here, before the pool starts
+    if spec.sam_checkpoint:
+        read_sam_checkpoint(spec.sam_checkpoint, spec.sam_type, config.storage)
+    model = model_name(spec, config.storage)
+    items = list_items(config)
+
+    identity = {
+        "prompts": prompts, "task": config.task, "predict": config.predict.__dict__, "model": model,
+        "files": {k: file_identity(v, config.storage) for k, v in spec.__dict__.items()
+                  if v and k in ("sam_checkpoint", "hypernet", "adapter")},
+        "max_pixels": config.max_pixels,
+    }
+    key = run_key(identity)
+    run = RunOutput(config.output, key, config.storage)
+    from talora.sam import INPUT_SIZE
+
+    image_size = INPUT_SIZE[spec.sam_type]
+    start = time.perf_counter()
+    counts = run_sharded(
+        items, run, LabelActor,
+        {"spec": spec, "prompts": prompts, "predict": config.predict, "task": config.task, "model": model,
+         "out": config.output, "key": key, "storage": config.storage},
+        config.storage, config.batch_size, config.num_actors, config.cpus_per_actor, config.gpus_per_actor,
+        cpu_stage=decode_stage, cpu_stage_kwargs={"max_pixels": config.max_pixels, "image_size": image_size},
+        log=lambda m: print(f"label: {m}", flush=True),
+    )
+    seconds = time.perf_counter() - start
+    summary = {
+        "job": "segment_dataset",
+        "output": run.root,
+        "run_key": key,
+        "prompts": prompts,
+        "model": model,
+        "images_total": len(items),
+        **counts,
+        "seconds": round(seconds, 3),
+        "images_per_second": round(counts["images"] / seconds, 3) if counts["images"] and seconds > 0 else None,
+        "config": {**{k: v for k, v in config.__dict__.items() if k not in ("storage", "model", "predict")},
+                   "model": spec.__dict__, "predict": config.predict.__dict__,
+                   "storage": config.storage.public_dict()},
+        "node_ids": sorted(n["NodeID"] for n in ray.nodes() if n.get("Alive")),
+    }
+    write_bytes(join(run.root, "_summary.json"), json.dumps(summary, indent=1, default=str).encode(), config.storage)
+    return summary

@@ -1,0 +1,172 @@
+"""TaskAwarePredictor: one image, K prompts -> semantic masks and instances per prompt.
+
+The single per-image code path behind the labelling job's actors, `talora predict` and the
+benchmark. Per image: one trunk pass; per prompt the adapted encoder tail, then
+
+- the semantic pass: no point prompt, one mask per prompt, gated by the presence probability
+  (an absent task gives no mask);
+- the instance pass: a points_per_side x points_per_side grid, keeping only points where a
+  dilation of the semantic mask says the task is, decoded in batches of points_per_batch rows
+  (each row carries its own copy of the image embedding: 4 MB for vit_h); SAM's filters from
+  segment_anything.utils.amg (predicted IoU, stability score, box NMS), then COCO RLE.
+
+Shapes: P = prompts, n = grid points in a batch, L = low-res mask grid (4h), H x W = the image.
+Filtering runs on the low-res logits (L x L, 256 x 256 for vit_h) and only kept masks are
+upsampled to H x W, so a 64-point batch never holds 64 x 3 full-resolution masks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pycocotools import mask as mask_utils
+from segment_anything.utils.amg import MaskData, batched_mask_to_box, build_point_grid, calculate_stability_score
+from segment_anything.utils.transforms import ResizeLongestSide
+from torchvision.ops.boxes import batched_nms
+
+from talora.model import TaskAwareSam
+
+MODES = ("instance", "semantic", "both")
+
+
+@dataclass(frozen=True)
+class PredictConfig:
+    mode: str = "both"  # instance | semantic | both
+    points_per_side: int = 16
+    points_per_batch: int = 64
+    score_thresh: float = 0.5  # predicted IoU of an instance mask
+    stability_thresh: float = 0.8
+    stability_offset: float = 1.0
+    nms_thresh: float = 0.7
+    presence_thresh: float = 0.5  # presence probability below which a task is absent
+    dilation: float = 0.03  # grid points kept within this fraction of the image's long side of the task
+    max_instances: int = 100  # per prompt, by score
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"--mode must be one of {MODES}, got {self.mode!r}")
+        if self.points_per_side < 1 or self.points_per_batch < 1:
+            raise ValueError("--points-per-side and --points-per-batch must be >= 1")
+        for name in ("score_thresh", "stability_thresh", "nms_thresh", "presence_thresh"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(self, name)}")
+
+
+@dataclass
+class Detection:
+    kind: str  # instance | semantic
+    rle: dict  # COCO compressed RLE: {"size": [H, W], "counts": str}
+    bbox: list[float]  # x, y, w, h
+    area: float
+    score: float
+
+
+def encode_mask(mask: np.ndarray, kind: str, score: float) -> Detection:
+    """(H, W) bool -> a Detection with pycocotools' RLE, bbox and area."""
+    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+    return Detection(kind, {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")},
+                     [float(v) for v in mask_utils.toBbox(rle)], float(mask_utils.area(rle)), float(score))
+
+
+def filter_masks(lowres: torch.Tensor, iou_preds: torch.Tensor, cfg: PredictConfig, mask_threshold: float) -> MaskData:
+    """SAM's automatic-mask filters on n x 3 candidate low-res masks: predicted IoU, stability
+    score, then boxes for NMS. lowres (n, 3, L, L) logits, iou_preds (n, 3)."""
+    data = MaskData(masks=lowres.flatten(0, 1), iou_preds=iou_preds.flatten(0, 1))  # (n*3, L, L), (n*3,)
+    if cfg.score_thresh > 0:  # as SAM's generator: a zero threshold filters nothing
+        data.filter(data["iou_preds"] > cfg.score_thresh)
+    data["stability_score"] = calculate_stability_score(data["masks"], mask_threshold, cfg.stability_offset)
+    if cfg.stability_thresh > 0:
+        data.filter(data["stability_score"] >= cfg.stability_thresh)
+    data["boxes"] = batched_mask_to_box(data["masks"] > mask_threshold)  # low-res xyxy
+    return data
+
+
+def deduplicate(data: MaskData, cfg: PredictConfig) -> MaskData:
+    """Box NMS over every kept candidate of a prompt, best first, at most max_instances."""
+    keep = batched_nms(data["boxes"].float(), data["iou_preds"], torch.zeros_like(data["iou_preds"]),
+                       cfg.nms_thresh)[: cfg.max_instances]
+    data.filter(keep)
+    return data
+
+
+class TaskAwarePredictor:
+    def __init__(self, model: TaskAwareSam, config: PredictConfig = PredictConfig()) -> None:
+        self.model = model.eval()
+        self.config = config
+        self.transform = ResizeLongestSide(model.sam.image_encoder.img_size)
+        self.grid = build_point_grid(config.points_per_side)  # (N, 2) in [0, 1]
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.sam.device
+
+    def resize(self, image: np.ndarray) -> np.ndarray:
+        """HWC uint8 RGB -> the model's resized frame (the CPU stage of the labelling job)."""
+        return self.transform.apply_image(image)
+
+    @torch.no_grad()
+    def predict(self, image: np.ndarray, prompts: list[str]) -> dict[str, list[Detection]]:
+        """HWC uint8 RGB image -> {prompt: detections}, semantic first, then instances by score."""
+        return self.predict_resized(self.resize(image), image.shape[:2], prompts)
+
+    @torch.no_grad()
+    def predict_resized(self, resized: np.ndarray, original_size: tuple[int, int], prompts: list[str]):
+        model, cfg = self.model, self.config
+        input_size = tuple(resized.shape[:2])
+        x = torch.as_tensor(resized, device=self.device).permute(2, 0, 1).contiguous()[None].float()
+        x = model.sam.preprocess(x)  # normalise + pad to S x S
+        adapter = model.adapters(prompts)  # P rows, cached per prompt
+        P = len(prompts)
+        trunk = model.embed_trunk(x)  # (1, h, w, C): once per image
+        embeddings = model.embed_tail(trunk.expand(P, -1, -1, -1), adapter)  # (P, C', h, w)
+
+        semantic = model.decode(embeddings, adapter, multimask_output=False)
+        presence = torch.sigmoid(semantic.presence_logits.float())  # (P,)
+        logits = model.sam.postprocess_masks(semantic.masks.float(), input_size, original_size)[:, 0]  # (P, H, W)
+        results: dict[str, list[Detection]] = {}
+        for p, prompt in enumerate(prompts):
+            present = bool(presence[p] >= cfg.presence_thresh)
+            region = (logits[p] > model.sam.mask_threshold) & present  # (H, W)
+            detections = []
+            if cfg.mode in ("semantic", "both") and region.any():
+                detections.append(encode_mask(region.cpu().numpy(), "semantic", float(presence[p])))
+            if cfg.mode in ("instance", "both") and region.any():
+                detections += self._instances(embeddings[p : p + 1], adapter.row(p), region, input_size, original_size)
+            results[prompt] = detections
+        return results
+
+    def _instances(self, embedding, adapter, region: torch.Tensor, input_size, original_size) -> list[Detection]:
+        """Grid points inside the (dilated) task region -> filtered, de-duplicated instance masks."""
+        model, cfg = self.model, self.config
+        H, W = original_size
+        radius = max(1, int(cfg.dilation * max(H, W)))
+        dilated = F.max_pool2d(region[None, None].float(), 2 * radius + 1, stride=1, padding=radius)[0, 0] > 0
+        points = self.grid * np.array([[W, H]])  # (N, 2) x, y in pixels
+        xs = np.clip(points[:, 0].astype(int), 0, W - 1)
+        ys = np.clip(points[:, 1].astype(int), 0, H - 1)
+        points = points[dilated.cpu().numpy()[ys, xs]]
+        if not len(points):
+            return []
+
+        parts = []
+        for start in range(0, len(points), cfg.points_per_batch):
+            batch = points[start : start + cfg.points_per_batch]
+            coords = torch.as_tensor(self.transform.apply_coords(batch, original_size), dtype=torch.float32,
+                                     device=self.device)[:, None, :]  # (n, 1, 2) in the input frame
+            labels = torch.ones(len(batch), 1, dtype=torch.int, device=self.device)
+            n = len(batch)
+            out = model.decode(embedding.expand(n, -1, -1, -1), adapter, coords, labels, multimask_output=True)
+            parts.append(filter_masks(out.masks.float(), out.iou_predictions.float(), cfg, model.sam.mask_threshold))
+        data = parts[0]
+        for part in parts[1:]:
+            data.cat(part)
+        if len(data["masks"]) == 0:
+            return []
+
+        data = deduplicate(data, cfg)  # boxes in the low-res frame overlap as they do in the original
+        masks = model.sam.postprocess_masks(data["masks"][:, None], input_size, original_size)[:, 0]  # (k, H, W)
+        masks = (masks > model.sam.mask_threshold).cpu().numpy()
+        return [encode_mask(m, "instance", float(s)) for m, s in zip(masks, data["iou_preds"].tolist()) if m.any()]

@@ -1,0 +1,82 @@
+"""Evaluation of committed prediction rows against COCO ground truth."""
+
+
+import pyarrow as pa
+import pytest
+
+from talora.commit import RunOutput, ShardTracker
+from talora.data.coco import CocoDataset
+from talora.data.synthetic import write_demo_dataset
+from talora.evaluate import EvalConfig, evaluate
+from talora.predictor import encode_mask
+from talora.rows import SCHEMA, detection_rows
+from talora.tasks import TaskSet, semantic_mask
+
+
+@pytest.fixture
+def demo(tmp_path):
+    written = write_demo_dataset(str(tmp_path / "demo"), num_train=2, num_val=8, seed=2, shard_size=4)
+    return CocoDataset.load(written["val"]), written["val"]
+
+
+def _commit(tmp_path, dataset, prompt_tasks, drop_semantic=False):
+    """A committed run whose rows are the ground truth of each prompt's task (score 1)."""
+    tasks = TaskSet.from_dataset(dataset)
+    run = RunOutput(str(tmp_path / "labels"), "gt")
+    records = [dataset.images[i] for i in dataset.image_ids]
+    tracker = ShardTracker(run, {"s0": [r.uri for r in records]})
+    rows = []
+    for r in records:
+        predictions = {}
+        for prompt, task_id in prompt_tasks.items():
+            instances = [i for i in dataset.instances[r.id] if tasks.by_id[task_id].matches(i)]
+            detections = [encode_mask(i.mask(), "instance", 1.0) for i in instances]
+            union = semantic_mask(instances, r.height, r.width)
+            if union.any() and not drop_semantic:
+                detections.append(encode_mask(union, "semantic", 1.0))
+            predictions[prompt] = detections
+        rows += detection_rows(r.uri, r.id, "s0", r.width, r.height, predictions, None, "gt")
+    part = run.write_part("s0", 0, pa.Table.from_pylist(rows, schema=SCHEMA))
+    for r in records:
+        tracker.add("s0", r.uri, 1, part)
+    return run.root
+
+
+def test_ground_truth_as_predictions_scores_ap_1_and_miou_1(tmp_path, demo):
+    dataset, annotations = demo
+    predictions = _commit(tmp_path, dataset, {"segment vehicles": "supercategory:vehicle",
+                                              "where are the red objects?": "color:red"})
+    report = evaluate(EvalConfig(predictions, annotations, str(tmp_path / "eval")))
+    assert report["images_evaluated"] == 8 and report["unmapped_prompts"] == []
+    assert report["per_task"]["supercategory:vehicle"]["AP"] == pytest.approx(1.0)
+    assert report["per_task"]["color:red"]["AP"] == pytest.approx(1.0)
+    assert report["overall"]["AP"] == pytest.approx(1.0)
+    assert report["task_miou"]["seen"] == pytest.approx(1.0)
+    assert report["task_miou"]["heldout_paraphrase"] == pytest.approx(1.0)  # "where are the ...?" is held out
+    assert report["references"]["seen"]["every_object"] < 1.0
+    for name in ("report.json", "report.md", "per_task_ap.png"):
+        assert (tmp_path / "eval" / name).stat().st_size > 0
+    assert "supercategory:vehicle" in (tmp_path / "eval" / "report.md").read_text()
+
+
+def test_unmapped_prompts_are_reported_and_a_task_map_maps_them(tmp_path, demo):
+    dataset, annotations = demo
+    predictions = _commit(tmp_path, dataset, {"cars please": "category:car"})
+    report = evaluate(EvalConfig(predictions, annotations, str(tmp_path / "e1")))
+    assert report["unmapped_prompts"] == ["cars please"] and report["per_task"] == {}
+    assert report["overall"]["AP"] == 0.0  # nothing to score is a zero, not a crash
+    mapped = evaluate(EvalConfig(predictions, annotations, str(tmp_path / "e2"), task_map={"cars please": "category:car"}))
+    assert mapped["per_task"]["category:car"]["AP"] == pytest.approx(1.0)
+
+
+def test_missing_semantic_rows_count_as_empty_predictions(tmp_path, demo):
+    dataset, annotations = demo
+    predictions = _commit(tmp_path, dataset, {"segment vehicles": "supercategory:vehicle"}, drop_semantic=True)
+    report = evaluate(EvalConfig(predictions, annotations, str(tmp_path / "e")))
+    assert report["task_miou"]["seen"] == 0.0 and report["per_task"]["supercategory:vehicle"]["AP"] == pytest.approx(1.0)
+
+
+def test_a_run_without_manifests_is_refused(tmp_path, demo):
+    _, annotations = demo
+    with pytest.raises(ValueError, match="no committed shard"):
+        evaluate(EvalConfig(str(tmp_path / "labels" / "nothing"), annotations, str(tmp_path / "e")))

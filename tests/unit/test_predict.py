@@ -1,0 +1,79 @@
+"""Per-image prediction, rows and post-processing (no Ray)."""
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+from pycocotools import mask as mask_utils
+
+from talora.predictor import PredictConfig, deduplicate, encode_mask, filter_masks
+from talora.rows import SCHEMA, detection_rows, error_row, validate_table
+
+
+def test_rows_match_pycocotools_rle_bbox_and_area():
+    mask = np.zeros((30, 40), bool)
+    mask[5:12, 8:30] = True
+    mask[20:25, 2:4] = True
+    d = encode_mask(mask, "instance", 0.9)
+    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+    assert d.rle == {"size": [30, 40], "counts": rle["counts"].decode()}
+    assert d.bbox == [float(v) for v in mask_utils.toBbox(rle)] == [2.0, 5.0, 28.0, 20.0]
+    assert d.area == mask.sum() == float(mask_utils.area(rle))
+    decoded = mask_utils.decode({"size": d.rle["size"], "counts": d.rle["counts"].encode()})
+    assert np.array_equal(decoded.astype(bool), mask)
+
+    rows = detection_rows("s3://b/img 1.jpg", 7, "s0", 40, 30, {"segment cars": [d]}, None, "vit_tiny+x")
+    rows.append(error_row("s3://b/bad.jpg", 8, "s0", "cannot identify image", "vit_tiny+x"))
+    table = validate_table(pa.Table.from_pylist(rows, schema=SCHEMA), "part")
+    assert table.num_rows == 2 and table.column("kind").to_pylist() == ["instance", "error"]
+
+
+def test_a_malformed_shard_is_rejected_naming_it():
+    with pytest.raises(ValueError, match=r"part-1: not a prediction shard, missing column\(s\) \['image_id'"):
+        validate_table(pa.table({"image_uri": ["x"]}), "part-1")
+    rows = [error_row("u", 1, "s", "e", "m")]
+    rows[0]["kind"] = "blob"
+    with pytest.raises(ValueError, match="unknown row kind"):
+        validate_table(pa.Table.from_pylist(rows, schema=SCHEMA), "part-2")
+
+
+def _logits(*boxes, size=32, strength=10.0):
+    """Hand-made low-res logits: +strength inside each (x0, y0, x1, y1), -strength outside."""
+    out = torch.full((len(boxes), size, size), -strength)
+    for i, (x0, y0, x1, y1) in enumerate(boxes):
+        out[i, y0:y1, x0:x1] = strength
+    return out
+
+
+def test_filters_drop_low_scores_and_unstable_masks_and_nms_keeps_the_best_duplicate():
+    stable = _logits((2, 2, 12, 12), (2, 2, 12, 13), (20, 20, 30, 30))  # two near-duplicates + another object
+    unstable = _logits((5, 5, 25, 25), strength=0.5)  # logits within the stability offset of the threshold
+    lowres = torch.cat([stable, unstable])[None].reshape(2, 2, 32, 32)  # n = 2 points x 2 candidates
+    iou = torch.tensor([[0.9, 0.95], [0.8, 0.99]])
+    config = PredictConfig(score_thresh=0.85, stability_thresh=0.9, nms_thresh=0.7)
+    kept = filter_masks(lowres, iou, config, 0.0)
+    # the object at (20, 20) scores 0.8 < 0.85; the unstable mask scores 0.99 but is unstable
+    assert sorted(kept["iou_preds"].tolist()) == pytest.approx([0.9, 0.95])
+    final = deduplicate(kept, config)
+    assert final["iou_preds"].tolist() == pytest.approx([0.95])  # the duplicates collapse to the best one
+    assert final["boxes"].tolist() == [[2, 2, 11, 12]]
+
+
+def test_predictor_gates_semantic_masks_by_presence_and_keeps_instances_in_the_task_region(tiny_config, text_encoder):
+    from talora.model import build_task_aware_sam
+    from talora.predictor import TaskAwarePredictor
+
+    torch.manual_seed(0)
+    model = build_task_aware_sam(tiny_config, text_encoder)
+    image = (np.random.default_rng(0).random((90, 140, 3)) * 255).astype(np.uint8)
+    config = PredictConfig(score_thresh=0.0, stability_thresh=0.0, points_per_side=4)
+    with torch.no_grad():
+        model.presence_head.layers[-1].bias.fill_(-20.0)  # "absent": no mask may come out
+        absent = TaskAwarePredictor(model, config).predict(image, ["segment vehicles"])
+        model.presence_head.layers[-1].bias.fill_(20.0)
+        present = TaskAwarePredictor(model, config).predict(image, ["segment vehicles", "segment fruit"])
+    assert absent == {"segment vehicles": []}
+    for detections in present.values():
+        semantic = [d for d in detections if d.kind == "semantic"]
+        assert len(semantic) <= 1 and all(d.rle["size"] == [90, 140] for d in detections)
+        assert all(d.kind in ("semantic", "instance") for d in detections)
