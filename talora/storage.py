@@ -152,7 +152,7 @@ def pyarrow_filesystem(uri: str, options: StorageOptions | None = None):
     return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path
 
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
 
 @dataclass(frozen=True)

@@ -92,3 +92,32 @@ def test_decode_image_handles_grey_rgba_16_bit_and_exif(tmp_path):
     exif = Image.Exif()
     exif[0x0112] = 6  # rotate 90 degrees: a 5x3 stored image is 3 wide, 5 high when shown
     assert decode_image(encoded(Image.new("RGB", (5, 3)), format="JPEG", exif=exif)).shape == (5, 3, 3)
+
+
+def test_a_16_bit_gradient_stays_a_gradient_and_cmyk_becomes_rgb():
+    import io
+
+    from PIL import Image
+
+    gradient = np.tile(np.linspace(0, 65535, 64, dtype=np.uint16), (4, 1))
+    buffer = io.BytesIO()
+    Image.fromarray(gradient).save(buffer, format="PNG")
+    row = decode_image(buffer.getvalue())[0, :, 0].astype(int)
+    assert row[0] == 0 and row[-1] == 255 and np.all(np.diff(row) >= 0) and len(set(row.tolist())) > 50
+    buffer = io.BytesIO()
+    Image.new("CMYK", (4, 3), (0, 255, 255, 0)).save(buffer, format="JPEG")
+    red = decode_image(buffer.getvalue())[1, 1]
+    assert red[0] > 200 and red[1] < 60 and red[2] < 60
+
+
+def test_images_over_the_pixel_limit_and_empty_files_are_refused():
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (200, 100)).save(buffer, format="PNG")
+    with pytest.raises(ValueError, match="200x100 = 20000 pixels exceeds the limit of 10000"):
+        decode_image(buffer.getvalue(), max_pixels=10000)
+    with pytest.raises(ValueError, match="empty file"):
+        decode_image(b"")
