@@ -29,18 +29,23 @@ test-unit: setup
 test-integration: setup
 	$(OFFLINE) $(PY) -m pytest -m integration $(PYTEST_ARGS)
 
-# The longest real end-to-end path that exists so far: the demo bucket (generated if missing) ->
-# its tasks -> the embedding cache on a local Ray -> an adapter file for a prompt on vit_tiny.
+# The embedded default, end to end: the demo bucket (generated if missing) -> the labelling job on
+# a local Ray with two prompts -> the evaluation report -> overlays. Until the demo models ship
+# (the demo-models issue), the labelling model is an untrained hypernet, so scores are ~0.
 DEMO_DATA ?= data/demo
+DEMO_PROMPT2 ?= segment red objects
 demo: setup
 	test -f $(DEMO_DATA)/val/instances.json || $(OFFLINE) $(VENV)/bin/talora demo-data --out $(DEMO_DATA) \
 		--num-images 200 --num-val 40 --shard-size 20 --seed 0
-	$(OFFLINE) $(VENV)/bin/talora tasks --annotations $(DEMO_DATA)/val/instances.json | head -n 14
-	$(OFFLINE) $(PY) jobs/embed_images.py --annotations $(DEMO_DATA)/val/instances.json \
-		--output runs/demo/cache --batch-size 8 2>&1 | grep -E '^(embed|\{)'
-	$(OFFLINE) $(VENV)/bin/talora adapter --prompt "$(DEMO_PROMPT)" --sam-type vit_tiny \
-		--out runs/demo/adapter.safetensors
-	@echo "demo outputs: $(DEMO_DATA)/ (COCO train/val), runs/demo/cache/ (embedding cache), runs/demo/adapter.safetensors"
+	$(OFFLINE) $(PY) jobs/segment_dataset.py --prompt "$(DEMO_PROMPT)" --prompt "$(DEMO_PROMPT2)" \
+		--images $(DEMO_DATA)/val/images --annotations $(DEMO_DATA)/val/instances.json \
+		--output runs/demo/labels --points-per-side 8 --presence-thresh 0 2>&1 | grep -E '^(label|\{)'
+	$(OFFLINE) $(PY) jobs/evaluate.py --predictions $$(ls -td runs/demo/labels/*/ | head -n 1) \
+		--annotations $(DEMO_DATA)/val/instances.json --output runs/demo/eval
+	$(OFFLINE) $(VENV)/bin/talora viz --predictions $$(ls -td runs/demo/labels/*/ | head -n 1) \
+		--out runs/demo/overlays --max-images 6
+	@echo "demo outputs: $(DEMO_DATA)/ (COCO train/val), runs/demo/labels/ (Parquet predictions),"
+	@echo "              runs/demo/eval/report.md (+ report.json, per_task_ap.png), runs/demo/overlays/*.png"
 
 clean:
 	rm -rf runs .pytest_cache

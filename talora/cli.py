@@ -176,6 +176,43 @@ def cmd_plot_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_predict(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from talora.data.coco import decode_image
+    from talora.label import ModelSpec, load_model
+    from talora.predictor import PredictConfig, TaskAwarePredictor
+    from talora.storage import read_bytes, write_bytes
+    from talora.text import validate_prompts
+    from talora.viz import overlay_png
+
+    prompts = validate_prompts(args.prompt)
+    storage = _storage(args)
+    image = decode_image(read_bytes(args.image, storage))
+    model = load_model(ModelSpec(args.sam_type or "vit_tiny", args.sam_checkpoint, args.hypernet, args.adapter), storage)
+    predictor = TaskAwarePredictor(model, PredictConfig(mode=args.mode, points_per_side=args.points_per_side,
+                                                        presence_thresh=args.presence_thresh))
+    results = predictor.predict(image, prompts)
+    as_dicts = {p: [{**dataclasses.asdict(d), "segmentation": d.rle} for d in ds] for p, ds in results.items()}
+    write_bytes(args.out, overlay_png(image, as_dicts), storage)
+    for prompt, detections in results.items():
+        kinds = [d.kind for d in detections]
+        print(f"{prompt!r}: {kinds.count('semantic')} semantic mask, {kinds.count('instance')} instance(s)")
+    if args.json:
+        print(json.dumps({p: [{k: v for k, v in d.items() if k != "segmentation"} for d in ds]
+                          for p, ds in as_dicts.items()}, indent=1))
+    print(f"wrote {args.out}")
+    return 0
+
+
+def cmd_viz(args: argparse.Namespace) -> int:
+    from talora.viz import render_predictions
+
+    files = render_predictions(args.predictions, args.out, args.prompt, args.max_images, _storage(args), args.images)
+    print(f"wrote {len(files)} overlay(s) to {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="talora", description="Text-to-LoRA for Segment Anything")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -228,6 +265,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="PNG path (default RUN_DIR/curves.png)")
     _add_storage_args(p)
     p.set_defaults(func=cmd_plot_run)
+
+    p = sub.add_parser("predict", help="segment one image under one or more prompts and draw the overlay")
+    p.add_argument("--image", required=True, help="image path or URI")
+    p.add_argument("--prompt", action="append", required=True)
+    p.add_argument("--sam-type", choices=SAM_TYPES, default=None)
+    p.add_argument("--sam-checkpoint", default=None)
+    p.add_argument("--hypernet", default=None)
+    p.add_argument("--adapter", default=None)
+    p.add_argument("--mode", choices=("instance", "semantic", "both"), default="both")
+    p.add_argument("--points-per-side", type=int, default=16)
+    p.add_argument("--presence-thresh", type=float, default=0.5)
+    p.add_argument("--out", required=True, help="overlay PNG")
+    p.add_argument("--json", action="store_true", help="also print the detections (without masks)")
+    _add_storage_args(p)
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("viz", help="overlays of a labelling run's predictions, one PNG per image")
+    p.add_argument("--predictions", required=True, help="a labelling run: OUTPUT/<run_key>")
+    p.add_argument("--images", default=None, help="the labelled image prefix (default: the rows' own URIs)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--prompt", action="append", default=None, help="only these prompts (repeatable)")
+    p.add_argument("--max-images", type=int, default=20)
+    _add_storage_args(p)
+    p.set_defaults(func=cmd_viz)
     return parser
 
 

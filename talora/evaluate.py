@@ -53,6 +53,14 @@ def read_predictions(run_uri: str, storage: StorageOptions | None = None):
     return (pa.concat_tables(tables) if tables else pa.Table.from_pylist([], schema=SCHEMA)), processed
 
 
+def run_prompts(run_uri: str, storage: StorageOptions | None = None) -> list[str]:
+    """The prompts a labelling run was given (its _summary.json), or [] if it has none."""
+    try:
+        return list(json.loads(read_bytes(join(run_uri, "_summary.json"), storage)).get("prompts", []))
+    except FileNotFoundError:
+        return []
+
+
 def _cocoeval_class(backend: str):
     if backend == "pycocotools":
         from pycocotools.coco import COCO
@@ -93,14 +101,14 @@ def evaluate(config: EvalConfig) -> dict:
     table, processed = read_predictions(config.predictions, config.storage)
     rows = table.to_pylist()
 
-    # Prompts -> tasks.
+    # Prompts -> tasks: the run's prompts (from its summary: a prompt with no row still counts) and the rows'.
     prompt_task: dict[str, str] = {}
     unmapped: set[str] = set()
-    for r in rows:
-        p = r["prompt"]
-        if p is None or p in prompt_task or p in unmapped:
+    row_task = {r["prompt"]: r["task"] for r in rows if r["prompt"] is not None}
+    for p in run_prompts(config.predictions, config.storage) + sorted(row_task):
+        if p in prompt_task or p in unmapped:
             continue
-        task_id = config.task_map.get(p) or (tasks.for_prompt(p).id if tasks.for_prompt(p) else None) or r["task"]
+        task_id = config.task_map.get(p) or (tasks.for_prompt(p).id if tasks.for_prompt(p) else None) or row_task.get(p)
         if task_id is None or task_id not in tasks.by_id:
             unmapped.add(p)
         else:

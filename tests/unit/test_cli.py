@@ -79,3 +79,28 @@ def test_demo_data_and_tasks_commands(tmp_path, capsys):
     vehicles = next(t for t in listing["tasks"] if t["id"] == "supercategory:vehicle")
     assert "segment vehicles" in vehicles["train_prompts"] and vehicles["heldout_prompts"]
     assert any(t["heldout_composition"] for t in listing["tasks"])
+
+
+def test_predict_draws_an_overlay_for_every_prompt(tmp_path, capsys):
+    from talora.data.synthetic import write_demo_dataset
+
+    write_demo_dataset(str(tmp_path / "demo"), num_train=1, num_val=1, seed=0)
+    image = next((tmp_path / "demo" / "val" / "images").iterdir())
+    out = tmp_path / "overlay.png"
+    assert main(["predict", "--image", str(image), "--prompt", "segment vehicles", "--prompt", "segment fruit",
+                 "--presence-thresh", "0", "--points-per-side", "4", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "'segment vehicles':" in printed and "'segment fruit':" in printed
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_viz_writes_one_overlay_per_image(tmp_path):
+    from talora.data.coco import CocoDataset
+    from talora.data.synthetic import write_demo_dataset
+    from tests.unit.test_evaluate import _commit
+
+    written = write_demo_dataset(str(tmp_path / "demo"), num_train=1, num_val=3, seed=2)
+    run = _commit(tmp_path, CocoDataset.load(written["val"]), {"segment vehicles": "supercategory:vehicle"})
+    assert main(["viz", "--predictions", run, "--out", str(tmp_path / "viz")]) == 0
+    pngs = sorted(p.name for p in (tmp_path / "viz").iterdir())
+    assert pngs and all(name.endswith(".png") for name in pngs)

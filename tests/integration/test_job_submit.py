@@ -1,0 +1,95 @@
+"""`ray job submit` against a head started by the test on 127.0.0.1 (token auth off for loopback)."""
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from talora.data.synthetic import write_demo_dataset
+
+pytestmark = pytest.mark.integration
+REPO = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_until(ready, what: str, timeout: float = 120.0) -> None:
+    """Polls a condition (not a fixed sleep) until it holds or `timeout` passes."""
+    deadline = time.monotonic() + timeout
+    while not ready():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what} not ready after {timeout:.0f} s")
+        time.sleep(0.5)
+
+
+def _answers(url: str) -> bool:
+    try:
+        urllib.request.urlopen(url, timeout=2).read()
+        return True
+    except OSError:
+        return False
+
+
+@pytest.fixture
+def head(tmp_path):
+    """A Ray head on loopback, in its own --block process so the test can stop exactly it."""
+    port, dashboard = _free_port(), _free_port()
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PATH": f"{BIN}:{os.environ['PATH']}",
+           "RAY_USAGE_STATS_ENABLED": "0"}
+    process = subprocess.Popen(
+        [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
+         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--num-cpus=2",
+         f"--temp-dir={tempfile.mkdtemp(prefix='ray-head-')}"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    address = f"http://127.0.0.1:{dashboard}"
+    try:
+        _wait_until(lambda: _answers(f"{address}/api/version"), "the Ray head's job API")
+        yield address, env
+    finally:
+        process.terminate()  # --block: the head takes its raylet, GCS and workers down with it
+        process.wait(timeout=60)
+
+
+def test_working_dir_package_stays_small_with_venv_and_data_present(tmp_path):
+    # What `ray job submit --working-dir .` uploads: Ray's own packer, honouring .gitignore.
+    from ray._private.runtime_env.packaging import _zip_files
+
+    (REPO / "data").mkdir(exist_ok=True)  # a clone that holds data and (in CI) .venv
+    out = tmp_path / "pkg.zip"
+    _zip_files(str(REPO), [], str(out), include_gitignore=True)
+    names = zipfile.ZipFile(out).namelist()
+    assert out.stat().st_size < 5 * 2**20, f"{out.stat().st_size} bytes"
+    assert not any(n.startswith((".venv/", "data/", "runs/")) for n in names)
+    assert "jobs/segment_dataset.py" in names and "talora/label.py" in names
+
+
+def test_ray_job_submit_runs_the_labelling_job_to_completion(head, tmp_path):
+    address, env = head
+    written = write_demo_dataset(str(tmp_path / "demo"), num_train=1, num_val=3, seed=6)
+    output = tmp_path / "labels"
+    result = subprocess.run(
+        [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(REPO), "--",
+         "python", "jobs/segment_dataset.py", "--prompt", "segment vehicles",
+         "--images", str(tmp_path / "demo" / "val" / "images"), "--annotations", written["val"],
+         "--output", str(output), "--points-per-side", "4"],
+        env=env, capture_output=True, text=True, timeout=400,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "succeeded" in result.stdout
+    (summary,) = output.glob("*/_summary.json")
+    assert '"images": 3' in summary.read_text()
+    shutil.rmtree(output)
