@@ -80,3 +80,32 @@ def test_a_run_without_manifests_is_refused(tmp_path, demo):
     _, annotations = demo
     with pytest.raises(ValueError, match="no committed shard"):
         evaluate(EvalConfig(str(tmp_path / "labels" / "nothing"), annotations, str(tmp_path / "e")))
+
+
+def test_faster_coco_eval_gives_the_same_stats_as_pycocotools(tmp_path, demo):
+    dataset, annotations = demo
+    tasks = TaskSet.from_dataset(dataset)
+    # Imperfect predictions (scores vary, some instances missing, one shifted), so AP is not trivially 1.
+    run = RunOutput(str(tmp_path / "labels"), "noisy")
+    records = [dataset.images[i] for i in dataset.image_ids]
+    tracker = ShardTracker(run, {"s0": [r.uri for r in records]})
+    rows = []
+    for n, r in enumerate(records):
+        instances = [i for i in dataset.instances[r.id] if tasks.by_id["supercategory:shape"].matches(i)]
+        detections = []
+        for k, inst in enumerate(instances):
+            mask = inst.mask()
+            if (n + k) % 3 == 0:
+                mask = mask[:, ::-1]  # a wrong mask
+            detections.append(encode_mask(mask, "instance", 0.3 + 0.1 * ((n * 7 + k) % 7)))
+        rows += detection_rows(r.uri, r.id, "s0", r.width, r.height, {"segment shapes": detections[1:]}, None, "m")
+    tracker.add("s0", records[0].uri, 0)
+    part = run.write_part("s0", 0, pa.Table.from_pylist(rows, schema=SCHEMA))
+    for r in records[1:]:
+        tracker.add("s0", r.uri, 1, part)
+    slow = evaluate(EvalConfig(run.root, annotations, str(tmp_path / "a")))
+    fast = evaluate(EvalConfig(run.root, annotations, str(tmp_path / "b"), backend="faster-coco-eval"))
+    assert 0 < slow["overall"]["AP"] < 1
+    for name in ("AP", "AP50", "AP75"):
+        assert fast["overall"][name] == pytest.approx(slow["overall"][name], abs=1e-6)
+        assert fast["per_task"]["supercategory:shape"][name] == pytest.approx(slow["per_task"]["supercategory:shape"][name], abs=1e-6)
