@@ -66,6 +66,9 @@ def load_model(spec: ModelSpec, storage: StorageOptions):
     if spec.hypernet:
         model = load_task_aware_sam(local_copy(spec.hypernet, storage), checkpoint, TextEncoder(), storage)
     else:
+        import torch
+
+        torch.manual_seed(0)  # untrained parts are the same in every actor and every run
         config = default_config(spec.sam_type, checkpoint=checkpoint)
         model = build_task_aware_sam(config, None, storage)
         if spec.adapter:

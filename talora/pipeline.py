@@ -20,7 +20,7 @@ import pyarrow as pa
 from talora.commit import RunOutput, ShardTracker
 from talora.storage import StorageOptions, read_bytes
 
-META_KEYS = ("shard", "item", "rows", "part", "error")
+META_KEYS = ("shard", "item", "rows", "part", "error", "node")
 
 
 @dataclass(frozen=True)
@@ -65,9 +65,12 @@ class ShardWriter:
             first_index[shard] = min(first_index.get(shard, int(index)), int(index))
         parts = {shard: self.run.write_part(shard, first_index[shard], pa.Table.from_pylist(rows, schema=self.schema))
                  for shard, rows in by_shard.items() if rows}
+        import ray
+
+        node = ray.get_runtime_context().get_node_id()  # where the work ran, for the job's summary
         meta: dict[str, list[Any]] = {k: [] for k in META_KEYS}
         for uri, shard, (rows, error) in zip(batch["uri"], batch["shard"], results):
-            for key, value in zip(META_KEYS, (shard, uri, len(rows), parts.get(shard, "") if rows else "", error)):
+            for key, value in zip(META_KEYS, (shard, uri, len(rows), parts.get(shard, "") if rows else "", error, node)):
                 meta[key].append(value)
         return meta
 
@@ -98,6 +101,7 @@ def run_sharded(
     log(f"{len(items)} images in {len({i.shard for i in items})} shards; {len(committed)} shards already "
         f"committed, {len(expected)} to do -> {run.root}")
     counts = {"images": len(todo), "rows": 0, "errors": 0, "shards_skipped": sorted(committed)}
+    nodes: set[str] = set()
     if todo:
         ds = ray.data.from_items([{"uri": i.uri, "image_id": i.image_id, "shard": i.shard, "index": i.index}
                                   for i in todo])
@@ -118,12 +122,14 @@ def run_sharded(
         for row in ds.iter_rows():  # small metadata rows; the heavy outputs went straight to storage
             counts["rows"] += int(row["rows"])
             counts["errors"] += bool(row["error"])
+            nodes.add(row["node"])
             if tracker.add(row["shard"], row["item"], int(row["rows"]), row["part"] or None, row["error"] or None):
                 log(f"committed shard {row['shard']}")
     missing = tracker.pending()
     if missing:  # every item must have come back; a silently dropped shard is a failure
         raise RuntimeError(f"shards not committed after the run: {missing}")
     counts["shards_committed"] = tracker.committed
+    counts["worker_nodes"] = sorted(nodes)
     return counts
 
 

@@ -55,6 +55,7 @@ class TrunkMemo:
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
+    import ray
     import ray.train
     import ray.train.torch
     from ray.train import Checkpoint
@@ -132,6 +133,14 @@ def train_loop_per_worker(loop_config: dict) -> None:
         history = _read_history(loop_config["run_uri"], storage, start_step)
         if rank == 0:
             print(f"train: resumed from step {start_step}", flush=True)
+    node_ids = [ray.get_runtime_context().get_node_id()]
+    if world > 1:  # every worker's node, for the run summary
+        import torch.distributed as dist
+
+        gathered: list = [None] * world
+        dist.all_gather_object(gathered, node_ids[0])
+        node_ids = gathered
+    worker_nodes = ",".join(sorted(set(node_ids)))
     fail_at = loop_config.get("fail_at_step", 0)  # test hook: fail once, right after that step's checkpoint
 
     # --- loop ------------------------------------------------------------------------------------
@@ -158,7 +167,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
         done = step + 1
         metrics = {"step": done, **{k: float(v) for k, v in losses.items()}, "lr": scheduler.get_last_lr()[0],
-                   "start_step": start_step}
+                   "start_step": start_step, "worker_nodes": worker_nodes}
         if rank == 0 and (done % cfg.log_every == 0 or done == cfg.max_steps):
             elapsed = time.perf_counter() - started
             rate = samples / elapsed

@@ -5,12 +5,14 @@ import os
 import pytest
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture
 def ray_cluster():
+    """The session's local Ray (started on first use, and again after a test that ran its own
+    multi-node cluster); yields its GCS address."""
     import ray
 
     os.environ["RAY_AUTH_MODE"] = "disabled"  # a loopback-only test head; subprocess jobs connect to it
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
-    context = ray.init(num_cpus=2, configure_logging=False)
-    yield context.address_info["gcs_address"]
-    ray.shutdown()
+    if not ray.is_initialized():
+        ray.init(address="local", num_cpus=2, configure_logging=False)  # never a stray `ray start` head
+    yield ray.get_runtime_context().gcs_address

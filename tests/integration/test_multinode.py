@@ -1,0 +1,159 @@
+"""Multi-node runs on one machine (ray.cluster_utils.Cluster: a head and two worker nodes)."""
+
+import json
+import threading
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from pycocotools import mask as mask_utils
+
+from talora.commit import RunOutput
+from talora.data.synthetic import write_demo_dataset
+from talora.evaluate import read_predictions
+from talora.sam import build_sam, save_sam
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def cluster():
+    import ray
+    from ray.cluster_utils import Cluster
+
+    ray.shutdown()  # this test needs its own cluster; the next test's ray_cluster starts a fresh local one
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    workers = [c.add_node(num_cpus=1, resources={f"node_{n}": 1}) for n in "ab"]
+    ray.init(address=c.address)
+    c.wait_for_nodes()
+    yield c, workers
+    ray.shutdown()
+    c.shutdown()
+
+
+@pytest.fixture
+def labelled_setup(s3):
+    written = write_demo_dataset("s3://talora-test/mn", num_train=4, num_val=6, seed=8, shard_size=2, storage=s3)
+    torch.manual_seed(0)
+    save_sam(build_sam("vit_tiny"), "s3://talora-test/models/base.safetensors", s3)
+    from talora.config import default_config
+    from talora.model import build_task_aware_sam
+
+    hypernet = build_task_aware_sam(default_config("vit_tiny"))
+    with torch.no_grad():  # a hypernet whose adapters differ per prompt
+        for head in hypernet.hypernet.heads.values():
+            head.weight.normal_(0, 0.02)
+    hypernet.save_hypernet("s3://talora-test/models/hypernet.safetensors", s3)
+    argv = ["--prompt", "segment vehicles", "--prompt", "segment green objects", "--images",
+            "s3://talora-test/mn/val/images", "--annotations", written["val"], "--sam-checkpoint",
+            "s3://talora-test/models/base.safetensors", "--hypernet", "s3://talora-test/models/hypernet.safetensors",
+            "--presence-thresh", "0", "--points-per-side", "4",
+            "--num-actors", "2", "--cpus-per-actor", "1", "--batch-size", "1", "--s3-endpoint-url", s3.endpoint_url]
+    return written, argv
+
+
+def _run_label(argv, capsys=None):
+    from jobs.segment_dataset import main
+
+    assert main(argv) == 0
+
+
+def _rows(output, s3):
+    table, processed = read_predictions(output, s3)
+    return table.to_pylist(), processed
+
+
+def _summary(output_prefix, s3):
+    import s3fs
+
+    fs = s3fs.S3FileSystem(endpoint_url=s3.endpoint_url)
+    (path,) = fs.glob(f"{output_prefix.removeprefix('s3://')}/*/_summary.json")
+    return json.loads(fs.cat_file(path)), "s3://" + path.rsplit("/", 1)[0]
+
+
+def test_labelling_spreads_over_nodes_and_equals_the_in_process_predictor(cluster, s3, labelled_setup):
+    written, argv = labelled_setup
+    _run_label([*argv, "--output", "s3://talora-test/mn-labels"])
+    summary, run = _summary("s3://talora-test/mn-labels", s3)
+    assert len(summary["worker_nodes"]) >= 2  # actors ran on more than one node
+    rows, processed = _rows(run, s3)
+    assert len(processed) == 6
+
+    # The same images through the predictor in this process: the single-node reference.
+    from talora.data.coco import CocoDataset
+    from talora.label import ModelSpec, load_model
+    from talora.predictor import PredictConfig, TaskAwarePredictor
+
+    model = load_model(ModelSpec("vit_tiny", "s3://talora-test/models/base.safetensors",
+                                 "s3://talora-test/models/hypernet.safetensors"), s3)
+    predictor = TaskAwarePredictor(model, PredictConfig(presence_thresh=0.0, points_per_side=4))
+    dataset = CocoDataset.load(written["val"], storage=s3)
+    prompts = ["segment vehicles", "segment green objects"]
+    checked = 0
+    for image_id in dataset.image_ids:
+        reference = predictor.predict(dataset.load_image(image_id, s3), prompts)
+        for prompt in prompts:
+            got = sorted((r for r in rows if r["image_id"] == image_id and r["prompt"] == prompt),
+                         key=lambda r: (r["kind"], -r["score"]))
+            want = sorted(reference[prompt], key=lambda d: (d.kind, -d.score))
+            assert len(got) == len(want)
+            for g, w in zip(got, want):
+                assert g["kind"] == w.kind and abs(g["score"] - w.score) < 1e-4
+                a = {"size": g["segmentation"]["size"], "counts": g["segmentation"]["counts"].encode()}
+                b = {"size": w.rle["size"], "counts": w.rle["counts"].encode()}
+                assert mask_utils.iou([a], [b], [0])[0, 0] >= 0.99
+                checked += 1
+    assert checked > 0
+
+
+def test_killing_a_worker_node_mid_job_still_labels_everything_exactly_once(cluster, s3, labelled_setup):
+    c, workers = cluster
+    _, argv = labelled_setup
+    output = "s3://talora-test/mn-kill"
+    done: dict = {}
+    thread = threading.Thread(target=lambda: done.setdefault("ok", _run_label([*argv, "--output", output]) or True))
+    thread.start()
+    import s3fs
+
+    fs = s3fs.S3FileSystem(endpoint_url=s3.endpoint_url)
+
+    def first_shard_committed() -> bool:
+        fs.invalidate_cache()
+        return bool(fs.glob("talora-test/mn-kill/*/_manifests/*.json"))
+
+    import time
+
+    deadline = time.monotonic() + 300
+    while not first_shard_committed():  # a condition, polled: the node dies mid-job, after a commit
+        assert thread.is_alive() and time.monotonic() < deadline, "the job ended or stalled before any commit"
+        time.sleep(0.2)
+    c.remove_node(workers[0])
+    thread.join(timeout=600)
+    assert done.get("ok") is True
+    summary, run = _summary(output, s3)
+    out, key = run.rsplit("/", 1)
+    manifests = RunOutput(out, key, s3).manifests()
+    items = [i for m in manifests.values() for i in m.items]
+    assert len(manifests) == 3 and len(items) == len(set(items)) == 6
+    rows, _ = _rows(run, s3)
+    keys = [(r["image_uri"], r["prompt"], r["kind"], r["score"], r["segmentation"]["counts"]) for r in rows]
+    assert len(keys) == len(set(keys))  # no row twice
+
+
+def test_training_runs_one_worker_per_node(cluster, s3, tmp_path):
+    written = write_demo_dataset("s3://talora-test/mnt", num_train=6, num_val=2, seed=9, storage=s3)
+    config = tmp_path / "train.yaml"
+    config.write_text(yaml.safe_dump({
+        "model": {"hypernet": {"hidden_dim": 32, "num_layers": 1, "num_heads": 4}},
+        "train": {"train_annotations": written["train"], "val_annotations": written["val"], "val_images": 2,
+                  "batch_images": 2, "tasks_per_image": 2, "max_steps": 4, "val_every": 4, "num_workers": 2,
+                  "cpus_per_worker": 1, "storage_path": "s3://talora-test/mn-runs", "name": "mn"},
+    }))
+    from jobs.train_hypernet import main
+
+    assert main(["--config", str(config), "--s3-endpoint-url", s3.endpoint_url]) == 0
+    from talora.storage import read_bytes
+
+    history = [json.loads(x) for x in read_bytes("s3://talora-test/mn-runs/mn/metrics.jsonl", s3).splitlines()]
+    assert len(history[-1]["worker_nodes"].split(",")) == 2 and np.isfinite(history[-1]["loss"])
