@@ -35,6 +35,19 @@ def _wait_until(ready, what: str, timeout: float = 120.0) -> None:
         time.sleep(0.5)
 
 
+def _accepts_jobs(address: str) -> bool:
+    """The head's job agent takes submissions (the HTTP server answers before the agent is up)."""
+    from ray.job_submission import JobSubmissionClient
+
+    try:
+        JobSubmissionClient(address).submit_job(entrypoint="true")
+        return True
+    except (RuntimeError, ConnectionError) as e:
+        if "No available agent" in str(e) or isinstance(e, ConnectionError):
+            return False
+        raise
+
+
 def _answers(url: str) -> bool:
     try:
         urllib.request.urlopen(url, timeout=2).read()
@@ -58,6 +71,7 @@ def head(tmp_path):
     address = f"http://127.0.0.1:{dashboard}"
     try:
         _wait_until(lambda: _answers(f"{address}/api/version"), "the Ray head's job API")
+        _wait_until(lambda: _accepts_jobs(address), "the Ray head's job agent")
         yield address, env
     finally:
         process.terminate()  # --block: the head takes its raylet, GCS and workers down with it
