@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -159,13 +158,11 @@ def run_embed_job(config: EmbedConfig) -> dict:
     run = RunOutput(config.output, key, config.storage)
     write_bytes(join(run.root, "_cache.json"), json.dumps(key_inputs, indent=1).encode(), config.storage)
 
-    start = time.perf_counter()
     counts = run_sharded(items, run, TrunkEncoder,
                          {"sam_type": config.sam_type, "sam_checkpoint": config.sam_checkpoint, "tail_blocks": tail,
                           "out": config.output, "key": key, "storage": config.storage},
                          config.storage, config.batch_size, config.num_actors, config.cpus_per_actor,
                          config.gpus_per_actor, log=lambda m: print(f"embed: {m}", flush=True))
-    seconds = time.perf_counter() - start
     summary = {
         "job": "embed_images",
         "output": run.root,
@@ -173,8 +170,6 @@ def run_embed_job(config: EmbedConfig) -> dict:
         "cache": key_inputs,
         "images_total": len(items),
         **counts,
-        "seconds": round(seconds, 3),
-        "images_per_second": round(counts["images"] / seconds, 3) if counts["images"] and seconds > 0 else None,
         "config": {**{k: v for k, v in config.__dict__.items() if k != "storage"}, "storage": config.storage.public_dict()},
         "torch": torch.__version__,
         "host": os.uname().nodename,

@@ -12,7 +12,6 @@ already fills a decoder batch of points_per_batch rows.
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -210,7 +209,6 @@ def run_label_job(config: LabelConfig) -> dict:
     from talora.sam import INPUT_SIZE
 
     image_size = INPUT_SIZE[spec.sam_type]
-    start = time.perf_counter()
     counts = run_sharded(
         items, run, LabelActor,
         {"spec": spec, "prompts": prompts, "predict": config.predict, "task": config.task, "model": model,
@@ -219,7 +217,6 @@ def run_label_job(config: LabelConfig) -> dict:
         cpu_stage=decode_stage, cpu_stage_kwargs={"max_pixels": config.max_pixels, "image_size": image_size},
         log=lambda m: print(f"label: {m}", flush=True),
     )
-    seconds = time.perf_counter() - start
     summary = {
         "job": "segment_dataset",
         "output": run.root,
@@ -228,8 +225,6 @@ def run_label_job(config: LabelConfig) -> dict:
         "model": model,
         "images_total": len(items),
         **counts,
-        "seconds": round(seconds, 3),
-        "images_per_second": round(counts["images"] / seconds, 3) if counts["images"] and seconds > 0 else None,
         "config": {**{k: v for k, v in config.__dict__.items() if k not in ("storage", "model", "predict")},
                    "model": spec.__dict__, "predict": config.predict.__dict__,
                    "storage": config.storage.public_dict()},

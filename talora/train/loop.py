@@ -109,7 +109,6 @@ def train_loop_per_worker(loop_config: dict) -> None:
     mine = train_set.image_ids[rank::world]
     if not mine:
         raise ValueError(f"worker {rank} has no training image: {len(train_set.image_ids)} images for {world} workers")
-    val_entries = []
     if cfg.val_annotations:
         val_set = CocoDataset.load(cfg.val_annotations, cfg.val_image_root, storage)
         val_trunk = TrunkMemo(model, val_set, storage, device)

@@ -49,7 +49,6 @@ def check_resume_config(run_uri: str, spec: RunSpec, storage: StorageOptions) ->
 
 
 def run_training(spec: RunSpec, storage: StorageOptions | None = None) -> dict:
-    import ray.train
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 

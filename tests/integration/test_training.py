@@ -1,7 +1,6 @@
 """Training on Ray Train (V2) with a local cluster and moto S3: loss, checkpoints, resume, modes."""
 
 import json
-import os
 
 import pytest
 import s3fs

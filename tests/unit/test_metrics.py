@@ -1,5 +1,4 @@
 import numpy as np
-import pytest
 
 from talora.data.coco import CocoDataset
 from talora.metrics import TaskIoU, reference_scores

@@ -1,4 +1,3 @@
-import numpy as np
 import pytest
 
 from talora.data.synthetic import make_split
