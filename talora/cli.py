@@ -1,7 +1,11 @@
-"""The ``talora`` command: ``talora info`` and ``talora adapter``.
+"""The ``talora`` command.
 
-    talora info --sam-type vit_b [--json]
-    talora adapter --prompt "segment vehicles" [--hypernet PATH] --sam-type vit_tiny --out adapter.safetensors
+    talora info --sam-type vit_b [--json]                      LoRA targets and parameter counts
+    talora adapter --prompt "segment vehicles" --out a.safetensors [--hypernet PATH]
+    talora predict --image URI --prompt ... --out overlay.png  one image, K prompts
+    talora tasks --annotations URI [--json]                    tasks, prompts and splits of a dataset
+    talora demo-data --out URI --num-images N --seed S         the synthetic demo domain
+    talora merge | export-peft | plot-run | viz                adapters out; curves; overlays
 """
 
 from __future__ import annotations
@@ -13,7 +17,8 @@ import sys
 import torch
 
 from talora.config import SAM_TYPES, ModelConfig, default_config, load_config
-from talora.storage import StorageOptions
+from talora.jobs_common import add_storage_flags, storage_from_args
+from talora.storage import StorageOptions, redact
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -23,9 +28,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     _add_storage_args(p)
 
 
-def _add_storage_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--s3-endpoint-url", default=None, help="S3-compatible endpoint (else AWS_ENDPOINT_URL / AWS)")
-    p.add_argument("--s3-profile", default=None, help="AWS profile for s3:// URIs")
+_add_storage_args = add_storage_flags  # the same storage flags as the jobs
 
 
 def _model_config(args: argparse.Namespace) -> ModelConfig:
@@ -44,7 +47,7 @@ def _model_config(args: argparse.Namespace) -> ModelConfig:
 
 
 def _storage(args: argparse.Namespace) -> StorageOptions:
-    return StorageOptions(endpoint_url=args.s3_endpoint_url, profile=args.s3_profile)
+    return storage_from_args(args)
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -297,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError, KeyError) as e:
-        print(f"talora {args.command}: error: {e}", file=sys.stderr)
+        print(f"talora {args.command}: error: {redact(str(e), _storage(args))}", file=sys.stderr)
         return 2
 
 

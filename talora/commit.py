@@ -82,6 +82,7 @@ class RunOutput:
 
     def manifests(self) -> dict[str, Manifest]:
         fs, path = filesystem(join(self.root, MANIFESTS), self.storage)
+        fs.invalidate_cache(path)  # commits by other processes must be seen: no stale listing
         if not fs.exists(path):
             return {}
         found = {}

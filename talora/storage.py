@@ -92,10 +92,15 @@ def read_bytes(uri: str, options: StorageOptions | None = None) -> bytes:
     """The whole object at `uri`; FileNotFoundError names the URI."""
     fs, path = filesystem(uri, options)
     try:
-        with fs.open(path, "rb") as f:
-            return f.read()
-    except FileNotFoundError as e:
-        raise FileNotFoundError(f"no such file: {uri}") from e
+        return fs.cat_file(path)
+    except FileNotFoundError:
+        # Object-store filesystems cache listings per process; an object written since (by a Ray
+        # worker, say) is missing from a stale listing, so look once more without the cache.
+        fs.invalidate_cache(path)
+        try:
+            return fs.cat_file(path)
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"no such file: {uri}") from e
 
 
 def write_bytes(uri: str, data: bytes, options: StorageOptions | None = None) -> None:
@@ -174,6 +179,7 @@ def list_shards(
     """
     fs, root = filesystem(prefix, options)
     root = root.rstrip("/")
+    fs.invalidate_cache(root)  # list what is there now, not what this process saw before
     if not fs.exists(root):
         raise FileNotFoundError(f"no such image prefix: {prefix}")
     scheme = prefix.split("://", 1)[0] + "://" if "://" in prefix else ""

@@ -102,3 +102,24 @@ def test_pyarrow_filesystem_reads_s3_through_the_endpoint(s3):
     assert path == "talora-test/pa/x.bin"
     with fs.open_input_stream(path) as f:
         assert f.read() == b"hello"
+
+
+def test_objects_written_by_another_process_are_seen_despite_a_cached_listing(s3):
+    import s3fs
+
+    from talora.commit import Manifest, RunOutput
+    from talora.storage import filesystem
+
+    run = RunOutput("s3://talora-test/out", "k", s3)
+    run.commit(Manifest("a", [], {"x": 0}, {}))
+    assert set(run.manifests()) == {"a"}  # this process has now listed the folders
+    fs, _ = filesystem("s3://talora-test/out", s3)
+    other = s3fs.S3FileSystem(endpoint_url=s3.endpoint_url, skip_instance_cache=True)  # "another worker"
+    other.pipe_file("talora-test/out/k/_manifests/b.json", Manifest("b", [], {"y": 0}, {}).to_json())
+    fs.ls("talora-test/out/k/_manifests")  # a listing cached before the next write
+    other.pipe_file("talora-test/out/k/_manifests/c.json", Manifest("c", [], {"z": 0}, {}).to_json())
+    assert set(run.manifests()) == {"a", "b", "c"}
+    other.pipe_file("talora-test/out/k/s/part-000000.parquet", b"x")
+    fs.ls("talora-test/out/k/s")
+    other.pipe_file("talora-test/out/k/s/part-000001.parquet", b"y")
+    assert read_bytes("s3://talora-test/out/k/s/part-000001.parquet", s3) == b"y"
