@@ -5,6 +5,7 @@
     talora predict --image URI --prompt ... --out overlay.png  one image, K prompts
     talora tasks --annotations URI [--json]                    tasks, prompts and splits of a dataset
     talora demo-data --out URI --num-images N --seed S         the synthetic demo domain
+    talora probe --annotations URI [--sam-checkpoint URI]      does the base encode what tasks name?
     talora merge | export-peft | plot-run | viz                adapters out; curves; overlays
 """
 
@@ -208,6 +209,32 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_probe(args: argparse.Namespace) -> int:
+    from talora.data.coco import CocoDataset
+    from talora.probe import probe_base
+    from talora.sam import build_sam
+
+    storage = _storage(args)
+    config = _model_config(args)
+    sam = build_sam(config.sam.sam_type, config.sam.checkpoint, storage)
+    train = CocoDataset.load(args.annotations, storage=storage)
+    test = CocoDataset.load(args.val_annotations or args.annotations, storage=storage)
+    if not args.val_annotations:  # one dataset: fit on its first half of images, score on the second
+        half = len(train.image_ids) // 2
+        train.images = {i: train.images[i] for i in train.image_ids[:half]}
+        test.images = {i: test.images[i] for i in test.image_ids[half:]}
+    results = probe_base(sam, train, test, config.tail_blocks, max_images=args.max_images, storage=storage)
+    if args.json:
+        print(json.dumps([r.__dict__ for r in results], indent=1))
+        return 0
+    print(f"linear probe on {config.sam.sam_type} trunk features (first {len(sam.image_encoder.blocks) - config.tail_blocks}"
+          f" blocks), cells inside objects")
+    for r in results:
+        print(f"  {r.key:<14} accuracy {r.accuracy:.3f}  (chance {r.chance:.3f}, {r.classes} classes, "
+              f"{r.train_cells} train / {r.test_cells} test cells)")
+    return 0
+
+
 def cmd_viz(args: argparse.Namespace) -> int:
     from talora.viz import render_predictions
 
@@ -283,6 +310,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="also print the detections (without masks)")
     _add_storage_args(p)
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("probe", help="linear probes on frozen trunk features: category, supercategory, colour")
+    _add_model_args(p)
+    p.add_argument("--annotations", required=True, help="COCO JSON to fit on (and to score on, split in half)")
+    p.add_argument("--val-annotations", default=None, help="COCO JSON to score on")
+    p.add_argument("--max-images", type=int, default=64)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_probe)
 
     p = sub.add_parser("viz", help="overlays of a labelling run's predictions, one PNG per image")
     p.add_argument("--predictions", required=True, help="a labelling run: OUTPUT/<run_key>")

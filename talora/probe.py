@@ -1,0 +1,117 @@
+"""Linear probes on frozen trunk features: does the base encode what tasks name?
+
+DESIGN §1: a base can only be adapted to what its trunk encodes. The probe takes the trunk's
+feature at every embedding cell that lies inside an object (>= `min_coverage` of the cell), labels
+it with that object's category, supercategory or colour, fits a multinomial logistic regression on
+training images and reports accuracy on held-out images, beside the majority-class chance level.
+
+Shapes: h x w = the embedding grid, C = trunk channels, N = labelled cells.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from talora.data.coco import CocoDataset, Instance
+from talora.sam import embed_trunk, preprocess_image
+from talora.storage import StorageOptions
+
+KEYS = ("category", "supercategory", "color")
+
+
+def label_of(instance: Instance, key: str) -> str | None:
+    if key == "category":
+        return instance.category
+    if key == "supercategory":
+        return instance.supercategory
+    return instance.attribute(key)
+
+
+def cell_labels(instances: list[Instance], input_size: tuple[int, int], image_size: int, grid: tuple[int, int],
+                key: str, min_coverage: float = 0.5) -> dict[int, str]:
+    """{flat cell index: label} for cells covered >= min_coverage by one object (the most covering)."""
+    h, w = grid
+    best: dict[int, tuple[float, str]] = {}
+    for inst in instances:
+        label = label_of(inst, key)
+        if inst.iscrowd or label is None:
+            continue
+        mask = torch.from_numpy(inst.mask().astype(np.float32))[None, None]
+        mask = F.interpolate(mask, size=input_size, mode="bilinear", align_corners=False)  # the resized frame
+        mask = F.pad(mask, (0, image_size - input_size[1], 0, image_size - input_size[0]))  # SAM pads bottom/right
+        coverage = F.adaptive_avg_pool2d(mask, (h, w))[0, 0].flatten()  # (h*w,)
+        for cell in torch.nonzero(coverage >= min_coverage).flatten().tolist():
+            if cell not in best or coverage[cell] > best[cell][0]:
+                best[cell] = (float(coverage[cell]), label)
+    return {cell: label for cell, (_, label) in best.items()}
+
+
+@torch.no_grad()
+def collect(sam, dataset: CocoDataset, image_ids: list[int], tail_blocks: int, key: str,
+            storage: StorageOptions | None = None) -> tuple[np.ndarray, list[str]]:
+    """(N x C trunk features, N labels) over the labelled cells of `image_ids`."""
+    features, labels = [], []
+    for image_id in image_ids:
+        x, input_size = preprocess_image(sam, dataset.load_image(image_id, storage))
+        trunk = embed_trunk(sam.image_encoder, x[None], tail_blocks)[0]  # (h, w, C)
+        h, w, C = trunk.shape
+        cells = cell_labels(dataset.instances[image_id], input_size, sam.image_encoder.img_size, (h, w), key)
+        if cells:
+            index = torch.tensor(sorted(cells))
+            features.append(trunk.reshape(h * w, C)[index].float().numpy())
+            labels += [cells[c] for c in sorted(cells)]
+    return (np.concatenate(features) if features else np.zeros((0, 1), np.float32)), labels
+
+
+@dataclass
+class ProbeResult:
+    key: str
+    accuracy: float
+    chance: float  # majority class share of the test cells
+    train_cells: int
+    test_cells: int
+    classes: int
+
+
+def linear_probe(x_train: np.ndarray, y_train: list[str], x_test: np.ndarray, y_test: list[str], key: str = "",
+                 epochs: int = 300, lr: float = 0.05, weight_decay: float = 1e-4, seed: int = 0) -> ProbeResult:
+    """Multinomial logistic regression (full batch, standardised features); test accuracy."""
+    classes = sorted(set(y_train))
+    if len(classes) < 2:
+        raise ValueError(f"probe {key}: the training cells hold {len(classes)} class(es); need at least 2")
+    index = {c: i for i, c in enumerate(classes)}
+    torch.manual_seed(seed)
+    xt = torch.as_tensor(x_train, dtype=torch.float32)
+    mean, std = xt.mean(0), xt.std(0) + 1e-6
+    xt = (xt - mean) / std
+    yt = torch.tensor([index[c] for c in y_train])
+    layer = torch.nn.Linear(xt.shape[1], len(classes))
+    optimizer = torch.optim.Adam(layer.parameters(), lr=lr, weight_decay=weight_decay)
+    for _ in range(epochs):
+        optimizer.zero_grad()
+        F.cross_entropy(layer(xt), yt).backward()
+        optimizer.step()
+    keep = [i for i, c in enumerate(y_test) if c in index]  # classes never trained on cannot be predicted
+    xs = (torch.as_tensor(x_test[keep], dtype=torch.float32) - mean) / std
+    ys = torch.tensor([index[y_test[i]] for i in keep])
+    with torch.no_grad():
+        accuracy = float((layer(xs).argmax(1) == ys).float().mean()) if keep else 0.0
+    counts = np.bincount(ys.numpy(), minlength=len(classes)) if keep else np.zeros(1)
+    return ProbeResult(key, accuracy, float(counts.max() / max(1, counts.sum())), len(y_train), len(keep), len(classes))
+
+
+def probe_base(sam, train: CocoDataset, test: CocoDataset, tail_blocks: int, keys=KEYS, max_images: int = 64,
+               storage: StorageOptions | None = None) -> list[ProbeResult]:
+    """Probe accuracy per key: fit on `train` images, score on `test` images."""
+    results = []
+    for key in keys:
+        x_train, y_train = collect(sam, train, train.image_ids[:max_images], tail_blocks, key, storage)
+        x_test, y_test = collect(sam, test, test.image_ids[:max_images], tail_blocks, key, storage)
+        if not y_train or not y_test:
+            continue  # the dataset has no such label (e.g. no colour attributes)
+        results.append(linear_probe(x_train, y_train, x_test, y_test, key))
+    return results

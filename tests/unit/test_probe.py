@@ -1,0 +1,46 @@
+import numpy as np
+import torch
+
+from talora.cli import main
+from talora.data.coco import CocoDataset
+from talora.probe import cell_labels, linear_probe
+
+from tests.unit.test_coco import FIXTURE
+
+
+def test_probe_separates_linearly_separable_cells_and_is_at_chance_on_shuffled_labels():
+    rng = np.random.default_rng(0)
+    centers = rng.normal(0, 3, size=(4, 16))
+    y = rng.integers(0, 4, 800)
+    x = centers[y] + rng.normal(0, 1, size=(800, 16))
+    labels = [f"c{i}" for i in y]
+    good = linear_probe(x[:600], labels[:600], x[600:], labels[600:])
+    assert good.accuracy > 0.95 and good.classes == 4
+    shuffled = list(rng.permutation(labels[:600]))
+    bad = linear_probe(x[:600], shuffled, x[600:], labels[600:])
+    assert bad.accuracy < 0.45  # ~chance (0.25 with 4 balanced classes)
+
+
+def test_cells_inside_an_object_get_its_label_in_the_resized_frame():
+    dataset = CocoDataset.load(str(FIXTURE))
+    # image 2 (48 wide x 64 high): a bus over rows 8-29, columns 4-43; resized to 48x64 -> input 192x256
+    cells = cell_labels(dataset.instances[2], (256, 192), 256, (16, 16), "supercategory")
+    labels = set(cells.values())
+    assert labels == {"vehicle"}  # the crowd of people is never a probe label
+    rows = {c // 16 for c in cells}
+    cols = {c % 16 for c in cells}
+    assert min(rows) >= 8 * 4 // 16 and max(rows) <= 30 * 4 // 16  # bus rows 8..29 x4 scale / 16-px cells
+    assert max(cols) < 12  # columns past the 192-px resized width are padding
+
+
+def test_probe_command_reports_each_key_with_its_chance_level(tmp_path, capsys):
+    from talora.data.synthetic import write_demo_dataset
+
+    written = write_demo_dataset(str(tmp_path / "demo"), num_train=8, num_val=4, seed=1)
+    torch.manual_seed(0)
+    assert main(["probe", "--annotations", written["train"], "--val-annotations", written["val"], "--json"]) == 0
+    import json
+
+    results = {r["key"]: r for r in json.loads(capsys.readouterr().out)}
+    assert set(results) == {"category", "supercategory", "color"}
+    assert all(0 <= r["accuracy"] <= 1 and 0 < r["chance"] <= 1 and r["test_cells"] > 0 for r in results.values())
