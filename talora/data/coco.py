@@ -215,7 +215,9 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarra
     image = ImageOps.exif_transpose(image)
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):
         array = np.asarray(image, dtype=np.float64)
-        top = 65535.0 if array.max() > 255 else 255.0
+        # 16-bit modes span 0..65535 whatever this image's own range (a dark image stays dark);
+        # 32-bit "I" carries no range, so values above 8 bits mean 16-bit data.
+        top = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
         image = Image.fromarray((array / top * 255.0 + 0.5).astype(np.uint8))
     return np.asarray(image.convert("RGB"))
 

@@ -104,6 +104,10 @@ def test_a_16_bit_gradient_stays_a_gradient_and_cmyk_becomes_rgb():
     Image.fromarray(gradient).save(buffer, format="PNG")
     row = decode_image(buffer.getvalue())[0, :, 0].astype(int)
     assert row[0] == 0 and row[-1] == 255 and np.all(np.diff(row) >= 0) and len(set(row.tolist())) > 50
+    dark = Image.fromarray(np.full((2, 3), 200, dtype=np.uint16))  # 200 of 65535: nearly black
+    buffer = io.BytesIO()
+    dark.save(buffer, format="PNG")
+    assert decode_image(buffer.getvalue())[0, 0, 0] == 1
     buffer = io.BytesIO()
     Image.new("CMYK", (4, 3), (0, 255, 255, 0)).save(buffer, format="JPEG")
     red = decode_image(buffer.getvalue())[1, 1]
