@@ -9,7 +9,7 @@ OFFLINE    := HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 RAY_USAGE_STATS_ENABLED=0
 PYTEST_ARGS ?=
 DEMO_PROMPT ?= segment vehicles
 
-.PHONY: setup test test-unit test-integration demo clean
+.PHONY: setup test test-unit test-integration demo demo-models demo-compare clean
 
 setup: $(VENV)/.installed
 
@@ -30,8 +30,7 @@ test-integration: setup
 	$(OFFLINE) $(PY) -m pytest -m integration $(PYTEST_ARGS)
 
 # The embedded default, end to end: the demo bucket (generated if missing) -> the labelling job on
-# a local Ray with two prompts -> the evaluation report -> overlays. Until the demo models ship
-# (the demo-models issue), the labelling model is an untrained hypernet, so scores are ~0.
+# a local Ray with two prompts and the shipped demo models -> the evaluation report -> overlays.
 DEMO_DATA ?= data/demo
 DEMO_PROMPT2 ?= segment red objects
 demo: setup
@@ -39,13 +38,48 @@ demo: setup
 		--num-images 200 --num-val 40 --shard-size 20 --seed 0
 	$(OFFLINE) $(PY) jobs/segment_dataset.py --prompt "$(DEMO_PROMPT)" --prompt "$(DEMO_PROMPT2)" \
 		--images $(DEMO_DATA)/val/images --annotations $(DEMO_DATA)/val/instances.json \
-		--output runs/demo/labels --points-per-side 8 --presence-thresh 0 2>&1 | grep -E '^(label|\{)'
+		--output runs/demo/labels --points-per-side 8 2>&1 | grep -E '^(label|\{)'
 	$(OFFLINE) $(PY) jobs/evaluate.py --predictions $$(ls -td runs/demo/labels/*/ | head -n 1) \
 		--annotations $(DEMO_DATA)/val/instances.json --output runs/demo/eval
 	$(OFFLINE) $(VENV)/bin/talora viz --predictions $$(ls -td runs/demo/labels/*/ | head -n 1) \
 		--out runs/demo/overlays --max-images 6
 	@echo "demo outputs: $(DEMO_DATA)/ (COCO train/val), runs/demo/labels/ (Parquet predictions),"
 	@echo "              runs/demo/eval/report.md (+ report.json, per_task_ap.png), runs/demo/overlays/*.png"
+
+# The shipped demo models from scratch, on this 2-core CPU (never part of `make test`): demo data ->
+# pretrain the vit_tiny base -> train the hypernet on it -> the report (README numbers) -> install
+# both, fp16, into talora/assets/demo/ (only once everything before succeeded).
+MODELS_DATA ?= data/demo-models
+MODELS_RUNS ?= runs/demo-models
+LATEST      := $(PY) -c "import json, sys; print(json.load(open(sys.argv[1]))['latest_checkpoint'])"
+demo-models: setup
+	rm -rf $(MODELS_RUNS)/pretrain $(MODELS_RUNS)/hypernet
+	test -f $(MODELS_DATA)/val/instances.json || $(OFFLINE) $(VENV)/bin/talora demo-data --out $(MODELS_DATA) \
+		--num-images 3000 --num-val 100 --seed 0
+	$(OFFLINE) $(PY) jobs/train_hypernet.py --config configs/demo_pretrain.yaml
+	$(VENV)/bin/talora fp16 $$($(LATEST) $(MODELS_RUNS)/pretrain/summary.json)/sam.safetensors \
+		$(MODELS_RUNS)/sam_vit_tiny.safetensors
+	$(OFFLINE) $(PY) jobs/train_hypernet.py --config configs/demo_cpu.yaml \
+		--sam-checkpoint $(MODELS_RUNS)/sam_vit_tiny.safetensors
+	$(VENV)/bin/talora fp16 $$($(LATEST) $(MODELS_RUNS)/hypernet/summary.json)/hypernet.safetensors \
+		$(MODELS_RUNS)/hypernet.safetensors --sam-checkpoint demo://sam_vit_tiny.safetensors
+	$(OFFLINE) $(PY) jobs/report_demo_models.py --hypernet $(MODELS_RUNS)/hypernet.safetensors \
+		--sam-checkpoint $(MODELS_RUNS)/sam_vit_tiny.safetensors --train-annotations $(MODELS_DATA)/train/instances.json \
+		--val-annotations $(MODELS_DATA)/val/instances.json --out $(MODELS_RUNS)/report
+	cp $(MODELS_RUNS)/sam_vit_tiny.safetensors $(MODELS_RUNS)/hypernet.safetensors talora/assets/demo/
+
+# Per-task static LoRAs at the hypernet's step budget (a category, a supercategory, a colour, a
+# colour x category) on the installed base, then the report with them beside the hypernet.
+STATIC_TASKS ?= category:circle supercategory:vehicle color:red color:yellow+category:car
+demo-compare: setup
+	for task in $(STATIC_TASKS); do \
+		$(OFFLINE) $(PY) jobs/train_hypernet.py --config configs/demo_cpu.yaml --mode static --task $$task \
+			--name static-$$(echo $$task | tr ':+' '__') || exit 1; \
+	done
+	$(OFFLINE) $(PY) jobs/report_demo_models.py --hypernet demo://hypernet.safetensors \
+		--train-annotations $(MODELS_DATA)/train/instances.json --val-annotations $(MODELS_DATA)/val/instances.json \
+		$(foreach t,$(STATIC_TASKS),--static-run $(MODELS_RUNS)/static-$(subst +,_,$(subst :,_,$(t)))) \
+		--out $(MODELS_RUNS)/report-compare
 
 clean:
 	rm -rf runs .pytest_cache

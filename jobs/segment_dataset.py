@@ -29,9 +29,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default="runs/labels", help="prediction prefix (local path or URI)")
     p.add_argument("--annotations", default=None, help="optional COCO JSON: use its image ids")
     p.add_argument("--sam-type", choices=SAM_TYPES, default="vit_tiny")
-    p.add_argument("--sam-checkpoint", default=None)
-    p.add_argument("--hypernet", default=None, help="trained hypernet file (local path or URI)")
+    p.add_argument("--sam-checkpoint", default=None, help="the base SAM (default: the one the hypernet file names)")
+    p.add_argument("--hypernet", default=None,
+                   help="trained hypernet file (local path or URI); default for vit_tiny: the shipped demo hypernet")
     p.add_argument("--adapter", default=None, help="a static adapter file instead of a hypernet")
+    p.add_argument("--untrained", action="store_true",
+                   help="no trained weights: a random base and the untrained hypernet (Delta W = 0), for smoke runs")
     p.add_argument("--mode", choices=("instance", "semantic", "both"), default="both")
     p.add_argument("--points-per-side", type=int, default=16)
     p.add_argument("--points-per-batch", type=int, default=64, help="decoder rows per call")
@@ -54,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace):
-    from talora.label import LabelConfig, ModelSpec
+    from talora.label import LabelConfig, model_spec
     from talora.predictor import PredictConfig
 
     for name in ("num_actors", "batch_size", "shard_size", "max_pixels"):
@@ -65,7 +68,7 @@ def config_from_args(args: argparse.Namespace):
     predict = PredictConfig(mode=args.mode, points_per_side=args.points_per_side, points_per_batch=args.points_per_batch,
                             score_thresh=args.score_thresh, stability_thresh=args.stability_thresh,
                             nms_thresh=args.nms_thresh, presence_thresh=args.presence_thresh)
-    model = ModelSpec(args.sam_type, args.sam_checkpoint, args.hypernet, args.adapter)
+    model = model_spec(args.sam_type, args.sam_checkpoint, args.hypernet, args.adapter, args.untrained)
     return LabelConfig(prompts=tuple(args.prompt), images=args.images, output=args.output, model=model,
                        predict=predict, task=args.task, annotations=args.annotations, shard_size=args.shard_size,
                        max_images=args.max_images, max_shards=args.max_shards, max_pixels=args.max_pixels,

@@ -35,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-annotations")
     p.add_argument("--val-annotations")
     p.add_argument("--task", help="static mode: one task id (default: every object)")
+    p.add_argument("--sam-checkpoint", help="the base SAM (path or URI); pretrain mode: the starting point")
     p.add_argument("--ray-address", default=None)
     add_storage_flags(p)
     return p
@@ -45,7 +46,9 @@ def overrides_from_args(args: argparse.Namespace) -> dict:
                    "val_every", "max_failures", "embeddings", "train_annotations", "val_annotations", "task")
     overrides: dict = {"train": {k: getattr(args, k) for k in train_flags if getattr(args, k) is not None}}
     if args.adapter_type:
-        overrides["model"] = {"hypernet": {"adapter_type": args.adapter_type}}
+        overrides.setdefault("model", {})["hypernet"] = {"adapter_type": args.adapter_type}
+    if args.sam_checkpoint:
+        overrides.setdefault("model", {})["sam"] = {"checkpoint": args.sam_checkpoint}
     return overrides
 
 

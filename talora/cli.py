@@ -6,7 +6,7 @@
     talora tasks --annotations URI [--json]                    tasks, prompts and splits of a dataset
     talora demo-data --out URI --num-images N --seed S         the synthetic demo domain
     talora probe --annotations URI [--sam-checkpoint URI]      does the base encode what tasks name?
-    talora merge | export-peft | plot-run | viz                adapters out; curves; overlays
+    talora merge | export-peft | plot-run | viz | fp16         adapters out; curves; overlays; fp16 files
 """
 
 from __future__ import annotations
@@ -89,14 +89,18 @@ def cmd_adapter(args: argparse.Namespace) -> int:
     from talora.model import build_task_aware_sam, load_task_aware_sam
     from talora.text import TextEncoder, validate_prompts
 
+    from talora.label import model_spec
+
     (prompt,) = validate_prompts([args.prompt])
     storage = _storage(args)
-    if args.hypernet:
-        model = load_task_aware_sam(args.hypernet, args.sam_checkpoint, storage=storage)
+    config = _model_config(args)
+    hypernet = model_spec(config.sam.sam_type, args.sam_checkpoint, args.hypernet, None, args.untrained).hypernet
+    if hypernet:  # given, or the shipped demo hypernet on vit_tiny
+        model = load_task_aware_sam(hypernet, args.sam_checkpoint, storage=storage)
     else:
         torch.manual_seed(args.seed)
-        model = build_task_aware_sam(_model_config(args), storage=storage)
-        print("note: no --hypernet given: an untrained hypernet (bias-HyperInit) emits Delta W = 0", file=sys.stderr)
+        model = build_task_aware_sam(config, storage=storage)
+        print("note: no trained hypernet: the untrained one (bias-HyperInit) emits Delta W = 0", file=sys.stderr)
     model.text_encoder = TextEncoder()
     model.eval()
     with torch.no_grad():
@@ -184,7 +188,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     import dataclasses
 
     from talora.data.coco import decode_image
-    from talora.label import ModelSpec, load_model
+    from talora.label import load_model, model_spec
     from talora.predictor import PredictConfig, TaskAwarePredictor
     from talora.storage import read_bytes, write_bytes
     from talora.text import validate_prompts
@@ -193,7 +197,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     prompts = validate_prompts(args.prompt)
     storage = _storage(args)
     image = decode_image(read_bytes(args.image, storage))
-    model = load_model(ModelSpec(args.sam_type or "vit_tiny", args.sam_checkpoint, args.hypernet, args.adapter), storage)
+    model = load_model(model_spec(args.sam_type or "vit_tiny", args.sam_checkpoint, args.hypernet, args.adapter,
+                                  args.untrained), storage)
     predictor = TaskAwarePredictor(model, PredictConfig(mode=args.mode, points_per_side=args.points_per_side,
                                                         presence_thresh=args.presence_thresh))
     results = predictor.predict(image, prompts)
@@ -235,6 +240,34 @@ def cmd_probe(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_fp16(args: argparse.Namespace) -> int:
+    """A weights file with its floating tensors in fp16 (half the size; the shipped demo models)."""
+    import dataclasses
+
+    from talora.config import SamConfig, dump_config, load_config
+    from talora.model import HYPERNET_FORMAT, build_task_aware_sam
+    from talora.weights import read_weights, write_weights
+
+    storage = _storage(args)
+    state, header = read_weights(args.input, storage)
+    if args.sam_checkpoint:  # a hypernet's header names its base: point it at the shipped one
+        if "config" not in header:
+            raise ValueError(f"{args.input} has no model config in its header; --sam-checkpoint is for hypernet files")
+        config = load_config(header["config"])
+        header["config"] = dump_config(dataclasses.replace(
+            config, sam=dataclasses.replace(config.sam, checkpoint=args.sam_checkpoint)))
+    half = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
+    if header.get("format") == HYPERNET_FORMAT:  # its digest names the weights as they will load
+        config = load_config(header["config"])
+        model = build_task_aware_sam(dataclasses.replace(config, sam=SamConfig(config.sam.sam_type)))  # no base needed
+        model.load_hypernet_weights(half, args.input)
+        header["digest"] = model.hypernet.digest()
+    write_weights(args.out, half, header, storage)
+    size = sum(v.numel() * v.element_size() for v in half.values())
+    print(f"wrote {args.out}: {len(half)} tensors, {size / 2**20:.2f} MiB")
+    return 0
+
+
 def cmd_viz(args: argparse.Namespace) -> int:
     from talora.viz import render_predictions
 
@@ -255,9 +288,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("adapter", help="generate one prompt's adapter file")
     _add_model_args(p)
     p.add_argument("--prompt", required=True, help='the task, e.g. "segment vehicles"')
-    p.add_argument("--hypernet", default=None, help="trained hypernet file (local path or URI)")
+    p.add_argument("--hypernet", default=None,
+                   help="trained hypernet file (local path or URI); default for vit_tiny: the shipped demo hypernet")
+    p.add_argument("--untrained", action="store_true", help="the untrained hypernet (Delta W = 0), for smoke runs")
     p.add_argument("--out", required=True, help="adapter .safetensors to write (local path or URI)")
-    p.add_argument("--seed", type=int, default=0, help="init seed when no --hypernet is given")
+    p.add_argument("--seed", type=int, default=0, help="init seed of the --untrained hypernet")
     p.set_defaults(func=cmd_adapter)
 
     p = sub.add_parser("tasks", help="tasks, prompts and splits derived from a COCO dataset")
@@ -301,8 +336,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", action="append", required=True)
     p.add_argument("--sam-type", choices=SAM_TYPES, default=None)
     p.add_argument("--sam-checkpoint", default=None)
-    p.add_argument("--hypernet", default=None)
+    p.add_argument("--hypernet", default=None, help="default for vit_tiny: the shipped demo hypernet")
     p.add_argument("--adapter", default=None)
+    p.add_argument("--untrained", action="store_true", help="a random base and the untrained hypernet (smoke runs)")
     p.add_argument("--mode", choices=("instance", "semantic", "both"), default="both")
     p.add_argument("--points-per-side", type=int, default=16)
     p.add_argument("--presence-thresh", type=float, default=0.5)
@@ -318,6 +354,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-images", type=int, default=64)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_probe)
+
+    p = sub.add_parser("fp16", help="a weights file (SAM base, hypernet, adapter) with fp16 tensors")
+    p.add_argument("input", help="safetensors file (path or URI)")
+    p.add_argument("out", help="output file (path or URI)")
+    p.add_argument("--sam-checkpoint", default=None, help="hypernet files: the base SAM its header names")
+    _add_storage_args(p)
+    p.set_defaults(func=cmd_fp16)
 
     p = sub.add_parser("viz", help="overlays of a labelling run's predictions, one PNG per image")
     p.add_argument("--predictions", required=True, help="a labelling run: OUTPUT/<run_key>")

@@ -34,6 +34,24 @@ class ModelSpec:
     adapter: str | None = None
 
 
+def model_spec(sam_type: str, sam_checkpoint: str | None = None, hypernet: str | None = None,
+               adapter: str | None = None, untrained: bool = False) -> ModelSpec:
+    """The ModelSpec users mean: on vit_tiny with no weights given, the shipped demo models (the
+    hypernet names its base; an adapter gets the demo base). `untrained`: a random base and the
+    untrained hypernet (Delta W = 0), for smoke runs."""
+    from talora.model import DEMO_HYPERNET, DEMO_SAM_CHECKPOINT
+
+    if untrained:
+        if hypernet or adapter:
+            raise ValueError("--untrained runs without trained weights; drop --hypernet/--adapter")
+        return ModelSpec(sam_type, sam_checkpoint)
+    if sam_type == "vit_tiny" and not hypernet and not adapter:
+        return ModelSpec(sam_type, sam_checkpoint, DEMO_HYPERNET)
+    if sam_type == "vit_tiny" and adapter and not sam_checkpoint:
+        return ModelSpec(sam_type, DEMO_SAM_CHECKPOINT, None, adapter)
+    return ModelSpec(sam_type, sam_checkpoint, hypernet, adapter)
+
+
 @dataclass(frozen=True)
 class LabelConfig:
     prompts: tuple[str, ...]

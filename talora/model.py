@@ -26,13 +26,17 @@ from torch import nn
 from talora.config import ModelConfig, dump_config, load_config
 from talora.hypernet import TaskAwareHyperNet
 from talora.lora import Adapter, LoraTarget, find_targets, inject_lora, use_adapter
-from talora.sam import build_sam, count_parameters, embed_tail, embed_trunk, preprocess_image
+from talora.sam import build_sam, count_parameters, embed_tail, embed_trunk, predict_masks_per_row, preprocess_image
 from talora.storage import StorageOptions
 from talora.text import TextEncoder, validate_prompts
 from talora.weights import read_weights, write_weights
 
 HYPERNET_FORMAT = "talora.hypernet/1"
 
+
+# The shipped demo models (make demo-models): the pretrained vit_tiny base and a hypernet trained on it.
+DEMO_SAM_CHECKPOINT = "demo://sam_vit_tiny.safetensors"
+DEMO_HYPERNET = "demo://hypernet.safetensors"
 
 @dataclass
 class DecoderOutput:
@@ -160,39 +164,10 @@ class TaskAwareSam(nn.Module):
         sparse = sparse.expand(P, -1, -1)  # (P, n', C); batch 1 when the row has no prompt
         dense = dense.expand(P, -1, -1, -1)  # (P, C, h, w)
         with use_adapter(self.sam, adapter):
-            masks, iou_pred, iou_token = self._predict_masks(image_embeddings, sparse, dense)
+            masks, iou_pred, iou_token = predict_masks_per_row(self.sam, image_embeddings, sparse, dense)
         presence = self.presence_head(iou_token).squeeze(-1)  # (P,)
         chosen = slice(1, None) if multimask_output else slice(0, 1)
         return DecoderOutput(masks[:, chosen], iou_pred[:, chosen], presence)
-
-    def _predict_masks(
-        self, image_embeddings: torch.Tensor, sparse: torch.Tensor, dense: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """MaskDecoder.predict_masks with one image embedding per row instead of one per call.
-
-        SAM repeat-interleaves a single image embedding over the prompt rows; with an adapted
-        tail every row has its own embedding, so this takes P of them. It reuses the decoder's
-        own modules and is tested equal to MaskDecoder.forward row by row.
-        """
-        decoder = self.sam.mask_decoder
-        P, C, h, w = image_embeddings.shape
-        output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)  # (1+M, C)
-        tokens = torch.cat([output_tokens.unsqueeze(0).expand(P, -1, -1), sparse], dim=1)  # (P, 1+M+n', C)
-        src = image_embeddings + dense  # (P, C, h, w)
-        pos_src = self.sam.prompt_encoder.get_dense_pe().expand(P, -1, -1, -1)  # (P, C, h, w)
-
-        hs, src = decoder.transformer(src, pos_src, tokens)  # (P, 1+M+n', C), (P, h*w, C)
-        iou_token_out = hs[:, 0, :]  # (P, C)
-        mask_tokens_out = hs[:, 1 : 1 + decoder.num_mask_tokens, :]  # (P, M, C)
-
-        upscaled = decoder.output_upscaling(src.transpose(1, 2).reshape(P, C, h, w))  # (P, C/8, 4h, 4w)
-        hyper_in = torch.stack(
-            [mlp(mask_tokens_out[:, i, :]) for i, mlp in enumerate(decoder.output_hypernetworks_mlps)], dim=1
-        )  # (P, M, C/8)
-        _, c8, H, W = upscaled.shape
-        masks = (hyper_in @ upscaled.view(P, c8, H * W)).view(P, -1, H, W)  # (P, M, 4h, 4w)
-        iou_pred = decoder.iou_prediction_head(iou_token_out)  # (P, M)
-        return masks, iou_pred, iou_token_out
 
     # --- trainable weights file -------------------------------------------------------------------
 

@@ -196,6 +196,38 @@ def embed_tail(encoder: ImageEncoderViT, trunk_features: torch.Tensor, tail_bloc
     return encoder.neck(x.permute(0, 3, 1, 2))
 
 
+def predict_masks_per_row(
+    sam: Sam, image_embeddings: torch.Tensor, sparse: torch.Tensor, dense: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """MaskDecoder.predict_masks with one image embedding per row instead of one per call.
+
+    SAM repeat-interleaves a single image embedding over the prompt rows; with an adapted tail
+    (or a batch of images in pretraining) every row has its own embedding, so this takes P of
+    them. It reuses the decoder's own modules and is tested equal to MaskDecoder.forward row by row.
+
+    Returns low-res mask logits (P, 1+M', 4h, 4w), IoU predictions (P, 1+M') and the IoU token (P, C).
+    """
+    decoder = sam.mask_decoder
+    P, C, h, w = image_embeddings.shape
+    output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)  # (1+M, C)
+    tokens = torch.cat([output_tokens.unsqueeze(0).expand(P, -1, -1), sparse], dim=1)  # (P, 1+M+n', C)
+    src = image_embeddings + dense  # (P, C, h, w)
+    pos_src = sam.prompt_encoder.get_dense_pe().expand(P, -1, -1, -1)  # (P, C, h, w)
+
+    hs, src = decoder.transformer(src, pos_src, tokens)  # (P, 1+M+n', C), (P, h*w, C)
+    iou_token_out = hs[:, 0, :]  # (P, C)
+    mask_tokens_out = hs[:, 1 : 1 + decoder.num_mask_tokens, :]  # (P, M, C)
+
+    upscaled = decoder.output_upscaling(src.transpose(1, 2).reshape(P, C, h, w))  # (P, C/8, 4h, 4w)
+    hyper_in = torch.stack(
+        [mlp(mask_tokens_out[:, i, :]) for i, mlp in enumerate(decoder.output_hypernetworks_mlps)], dim=1
+    )  # (P, M, C/8)
+    _, c8, H, W = upscaled.shape
+    masks = (hyper_in @ upscaled.view(P, c8, H * W)).view(P, -1, H, W)  # (P, M, 4h, 4w)
+    iou_pred = decoder.iou_prediction_head(iou_token_out)  # (P, M)
+    return masks, iou_pred, iou_token_out
+
+
 def trunk_digest(sam: Sam, tail_blocks: int) -> str:
     """Digest of exactly the weights that produce cached features (the whole encoder when k = 0,
     whose cache holds final embeddings), plus the split itself."""

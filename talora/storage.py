@@ -76,14 +76,29 @@ def require_shared(uri: str, what: str = "URI") -> None:
         )
 
 
+# The demo models shipped inside the package: ``demo://hypernet.safetensors`` is the same file on
+# every machine that installed talora (a path would tie a hypernet's header to one checkout).
+DEMO_SCHEME = "demo://"
+DEMO_ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "demo")
+
+
+def resolve(uri: str) -> str:
+    """``demo://name`` -> the packaged file's local path; every other URI unchanged."""
+    if uri.startswith(DEMO_SCHEME):
+        return os.path.join(DEMO_ASSETS, uri.removeprefix(DEMO_SCHEME))
+    return uri
+
+
 def protocol_of(uri: str) -> str:
-    """``s3`` for ``s3://b/k``, ``file`` for plain paths and ``file://``."""
+    """``s3`` for ``s3://b/k``, ``file`` for plain paths, ``file://`` and ``demo://``."""
+    uri = resolve(uri)
     return uri.split("://", 1)[0] if "://" in uri else "file"
 
 
 def filesystem(uri: str, options: StorageOptions | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
     """The filesystem for `uri` and the path inside it (no scheme)."""
     options = options or StorageOptions()
+    uri = resolve(uri)
     fs, path = url_to_fs(uri, **options.fsspec_kwargs(protocol_of(uri)))
     return fs, path
 
@@ -119,7 +134,7 @@ def write_bytes(uri: str, data: bytes, options: StorageOptions | None = None) ->
 
 def absolute(uri: str | None) -> str | None:
     """Local paths made absolute (Ray workers may run in another directory); URIs unchanged."""
-    if uri is None or protocol_of(uri) != "file":
+    if uri is None or protocol_of(uri) != "file" or uri.startswith(DEMO_SCHEME):
         return uri
     return os.path.abspath(uri.removeprefix("file://"))
 
@@ -220,7 +235,7 @@ def local_copy(uri: str, options: StorageOptions | None = None, cache_dir: str |
     import json
 
     if protocol_of(uri) == "file":
-        return uri.removeprefix("file://")
+        return resolve(uri).removeprefix("file://")
     cache_dir = cache_dir or os.environ.get("TALORA_CACHE", os.path.expanduser("~/.cache/talora"))
     os.makedirs(cache_dir, exist_ok=True)
     identity = json.dumps(file_identity(uri, options), sort_keys=True)

@@ -16,7 +16,7 @@ MODES = ("hypernet", "static", "pretrain")
 
 @dataclass(frozen=True)
 class TrainConfig:
-    mode: str = "hypernet"  # hypernet | static (one plain LoRA) | pretrain (the vit_tiny base; later)
+    mode: str = "hypernet"  # hypernet | static (one plain LoRA) | pretrain (the whole SAM: the demo base)
     train_annotations: str = ""  # COCO instances JSON URI
     val_annotations: str = ""  # held-out images; empty = no validation metric beyond the loss
     train_image_root: str | None = None  # default: images/ beside the JSON
@@ -30,11 +30,17 @@ class TrainConfig:
     lr: float = 1e-3  # for the global batch of num_workers * batch_images; scaled linearly (see README)
     weight_decay: float = 0.0
     warmup_steps: int = 20
+    lr_schedule: str = "constant"  # constant | cosine (to 0 at max_steps), both after the linear warmup
     grad_clip: float = 1.0
     focal_weight: float = 20.0  # SAM's 20:1 focal:dice
     dice_weight: float = 1.0
     iou_weight: float = 1.0
     presence_weight: float = 1.0
+    # pretrain mode: prompted instances per image, the share prompted by a box (else one point),
+    # and the weight of the per-cell category/attribute heads on the trunk (talora.train.pretrain)
+    prompts_per_image: int = 4
+    box_fraction: float = 0.5
+    aux_weight: float = 1.0
     val_every: int = 100  # validation + checkpoint every N steps (and at the last step)
     val_images: int = 32  # validation images (sharded across workers)
     log_every: int = 10
@@ -52,9 +58,17 @@ class TrainConfig:
         problems = []
         if self.mode not in MODES:
             problems.append(f"train.mode must be one of {MODES}, got {self.mode!r}")
-        for name in ("max_steps", "batch_images", "tasks_per_image", "val_every", "num_workers", "log_every"):
+        for name in ("max_steps", "batch_images", "tasks_per_image", "prompts_per_image", "val_every", "num_workers",
+                     "log_every"):
             if getattr(self, name) < 1:
                 problems.append(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        if self.lr_schedule not in ("constant", "cosine"):
+            problems.append(f"train.lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}")
+        if not 0.0 <= self.box_fraction <= 1.0:
+            problems.append(f"train.box_fraction must be in [0, 1], got {self.box_fraction}")
+        if self.mode == "pretrain" and self.embeddings:
+            problems.append("train.embeddings: the embedding cache holds frozen trunk features; pretraining trains "
+                            "the trunk itself, so it cannot use a cache (drop --embeddings)")
         if self.lr <= 0:
             problems.append(f"train.lr must be > 0, got {self.lr}")
         if self.cpus_per_worker <= 0:

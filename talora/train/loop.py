@@ -13,6 +13,7 @@ workers and all-reduced. DDP wraps `TrainStep` (trainable modules only).
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 import time
@@ -21,6 +22,7 @@ import numpy as np
 import torch
 
 from talora.storage import StorageOptions, join, read_bytes, write_bytes
+from talora.weights import read_weights, write_weights
 
 CHECKPOINT_FILES = ("trainable.safetensors", "optimizer.pt", "state.json", "config.yaml")
 
@@ -58,7 +60,6 @@ def train_loop_per_worker(loop_config: dict) -> None:
     import ray
     import ray.train
     import ray.train.torch
-    from ray.train import Checkpoint
 
     from talora.data.coco import CocoDataset
     from talora.model import build_task_aware_sam
@@ -66,12 +67,18 @@ def train_loop_per_worker(loop_config: dict) -> None:
     from talora.tasks import TaskSet
     from talora.text import TextEncoder
     from talora.train.batches import build_batch
-    from talora.train.config import dump_run_spec, load_run_spec
+    from talora.train.config import load_run_spec
     from talora.train.step import TrainStep
-    from talora.train.validate import group_metrics, reduce_ious, validate, validation_rows
-    from talora.weights import read_weights, write_weights
+    from talora.train.validate import (
+        group_metrics,
+        reduce_ious,
+        validate,
+        validation_rows,
+    )
 
     spec = load_run_spec(loop_config["spec"])
+    if spec.train.mode == "pretrain":
+        return pretrain_loop_per_worker(loop_config)
     cfg = spec.train
     storage = StorageOptions(**loop_config["storage"])
     context = ray.train.get_context()
@@ -88,7 +95,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     model.train()
     trainable = ray.train.torch.prepare_model(step_module) if world > 1 else step_module
     optimizer = torch.optim.AdamW(step_module.parameters(), lr=cfg.lr * world, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)))
+    scheduler = lr_scheduler(optimizer, cfg)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp)
 
     # --- data ------------------------------------------------------------------------------------
@@ -118,28 +125,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
         cache_batches = _cache_batches(ray.train.get_dataset_shard("train"), cfg.batch_images, device)
 
     # --- resume ----------------------------------------------------------------------------------
-    start_step, history = 0, []
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as d:
-            state, _ = read_weights(os.path.join(d, "trainable.safetensors"))
-            step_module.load_state_dict(state)
-            opt_state = torch.load(os.path.join(d, "optimizer.pt"), map_location=device, weights_only=True)
-            optimizer.load_state_dict(opt_state["optimizer"])
-            scheduler.load_state_dict(opt_state["scheduler"])
-            scaler.load_state_dict(opt_state["scaler"])
-            start_step = json.load(open(os.path.join(d, "state.json")))["step"]
-        history = _read_history(loop_config["run_uri"], storage, start_step)
-        if rank == 0:
-            print(f"train: resumed from step {start_step}", flush=True)
-    node_ids = [ray.get_runtime_context().get_node_id()]
-    if world > 1:  # every worker's node, for the run summary
-        import torch.distributed as dist
-
-        gathered: list = [None] * world
-        dist.all_gather_object(gathered, node_ids[0])
-        node_ids = gathered
-    worker_nodes = ",".join(sorted(set(node_ids)))
+    start_step, history = resume(loop_config, step_module, optimizer, scheduler, scaler, device, rank)
+    worker_nodes = gather_worker_nodes(world)
     fail_at = loop_config.get("fail_at_step", 0)  # test hook: fail once, right after that step's checkpoint
 
     # --- loop ------------------------------------------------------------------------------------
@@ -165,7 +152,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         samples += len(batch.image_index) * world
 
         done = step + 1
-        metrics = {"step": done, **{k: float(v) for k, v in losses.items()}, "lr": scheduler.get_last_lr()[0],
+        metrics = {"step": done, **{k: float(v.detach()) for k, v in losses.items()}, "lr": scheduler.get_last_lr()[0],
                    "start_step": start_step, "worker_nodes": worker_nodes}
         if rank == 0 and (done % cfg.log_every == 0 or done == cfg.max_steps):
             elapsed = time.perf_counter() - started
@@ -190,20 +177,190 @@ def train_loop_per_worker(loop_config: dict) -> None:
             if rank == 0:
                 history[-1] = report
                 print("train: validation " + " ".join(f"{k} {v:.4f}" for k, v in val.items()), flush=True)
-                write_bytes(join(loop_config["run_uri"], "metrics.jsonl"),
-                            "".join(json.dumps(h) + "\n" for h in history).encode(), storage)
-                with tempfile.TemporaryDirectory() as d:
-                    write_weights(os.path.join(d, "trainable.safetensors"), step_module.state_dict())
-                    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                                "scaler": scaler.state_dict()}, os.path.join(d, "optimizer.pt"))
-                    json.dump({"step": done, "metrics": report}, open(os.path.join(d, "state.json"), "w"))
-                    open(os.path.join(d, "config.yaml"), "w").write(dump_run_spec(spec))
-                    _write_artifact(d, model, source, spec)
-                    ray.train.report(report, checkpoint=Checkpoint.from_directory(d))
+                save_checkpoint(loop_config, storage, history, report, step_module, optimizer, scheduler, scaler,
+                                spec, lambda d: _write_artifact(d, model, source, spec))
             else:
                 ray.train.report(report)
             if fail_at and done == fail_at and start_step == 0 and rank == 0:
                 raise RuntimeError(f"injected failure after step {done} (TALORA_FAIL_AT_STEP)")
+
+
+def pretrain_loop_per_worker(loop_config: dict) -> None:
+    """Pretraining the base (talora.train.pretrain): the whole SAM and its per-cell heads are trained;
+    the checkpoint's artifact is the base SAM itself (`sam.safetensors`, loadable by build_sam)."""
+    import ray
+    import ray.train
+    import ray.train.torch
+
+    from talora.data.coco import CocoDataset
+    from talora.sam import build_sam, save_sam
+    from talora.train.config import load_run_spec
+    from talora.train.pretrain import (
+        ImageMemo,
+        PretrainStep,
+        build_pretrain_batch,
+        label_vocab,
+        validate_pretrain,
+    )
+
+    spec = load_run_spec(loop_config["spec"])
+    cfg = spec.train
+    storage = StorageOptions(**loop_config["storage"])
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()
+    torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
+    torch.manual_seed(cfg.seed)
+
+    train_set = CocoDataset.load(cfg.train_annotations, cfg.train_image_root, storage)
+    vocab = label_vocab(train_set)
+    sam = build_sam(spec.model.sam.sam_type, spec.model.sam.checkpoint, storage)  # random init unless a start point
+    sam.requires_grad_(True)
+    step_module = PretrainStep(sam, spec.model.tail_blocks or 1, vocab).to(device)
+    step_module.train()
+    trainable = ray.train.torch.prepare_model(step_module) if world > 1 else step_module
+    optimizer = torch.optim.AdamW(step_module.parameters(), lr=cfg.lr * world, weight_decay=cfg.weight_decay)
+    scheduler = lr_scheduler(optimizer, cfg)
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp)
+
+    train_memo = ImageMemo(sam, train_set, vocab, storage)
+    mine = train_set.image_ids[rank::world]
+    if not mine:
+        raise ValueError(f"worker {rank} has no training image: {len(train_set.image_ids)} images for {world} workers")
+    val_entries = []
+    if cfg.val_annotations:
+        val_set = CocoDataset.load(cfg.val_annotations, cfg.val_image_root, storage)
+        val_memo = ImageMemo(sam, val_set, vocab, storage)
+        val_entries = [val_memo(i) for i in val_set.image_ids[: cfg.val_images][rank::world]]
+
+    start_step, history = resume(loop_config, step_module, optimizer, scheduler, scaler, device, rank)
+    worker_nodes = gather_worker_nodes(world)
+    fail_at = loop_config.get("fail_at_step", 0)
+    size = sam.image_encoder.img_size
+    started, samples = time.perf_counter(), 0
+    for step in range(start_step, cfg.max_steps):
+        rng = np.random.default_rng([cfg.seed, rank, step])  # the same batches after a resume
+        entries = [train_memo(int(i)) for i in rng.choice(mine, cfg.batch_images)]
+        batch = build_pretrain_batch(entries, rng, cfg.prompts_per_image, cfg.box_fraction, size).to(device)
+        with torch.autocast(device.type, dtype=torch.float16, enabled=cfg.amp):
+            losses = trainable(batch, cfg)
+        backward_and_step(losses["loss"], scaler, optimizer, step_module.parameters(), cfg.grad_clip)
+        scheduler.step()
+        samples += cfg.batch_images * world
+
+        done = step + 1
+        metrics = {"step": done, **{k: float(v.detach()) for k, v in losses.items()}, "lr": scheduler.get_last_lr()[0],
+                   "start_step": start_step, "worker_nodes": worker_nodes}
+        if rank == 0 and (done % cfg.log_every == 0 or done == cfg.max_steps):
+            elapsed = time.perf_counter() - started
+            print(f"pretrain: step {done}/{cfg.max_steps} loss {metrics['loss']:.4f} "
+                  + " ".join(f"{k} {v:.3f}" for k, v in metrics.items() if k.startswith(("loss_", "iou_")))
+                  + f" {samples / elapsed:.1f} images/s eta {(cfg.max_steps - done) * elapsed / (done - start_step):.0f}s",
+                  flush=True)
+        if rank == 0:
+            history.append(metrics)
+
+        if done % cfg.val_every == 0 or done == cfg.max_steps:
+            step_module.eval()
+            with torch.autocast(device.type, dtype=torch.float16, enabled=cfg.amp):
+                sums = validate_pretrain(step_module, val_entries, vocab)
+            step_module.train()
+            val = _reduce_means(sums, device)
+            val["val_score"] = val["val_point_miou"]
+            report = {**metrics, **val}
+            if rank == 0:
+                history[-1] = report
+                print("pretrain: validation " + " ".join(f"{k} {v:.4f}" for k, v in val.items()), flush=True)
+                save_checkpoint(loop_config, storage, history, report, step_module, optimizer, scheduler, scaler,
+                                spec, lambda d: save_sam(sam, os.path.join(d, "sam.safetensors")))
+            else:
+                ray.train.report(report)
+            if fail_at and done == fail_at and start_step == 0 and rank == 0:
+                raise RuntimeError(f"injected failure after step {done} (TALORA_FAIL_AT_STEP)")
+
+
+def _reduce_means(sums: dict[str, list[float]], device: torch.device) -> dict[str, float]:
+    """{metric: [sum, count]} of every worker -> {metric: mean}."""
+    import torch.distributed as dist
+
+    keys = sorted(sums)
+    totals = torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=device)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(totals)
+    return {k: float(s / c) if c else 0.0 for k, (s, c) in zip(keys, totals.tolist())}
+
+
+# --- shared by both loops: schedule, resume, checkpoints -------------------------------------------
+
+
+def lr_scheduler(optimizer, cfg) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warmup over `warmup_steps`, then constant or cosine to 0 at `max_steps`."""
+    def factor(step: int) -> float:
+        warm = min(1.0, (step + 1) / max(1, cfg.warmup_steps))
+        if cfg.lr_schedule == "cosine":
+            return warm * 0.5 * (1 + math.cos(math.pi * min(step, cfg.max_steps) / cfg.max_steps))
+        return warm
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def resume(loop_config: dict, step_module, optimizer, scheduler, scaler, device, rank: int) -> tuple[int, list[dict]]:
+    """(start step, metric history up to it) from Ray Train's checkpoint of this run, if any."""
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if not checkpoint:
+        return 0, []
+    with checkpoint.as_directory() as d:
+        state, _ = read_weights(os.path.join(d, "trainable.safetensors"))
+        step_module.load_state_dict(state)
+        opt_state = torch.load(os.path.join(d, "optimizer.pt"), map_location=device, weights_only=True)
+        optimizer.load_state_dict(opt_state["optimizer"])
+        scheduler.load_state_dict(opt_state["scheduler"])
+        scaler.load_state_dict(opt_state["scaler"])
+        with open(os.path.join(d, "state.json")) as f:
+            start_step = json.load(f)["step"]
+    history = _read_history(loop_config["run_uri"], StorageOptions(**loop_config["storage"]), start_step)
+    if rank == 0:
+        print(f"train: resumed from step {start_step}", flush=True)
+    return start_step, history
+
+
+def gather_worker_nodes(world: int) -> str:
+    """Every worker's node id, comma-joined, for the run summary."""
+    import ray
+
+    node_ids = [ray.get_runtime_context().get_node_id()]
+    if world > 1:
+        import torch.distributed as dist
+
+        gathered: list = [None] * world
+        dist.all_gather_object(gathered, node_ids[0])
+        node_ids = gathered
+    return ",".join(sorted(set(node_ids)))
+
+
+def save_checkpoint(loop_config: dict, storage: StorageOptions, history: list[dict], report: dict, step_module,
+                    optimizer, scheduler, scaler, spec, write_artifact) -> None:
+    """Rank 0: the metric history, then a checkpoint (trainable weights, optimiser, step, config and
+    the artifact users take away, written by `write_artifact(directory)`) reported to Ray Train."""
+    import ray.train
+    from ray.train import Checkpoint
+
+    from talora.train.config import dump_run_spec
+
+    write_bytes(join(loop_config["run_uri"], "metrics.jsonl"),
+                "".join(json.dumps(h) + "\n" for h in history).encode(), storage)
+    with tempfile.TemporaryDirectory() as d:
+        write_weights(os.path.join(d, "trainable.safetensors"), step_module.state_dict())
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "scaler": scaler.state_dict()}, os.path.join(d, "optimizer.pt"))
+        with open(os.path.join(d, "state.json"), "w") as f:
+            json.dump({"step": report["step"], "metrics": report}, f)
+        with open(os.path.join(d, "config.yaml"), "w") as f:
+            f.write(dump_run_spec(spec))
+        write_artifact(d)
+        ray.train.report(report, checkpoint=Checkpoint.from_directory(d))
 
 
 def backward_and_step(loss, scaler, optimizer, parameters, grad_clip: float, before_step=None) -> bool:

@@ -63,8 +63,6 @@ def run_training(spec: RunSpec, storage: StorageOptions | None = None) -> dict:
         spec = dataclasses.replace(spec, model=dataclasses.replace(
             spec.model, sam=dataclasses.replace(spec.model.sam, checkpoint=absolute(spec.model.sam.checkpoint))))
     cfg = spec.train
-    if cfg.mode == "pretrain":
-        raise ValueError("train.mode 'pretrain' (the vit_tiny demo base) is not implemented yet")
     require_shared(cfg.storage_path, "--storage-path")
     for uri in (cfg.train_annotations, cfg.val_annotations):
         if uri:
@@ -109,7 +107,9 @@ def run_training(spec: RunSpec, storage: StorageOptions | None = None) -> dict:
           f"{' (relaunch: resuming)' if resumed else ''}", flush=True)
     start = time.perf_counter()
     result = trainer.fit()
-    best = result.best_checkpoints[0][0] if result.best_checkpoints else None
+    # best_checkpoints comes in report order, not ranked: rank by the score checkpoints are kept by
+    scored = [(c, m) for c, m in result.best_checkpoints or [] if "val_score" in m]
+    best = max(scored, key=lambda cm: cm[1]["val_score"])[0] if scored else None
     summary = {
         "job": "train_hypernet",
         "run": run_uri,

@@ -73,3 +73,22 @@ def group_metrics(ious: TaskIoU) -> dict[str, float]:
     metrics = {f"val_miou_{g}": sum(v) / len(v) for g, v in per_group.items()}
     metrics["val_score"] = sum(metrics.values()) / len(metrics) if metrics else 0.0
     return metrics
+
+
+@torch.no_grad()
+def score_tasks(step_module, dataset, image_ids: list[int], rows, text_embeddings: torch.Tensor | None) -> TaskIoU:
+    """`validate` outside a training run: trunk features computed here, on one process."""
+    model = step_module.model
+    entries = []
+    for image_id in image_ids:
+        x, input_size = model.preprocess(dataset.load_image(image_id))
+        entries.append((dataset.images[image_id], model.embed_trunk(x[None])[0], input_size))
+    return validate(step_module, entries, dataset, rows, text_embeddings)
+
+
+def per_task(ious: TaskIoU) -> dict[str, dict[str, float]]:
+    """{group: {task id: IoU}}."""
+    out: dict[str, dict[str, float]] = {}
+    for (task_id, group), value in ious.per_key().items():
+        out.setdefault(group, {})[task_id] = value
+    return out

@@ -65,6 +65,9 @@ def test_two_workers_reduce_the_loss_and_checkpoint_to_s3(ray_cluster, s3, train
     assert len(checkpoints) == 2
     summary = json.loads(read_bytes("s3://talora-test/runs/ddp/summary.json", s3))
     assert summary["final_metrics"]["step"] == 30 and summary["best_checkpoint"]
+    scores = {c.rsplit("/", 1)[1]: json.loads(read_bytes(f"s3://{c}/state.json", s3))["metrics"]["val_score"]
+              for c in checkpoints}
+    assert scores[summary["best_checkpoint"].rstrip("/").rsplit("/", 1)[1]] == max(scores.values())  # ranked, not first
     model = load_task_aware_sam(f"s3://{checkpoints[-1]}/hypernet.safetensors", storage=s3)
     assert len(model.targets) == 36
 
@@ -144,3 +147,24 @@ def test_training_streams_the_embedding_cache_and_refuses_a_mismatched_one(ray_c
     capsys.readouterr()
     assert _train(other, s3, "--embeddings", cache) == 2
     assert "does not match this model" in capsys.readouterr().err
+
+
+def test_pretrain_mode_trains_the_whole_sam_into_a_loadable_base_and_refuses_the_cache(ray_cluster, s3, train_setup,
+                                                                                       capsys):
+    config = train_setup(name="pretrain", mode="pretrain", max_steps=6, val_every=3, prompts_per_image=3)
+    assert _train(config, s3) == 0
+    history = _metrics(s3, "pretrain")
+    assert [h["step"] for h in history] == [1, 2, 3, 4, 5, 6]
+    assert {"val_point_miou", "val_box_miou", "val_head_category", "val_head_color"} <= set(history[-1])
+    assert {"loss_aux_category", "loss_points", "loss_boxes"} <= set(history[0])
+    checkpoints = _checkpoints(s3, "pretrain")
+    assert len(checkpoints) == 2
+    start = build_sam("vit_tiny", "s3://talora-test/models/base.safetensors", s3)
+    trained = build_sam("vit_tiny", f"s3://{checkpoints[-1]}/sam.safetensors", s3)  # loads strictly
+    for name, before in start.state_dict().items():
+        if name.startswith(("image_encoder.blocks.0.", "prompt_encoder.point_embeddings.1.", "mask_decoder.transformer.")):
+            assert not torch.equal(before, trained.state_dict()[name]), f"{name} was not trained"
+
+    capsys.readouterr()
+    assert _train(config, s3, "--name", "pretrain-cached", "--embeddings", "s3://talora-test/cache/run") == 2
+    assert "pretraining trains the trunk itself" in capsys.readouterr().err

@@ -29,9 +29,9 @@ def test_info_text_output_from_the_console_script():
     assert "image_encoder.blocks.3.attn.qkv" in out and "36 targets" in out and "trainable" in out
 
 
-def test_adapter_without_hypernet_writes_a_zero_delta_adapter(tmp_path, capsys):
+def test_adapter_from_the_untrained_hypernet_is_a_zero_delta_adapter(tmp_path, capsys):
     out = tmp_path / "adapter.safetensors"
-    assert main(["adapter", "--prompt", "segment vehicles", "--sam-type", "vit_tiny", "--out", str(out)]) == 0
+    assert main(["adapter", "--prompt", "segment vehicles", "--sam-type", "vit_tiny", "--untrained", "--out", str(out)]) == 0
     adapter, header = load_adapter(str(out), sam_type="vit_tiny")
     assert header.prompt == "segment vehicles" and len(adapter.weights) == 36
     assert all(torch.count_nonzero(adapter.delta_weight(n)) == 0 for n in adapter.weights)

@@ -62,3 +62,15 @@ def test_every_training_preset_loads_and_validates(preset):
     assert spec.train.max_steps > 0 and spec.model.sam.sam_type in ("vit_tiny", "vit_h")
     if spec.train.use_gpu:
         assert spec.train.amp  # T4 / A100 presets train in fp16 AMP
+    if preset == "demo_pretrain.yaml":  # the demo base: the whole vit_tiny SAM, from random init
+        assert spec.train.mode == "pretrain" and spec.model.sam.checkpoint is None and spec.train.aux_weight > 0
+    if preset == "demo_cpu.yaml":  # the demo hypernet, on the shipped base
+        assert spec.train.mode == "hypernet" and spec.model.sam.checkpoint == "demo://sam_vit_tiny.safetensors"
+    if preset == "t4_vit_h.yaml":  # 16 GB: the trunk comes from the embedding cache, small TA-LoRA heads
+        assert spec.train.embeddings and spec.model.hypernet.adapter_type == "tucker"
+
+
+def test_the_demo_presets_are_what_make_demo_models_runs():
+    makefile = (REPO / "Makefile").read_text()
+    assert "configs/demo_pretrain.yaml" in makefile and "configs/demo_cpu.yaml" in makefile
+    assert "demo-models" not in makefile.split("\ntest:")[1].split("\n\n")[0]  # never part of make test

@@ -61,12 +61,12 @@ def test_ground_truth_as_predictions_scores_ap_1_and_miou_1(tmp_path, demo):
 
 def test_unmapped_prompts_are_reported_and_a_task_map_maps_them(tmp_path, demo):
     dataset, annotations = demo
-    predictions = _commit(tmp_path, dataset, {"cars please": "category:car"})
+    predictions = _commit(tmp_path, dataset, {"trucks please": "category:truck"})
     report = evaluate(EvalConfig(predictions, annotations, str(tmp_path / "e1")))
-    assert report["unmapped_prompts"] == ["cars please"] and report["per_task"] == {}
+    assert report["unmapped_prompts"] == ["trucks please"] and report["per_task"] == {}
     assert report["overall"]["AP"] == 0.0  # nothing to score is a zero, not a crash
-    mapped = evaluate(EvalConfig(predictions, annotations, str(tmp_path / "e2"), task_map={"cars please": "category:car"}))
-    assert mapped["per_task"]["category:car"]["AP"] == pytest.approx(1.0)
+    mapped = evaluate(EvalConfig(predictions, annotations, str(tmp_path / "e2"), task_map={"trucks please": "category:truck"}))
+    assert mapped["per_task"]["category:truck"]["AP"] == pytest.approx(1.0)
 
 
 def test_missing_semantic_rows_count_as_empty_predictions(tmp_path, demo):

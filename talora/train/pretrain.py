@@ -1,0 +1,279 @@
+"""Pretraining the demo base: the whole `vit_tiny` SAM, promptable, with semantic trunk features.
+
+Two objectives in one step (DESIGN §1: a base can only be adapted to what its trunk encodes):
+- promptable segmentation, SAM-style: per image, instances prompted by one interior point
+  (multimask output, best of 3 trained) or a jittered box (single output); focal + dice + IoU MSE;
+- auxiliary per-cell heads on the trunk output (exactly where `talora probe` reads): a linear
+  classifier per label key (category and every attribute key, e.g. colour) trained with soft
+  cross-entropy against the cell's area share of each class (background included). Class-agnostic
+  pretraining alone was measured to leave shape identity at chance; these heads put it there.
+
+Shapes: B = images, h x w = the embedding grid, L = the low-res mask grid (4h), Q = prompt rows.
+Everything per image (normalised input, low-res instance masks, cell targets) is computed once
+per worker and memoised: the generator's images are small and the step is the expensive part.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from talora.data.coco import CocoDataset
+from talora.sam import embed_tail, embed_trunk, predict_masks_per_row, preprocess_image
+from talora.storage import StorageOptions
+from talora.train.batches import lowres_target
+from talora.train.losses import mask_iou, mask_losses
+
+BACKGROUND = "<background>"
+
+
+def label_vocab(dataset: CocoDataset) -> dict[str, list[str]]:
+    """{label key: classes}: "category" (the dataset's category names) and every attribute key
+    present on an annotation (its values, sorted). Class 0 of every key is the background."""
+    vocab = {"category": [BACKGROUND] + [c["name"] for c in sorted(dataset.categories.values(), key=lambda c: c["id"])]}
+    values: dict[str, set[str]] = {}
+    for instances in dataset.instances.values():
+        for inst in instances:
+            for key, value in inst.attributes:
+                values.setdefault(key, set()).add(value)
+    for key in sorted(values):
+        vocab[key] = [BACKGROUND] + sorted(values[key])
+    return vocab
+
+
+@dataclass
+class ImageEntry:
+    image: torch.Tensor  # (3, S, S) normalised, padded input (float16 in memory)
+    masks: torch.Tensor  # (n, L, L) low-res instance masks, area shares in [0, 1]
+    boxes: torch.Tensor  # (n, 4) x0, y0, x1, y1 in the input frame
+    cells: dict[str, torch.Tensor]  # key -> (h*w, classes) area share of each class per cell
+
+
+class ImageMemo:
+    """Per-image training tensors, built once per worker."""
+
+    def __init__(self, sam, dataset: CocoDataset, vocab: dict[str, list[str]], storage: StorageOptions) -> None:
+        self.sam, self.dataset, self.vocab, self.storage = sam, dataset, vocab, storage
+        encoder = sam.image_encoder
+        self.size = encoder.img_size
+        self.grid = sam.prompt_encoder.image_embedding_size[0]
+        self.lowres = 4 * self.grid
+        self.memo: dict[int, ImageEntry] = {}
+
+    @torch.no_grad()
+    def __call__(self, image_id: int) -> ImageEntry:
+        if image_id not in self.memo:
+            self.memo[image_id] = self._build(image_id)
+        return self.memo[image_id]
+
+    def _build(self, image_id: int) -> ImageEntry:
+        record = self.dataset.images[image_id]
+        x, input_size = preprocess_image(self.sam, self.dataset.load_image(image_id, self.storage))
+        scale = input_size[0] / record.height
+        instances = [i for i in self.dataset.instances[image_id] if not i.iscrowd]
+        masks = [lowres_target(i.mask(), input_size, self.size, self.lowres) for i in instances]
+        masks = torch.stack(masks) if masks else torch.zeros(0, self.lowres, self.lowres)
+        boxes = torch.tensor([[x0 * scale, y0 * scale, (x0 + w) * scale, (y0 + h) * scale]
+                              for x0, y0, w, h in (i.bbox for i in instances)], dtype=torch.float32).reshape(-1, 4)
+        coverage = F.adaptive_avg_pool2d(masks[None], self.grid)[0].flatten(1) if len(masks) else masks.new_zeros(0, self.grid**2)
+        cells = {}
+        for key, classes in self.vocab.items():
+            share = torch.zeros(self.grid**2, len(classes))
+            for inst, cov in zip(instances, coverage):
+                label = inst.category if key == "category" else inst.attribute(key)
+                if label in classes:
+                    share[:, classes.index(label)] += cov
+            share[:, 0] = (1 - share[:, 1:].sum(1)).clamp(min=0)  # visible masks are disjoint
+            cells[key] = share
+        return ImageEntry(x.half(), masks.half(), boxes, cells)
+
+
+@dataclass
+class PretrainBatch:
+    images: torch.Tensor  # (B, 3, S, S)
+    cells: dict[str, torch.Tensor]  # key -> (B, h*w, classes)
+    point_image: torch.Tensor  # (Qp,) row -> image
+    point_coords: torch.Tensor  # (Qp, 1, 2) input frame
+    point_target: torch.Tensor  # (Qp, L, L)
+    box_image: torch.Tensor  # (Qb,)
+    boxes: torch.Tensor  # (Qb, 4) input frame
+    box_target: torch.Tensor  # (Qb, L, L)
+
+    def to(self, device: torch.device) -> PretrainBatch:
+        return PretrainBatch(**{k: ({kk: vv.to(device) for kk, vv in v.items()} if isinstance(v, dict) else v.to(device))
+                                for k, v in self.__dict__.items()})
+
+
+def interior_point(mask: torch.Tensor, rng: np.random.Generator, size: int) -> tuple[float, float]:
+    """A random (x, y) in the input frame inside a low-res mask (L, L): a fully covered cell, else the most covered."""
+    L = mask.shape[-1]
+    inside = torch.nonzero(mask >= 0.99)
+    if not len(inside):
+        inside = torch.nonzero(mask >= mask.max())
+    y, x = inside[int(rng.integers(len(inside)))].tolist()
+    cell = size / L
+    return (x + float(rng.uniform(0.1, 0.9))) * cell, (y + float(rng.uniform(0.1, 0.9))) * cell
+
+
+def jitter_box(box: torch.Tensor, rng: np.random.Generator, size: int, noise: float = 0.1, max_px: float = 5.0) -> torch.Tensor:
+    """SAM's box noise: each side moves by N(0, noise x side length), at most `max_px`."""
+    w, h = float(box[2] - box[0]), float(box[3] - box[1])
+    sd = np.array([w, h, w, h]) * noise
+    offset = np.clip(rng.normal(0, 1, 4) * sd, -max_px, max_px)
+    out = (box.numpy() + offset).clip(0, size)
+    return torch.tensor([min(out[0], out[2]), min(out[1], out[3]), max(out[0], out[2]), max(out[1], out[3])],
+                        dtype=torch.float32)
+
+
+def build_pretrain_batch(entries: list[ImageEntry], rng: np.random.Generator, prompts_per_image: int,
+                         box_fraction: float, size: int) -> PretrainBatch:
+    point_image, coords, point_target, box_image, boxes, box_target = [], [], [], [], [], []
+    for b, entry in enumerate(entries):
+        n = len(entry.masks)
+        for i in rng.permutation(n)[:prompts_per_image].tolist():
+            if rng.uniform() < box_fraction:
+                box_image.append(b)
+                boxes.append(jitter_box(entry.boxes[i], rng, size))
+                box_target.append(entry.masks[i].float())
+            else:
+                point_image.append(b)
+                coords.append(torch.tensor([interior_point(entry.masks[i], rng, size)], dtype=torch.float32))
+                point_target.append(entry.masks[i].float())
+    L = entries[0].masks.shape[-1] if entries else 0
+    return PretrainBatch(
+        images=torch.stack([e.image.float() for e in entries]),
+        cells={k: torch.stack([e.cells[k] for e in entries]) for k in entries[0].cells},
+        point_image=torch.tensor(point_image, dtype=torch.long),
+        point_coords=torch.stack(coords) if coords else torch.zeros(0, 1, 2),
+        point_target=torch.stack(point_target) if point_target else torch.zeros(0, L, L),
+        box_image=torch.tensor(box_image, dtype=torch.long),
+        boxes=torch.stack(boxes) if boxes else torch.zeros(0, 4),
+        box_target=torch.stack(box_target) if box_target else torch.zeros(0, L, L),
+    )
+
+
+class PretrainStep(nn.Module):
+    """The whole SAM plus one linear per-cell head per label key on the trunk output."""
+
+    def __init__(self, sam, tail_blocks: int, vocab: dict[str, list[str]]) -> None:
+        super().__init__()
+        self.sam = sam
+        self.tail_blocks = tail_blocks
+        dim = sam.image_encoder.patch_embed.proj.out_channels
+        self.heads = nn.ModuleDict({key: nn.Linear(dim, len(classes)) for key, classes in vocab.items()})
+
+    def features(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(trunk (B, h, w, C), image embeddings (B, C', h, w))."""
+        trunk = embed_trunk(self.sam.image_encoder, images, self.tail_blocks)
+        return trunk, embed_tail(self.sam.image_encoder, trunk, self.tail_blocks)
+
+    def decode(self, embeddings: torch.Tensor, coords=None, boxes=None, multimask: bool = True):
+        """Per-row decoding: (masks (Q, M, L, L), iou predictions (Q, M)); M = 3 or 1."""
+        labels = torch.ones(coords.shape[:2], dtype=torch.long, device=coords.device) if coords is not None else None
+        sparse, dense = self.sam.prompt_encoder(points=(coords, labels) if coords is not None else None, boxes=boxes,
+                                                masks=None)
+        dense = dense.expand(len(embeddings), -1, -1, -1)
+        masks, iou_pred, _ = predict_masks_per_row(self.sam, embeddings, sparse, dense)
+        chosen = slice(1, None) if multimask else slice(0, 1)
+        return masks[:, chosen], iou_pred[:, chosen]
+
+    def forward(self, batch: PretrainBatch, config) -> dict[str, torch.Tensor]:
+        trunk, embeddings = self.features(batch.images)
+        loss = torch.zeros((), device=batch.images.device)
+        out = {}
+        cells = trunk.flatten(1, 2)  # (B, h*w, C)
+        for key, head in self.heads.items():
+            aux = cell_loss(head(cells).float(), batch.cells[key])
+            loss = loss + config.aux_weight * aux
+            out[f"loss_aux_{key}"] = aux.detach()
+        for name, rows, kwargs, multimask, target in (
+            ("points", batch.point_image, {"coords": batch.point_coords}, True, batch.point_target),
+            ("boxes", batch.box_image, {"boxes": batch.boxes}, False, batch.box_target),
+        ):
+            if not len(rows):
+                continue
+            masks, iou_pred = self.decode(embeddings[rows], multimask=multimask, **kwargs)
+            seg, iou = mask_losses(masks, iou_pred, target, config.focal_weight, config.dice_weight, config.iou_weight)
+            loss = loss + seg.mean()
+            out.update({f"loss_{name}": seg.mean().detach(), f"iou_{name}": iou.mean()})
+        out["loss"] = loss
+        return out
+
+
+def cell_loss(logits: torch.Tensor, share: torch.Tensor, min_share: float = 0.5) -> torch.Tensor:
+    """Per-cell classification loss: logits and class area shares (..., classes), class 0 = background.
+
+    Soft cross-entropy over every cell (what is where, background included), plus hard cross-entropy
+    over the object classes on object cells (one object covers >= `min_share`) — exactly what the
+    probe scores, and on the demo domain the part that needs shape rather than colour: without it the
+    background cells, most of every image, dominate the loss."""
+    log_p = F.log_softmax(logits, -1)
+    soft = -(share * log_p).sum(-1).mean()
+    objects = share[..., 1:].max(-1)
+    keep = objects.values >= min_share
+    if not keep.any():
+        return soft
+    hard = F.cross_entropy(logits[keep][:, 1:], objects.indices[keep])
+    return soft + hard
+
+
+@torch.no_grad()
+def validate_pretrain(step: PretrainStep, entries: list[ImageEntry], vocab: dict[str, list[str]],
+                      batch_images: int = 8) -> dict[str, list[float]]:
+    """Sums for this worker's share of val images: point-prompt IoU per instance (one interior point,
+    SAM's highest-scoring of 3 masks; the point is the cell centre-most of the instance, so it is
+    deterministic), box IoU per instance (exact box), and per-cell head accuracy on object cells
+    (covered >= 50% by one object; argmax over the object classes, as the probe scores).
+
+    Returns {metric: [sum, count]} so workers can all-reduce."""
+    sums: dict[str, list[float]] = {"val_point_miou": [0.0, 0], "val_box_miou": [0.0, 0],
+                                    **{f"val_head_{k}": [0.0, 0] for k in vocab}}
+    for start in range(0, len(entries), batch_images):
+        chunk = entries[start : start + batch_images]
+        trunk, embeddings = step.features(torch.stack([e.image.float() for e in chunk]))
+        rows, coords, boxes, targets = [], [], [], []
+        for b, e in enumerate(chunk):
+            for i, m in enumerate(e.masks.float()):
+                rows.append(b)
+                coords.append(torch.tensor([_centre_point(m, step.sam.image_encoder.img_size)]))
+                boxes.append(e.boxes[i])
+                targets.append(m)
+            for key, head in step.heads.items():
+                share = e.cells[key]
+                objects = share[:, 1:].max(1)
+                keep = objects.values >= 0.5
+                if keep.any():
+                    predicted = head(trunk[b].flatten(0, 1)[keep])[:, 1:].argmax(1)
+                    sums[f"val_head_{key}"][0] += float((predicted == objects.indices[keep]).sum())
+                    sums[f"val_head_{key}"][1] += int(keep.sum())
+        if not rows:
+            continue
+        rows_t, target = torch.tensor(rows), torch.stack(targets)
+        masks, iou_pred = step.decode(embeddings[rows_t], coords=torch.stack(coords).float())
+        best = masks[torch.arange(len(rows)), iou_pred.argmax(1)]
+        sums["val_point_miou"][0] += float(mask_iou(best, target).sum())
+        sums["val_point_miou"][1] += len(rows)
+        masks, _ = step.decode(embeddings[rows_t], boxes=torch.stack(boxes), multimask=False)
+        sums["val_box_miou"][0] += float(mask_iou(masks[:, 0], target).sum())
+        sums["val_box_miou"][1] += len(rows)
+    return sums
+
+
+def _centre_point(mask: torch.Tensor, size: int) -> tuple[float, float]:
+    """The centre of the most interior low-res cell of `mask` (largest distance to its outside)."""
+    inside = (mask >= 0.5).float()
+    depth = inside.clone()
+    eroded = inside
+    while eroded.any():  # iterated 3x3 erosion: depth = steps survived
+        eroded = -F.max_pool2d(-eroded[None, None], 3, 1, 1)[0, 0]
+        depth += eroded
+    if not inside.any():
+        y, x = divmod(int(mask.argmax()), mask.shape[-1])
+    else:
+        y, x = divmod(int(depth.argmax()), mask.shape[-1])
+    cell = size / mask.shape[-1]
+    return (x + 0.5) * cell, (y + 0.5) * cell

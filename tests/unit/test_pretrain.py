@@ -1,0 +1,122 @@
+"""Pretraining pieces: label vocabularies, per-cell targets, prompt sampling, the step's gradients."""
+
+import types
+
+import numpy as np
+import pytest
+import torch
+
+from talora.data.coco import CocoDataset
+from talora.data.synthetic import write_demo_dataset
+from talora.sam import build_sam
+from talora.train.config import TrainConfig
+from talora.train.pretrain import (
+    BACKGROUND,
+    ImageMemo,
+    PretrainStep,
+    build_pretrain_batch,
+    interior_point,
+    jitter_box,
+    label_vocab,
+    validate_pretrain,
+)
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    written = write_demo_dataset(str(out), num_train=4, num_val=1, seed=5)
+    return CocoDataset.load(written["train"])
+
+
+@pytest.fixture(scope="module")
+def memo(demo):
+    torch.manual_seed(0)
+    sam = build_sam("vit_tiny")
+    return ImageMemo(sam, demo, label_vocab(demo), None)
+
+
+def test_vocab_has_background_first_categories_and_every_attribute_key(demo):
+    vocab = label_vocab(demo)
+    assert list(vocab) == ["category", "color"]
+    assert vocab["category"][0] == BACKGROUND and vocab["category"][1:4] == ["car", "bus", "truck"]
+    assert vocab["color"] == [BACKGROUND, "blue", "green", "purple", "red", "yellow"]
+
+
+def test_cell_targets_are_area_shares_that_sum_to_one(demo, memo):
+    image_id = demo.image_ids[0]
+    entry = memo(image_id)
+    grid = memo.grid
+    for key, share in entry.cells.items():
+        assert share.shape == (grid * grid, len(memo.vocab[key]))
+        assert torch.allclose(share.sum(1), torch.ones(grid * grid), atol=1e-4)
+    # the cell most covered by the first object carries that object's category
+    first = demo.instances[image_id][0]
+    column = memo.vocab["category"].index(first.category)
+    instances = [i for i in demo.instances[image_id] if not i.iscrowd]
+    cover = torch.nn.functional.adaptive_avg_pool2d(entry.masks[instances.index(first)].float()[None, None], grid).flatten()
+    assert entry.cells["category"][int(cover.argmax()), column] >= float(cover.max()) - 1e-3
+    assert entry.masks.shape[0] == len(instances) == entry.boxes.shape[0]
+
+
+def test_points_fall_inside_their_instance_and_boxes_stay_near_theirs(demo, memo):
+    rng = np.random.default_rng(0)
+    entry = memo(demo.image_ids[1])
+    L, size = entry.masks.shape[-1], memo.size
+    for mask in entry.masks.float():
+        for _ in range(20):
+            x, y = interior_point(mask, rng, size)
+            assert mask[int(y * L / size), int(x * L / size)] > 0.5
+    for box in entry.boxes:
+        jittered = jitter_box(box, rng, size)
+        assert (jittered - box).abs().max() <= 5.0 + 1e-4
+        assert jittered[0] <= jittered[2] and jittered[1] <= jittered[3]
+
+
+def test_batches_split_prompts_into_point_and_box_rows(demo, memo):
+    entries = [memo(i) for i in demo.image_ids]
+    rng = np.random.default_rng(1)
+    batch = build_pretrain_batch(entries, rng, prompts_per_image=3, box_fraction=0.5, size=memo.size)
+    expected = sum(min(3, len(e.masks)) for e in entries)
+    assert len(batch.point_image) + len(batch.box_image) == expected > 0
+    assert batch.point_coords.shape == (len(batch.point_image), 1, 2)
+    assert batch.boxes.shape == (len(batch.box_image), 4)
+    only_boxes = build_pretrain_batch(entries, rng, 3, 1.0, memo.size)
+    assert len(only_boxes.point_image) == 0 and len(only_boxes.box_image) == expected
+
+
+def test_every_part_of_sam_and_the_heads_get_gradients(demo, memo):
+    step = PretrainStep(memo.sam, 1, memo.vocab)
+    memo.sam.requires_grad_(True)
+    batch = build_pretrain_batch([memo(i) for i in demo.image_ids], np.random.default_rng(2), 4, 0.5, memo.size)
+    config = TrainConfig(train_annotations="x", mode="pretrain")
+    out = step(batch, config)
+    out["loss"].backward()
+    assert {"loss_aux_category", "loss_aux_color", "loss_points", "loss_boxes"} <= set(out)
+    sam = memo.sam
+    for name, p in (("trunk", sam.image_encoder.blocks[0].attn.qkv.weight),
+                    ("patch embedding", sam.image_encoder.patch_embed.proj.weight),
+                    ("point embedding", sam.prompt_encoder.point_embeddings[1].weight),
+                    ("box corner embedding", sam.prompt_encoder.point_embeddings[2].weight),
+                    ("decoder", sam.mask_decoder.transformer.layers[0].self_attn.q_proj.weight),
+                    ("category head", step.heads["category"].weight)):
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    step.zero_grad(set_to_none=True)
+
+    # aux_weight 0: the masks still train the trunk, the heads get nothing
+    zero = types.SimpleNamespace(**{**config.__dict__, "aux_weight": 0.0})
+    step(batch, zero)["loss"].backward()
+    assert step.heads["category"].weight.grad.abs().sum() == 0
+    assert sam.image_encoder.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
+    step.zero_grad(set_to_none=True)
+    memo.sam.requires_grad_(False)
+
+
+def test_validation_scores_a_perfect_head_and_reports_every_metric(demo, memo):
+    step = PretrainStep(memo.sam, 1, memo.vocab).eval()
+    entries = [memo(i) for i in demo.image_ids]
+    sums = validate_pretrain(step, entries, memo.vocab)
+    assert set(sums) == {"val_point_miou", "val_box_miou", "val_head_category", "val_head_color"}
+    n_instances = sum(len(e.masks) for e in entries)
+    assert sums["val_point_miou"][1] == sums["val_box_miou"][1] == n_instances
+    assert 0 <= sums["val_head_category"][0] <= sums["val_head_category"][1] > 0
