@@ -12,6 +12,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+import yaml
 
 from talora.data.synthetic import write_demo_dataset
 
@@ -83,18 +84,21 @@ def head(tmp_path):
 
 
 def test_working_dir_package_stays_small_with_venv_and_data_present(tmp_path):
-    # What `ray job submit --working-dir .` uploads: Ray's own packer, honouring .gitignore.
+    # What `ray job submit --runtime-env cluster/runtime_env.yaml` uploads: Ray's own packer,
+    # honouring .gitignore and the runtime env's excludes (.git: a clone's history holds every
+    # past version of the shipped models).
     from ray._private.runtime_env.packaging import _zip_files
 
     (REPO / "data").mkdir(exist_ok=True)  # a clone that holds data and (in CI) .venv
     out = tmp_path / "pkg.zip"
-    _zip_files(str(REPO), [], str(out), include_gitignore=True)
+    excludes = yaml.safe_load((REPO / "cluster" / "runtime_env.yaml").read_text())["excludes"]
+    _zip_files(str(REPO), excludes, str(out), include_gitignore=True)
     names = zipfile.ZipFile(out).namelist()
     models = sum(zipfile.ZipFile(out).getinfo(f"talora/assets/demo/{n}").compress_size
                  for n in ("sam_vit_tiny.safetensors", "hypernet.safetensors"))  # the shipped demo models travel too
     assert out.stat().st_size - models < 2 * 2**20 and models < 12 * 2**20, f"{out.stat().st_size} bytes"
     files = [n for n in names if not n.endswith("/")]  # an empty directory entry carries no bytes
-    assert not any(n.startswith((".venv/", "data/", "runs/")) for n in files)
+    assert not any(n.startswith((".venv/", "data/", "runs/", ".git/")) for n in files)
     assert "jobs/segment_dataset.py" in names and "talora/label.py" in names
 
 
