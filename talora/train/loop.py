@@ -67,7 +67,6 @@ def train_loop_per_worker(loop_config: dict) -> None:
     from talora.tasks import TaskSet
     from talora.text import TextEncoder
     from talora.train.batches import build_batch
-    from talora.train.config import load_run_spec
     from talora.train.step import TrainStep
     from talora.train.validate import (
         group_metrics,
@@ -76,16 +75,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
         validation_rows,
     )
 
-    spec = load_run_spec(loop_config["spec"])
+    spec, storage, rank, world, device = worker_setup(loop_config)
     if spec.train.mode == "pretrain":
         return pretrain_loop_per_worker(loop_config)
     cfg = spec.train
-    storage = StorageOptions(**loop_config["storage"])
-    context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
-    device = ray.train.torch.get_device()
-    torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
-    torch.manual_seed(cfg.seed)  # identical trainable init on every worker (DDP broadcasts anyway)
 
     # --- model, trainable modules, optimiser ---------------------------------------------------
     model = build_task_aware_sam(spec.model, storage=storage).to(device)
@@ -194,7 +187,6 @@ def pretrain_loop_per_worker(loop_config: dict) -> None:
 
     from talora.data.coco import CocoDataset
     from talora.sam import build_sam, save_sam
-    from talora.train.config import load_run_spec
     from talora.train.pretrain import (
         ImageMemo,
         PretrainStep,
@@ -203,14 +195,8 @@ def pretrain_loop_per_worker(loop_config: dict) -> None:
         validate_pretrain,
     )
 
-    spec = load_run_spec(loop_config["spec"])
+    spec, storage, rank, world, device = worker_setup(loop_config)
     cfg = spec.train
-    storage = StorageOptions(**loop_config["storage"])
-    context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
-    device = ray.train.torch.get_device()
-    torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
-    torch.manual_seed(cfg.seed)
 
     train_set = CocoDataset.load(cfg.train_annotations, cfg.train_image_root, storage)
     vocab = label_vocab(train_set)
@@ -291,6 +277,21 @@ def _reduce_means(sums: dict[str, list[float]], device: torch.device) -> dict[st
 
 
 # --- shared by both loops: schedule, resume, checkpoints -------------------------------------------
+
+
+def worker_setup(loop_config: dict):
+    """(spec, storage, rank, world size, device) of this worker; threads and seed set."""
+    import ray.train
+    import ray.train.torch
+
+    from talora.train.config import load_run_spec
+
+    spec = load_run_spec(loop_config["spec"])
+    context = ray.train.get_context()
+    torch.set_num_threads(max(1, int(spec.train.cpus_per_worker)))
+    torch.manual_seed(spec.train.seed)  # identical trainable init on every worker (DDP broadcasts anyway)
+    return (spec, StorageOptions(**loop_config["storage"]), context.get_world_rank(), context.get_world_size(),
+            ray.train.torch.get_device())
 
 
 def lr_scheduler(optimizer, cfg) -> torch.optim.lr_scheduler.LambdaLR:
