@@ -25,7 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-workers", type=int)
     p.add_argument("--cpus-per-worker", type=float)
     p.add_argument("--use-gpu", action="store_true", default=None)
-    p.add_argument("--amp", action="store_true", default=None, help="fp16 autocast + GradScaler")
+    p.add_argument("--amp", action="store_true", default=None, help="autocast (fp16 + GradScaler unless --amp-dtype)")
+    p.add_argument("--amp-dtype", choices=("float16", "bfloat16"), help="bfloat16 on A100/H100 (no overflow, no scaler)")
     p.add_argument("--storage-path", help="checkpoints and metrics: local path or URI")
     p.add_argument("--name", help="run name; the same name + storage path resumes")
     p.add_argument("--max-steps", type=int)
@@ -42,8 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def overrides_from_args(args: argparse.Namespace) -> dict:
-    train_flags = ("mode", "num_workers", "cpus_per_worker", "use_gpu", "amp", "storage_path", "name", "max_steps",
-                   "val_every", "max_failures", "embeddings", "train_annotations", "val_annotations", "task")
+    train_flags = ("mode", "num_workers", "cpus_per_worker", "use_gpu", "amp", "amp_dtype", "storage_path", "name",
+                   "max_steps", "val_every", "max_failures", "embeddings", "train_annotations", "val_annotations", "task")
     overrides: dict = {"train": {k: getattr(args, k) for k in train_flags if getattr(args, k) is not None}}
     if args.adapter_type:
         overrides.setdefault("model", {})["hypernet"] = {"adapter_type": args.adapter_type}

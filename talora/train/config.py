@@ -44,7 +44,8 @@ class TrainConfig:
     val_every: int = 100  # validation + checkpoint every N steps (and at the last step)
     val_images: int = 32  # validation images (sharded across workers)
     log_every: int = 10
-    amp: bool = False  # fp16 autocast + GradScaler on CUDA; opt-in on CPU
+    amp: bool = False  # autocast on CUDA (opt-in on CPU), in `amp_dtype`
+    amp_dtype: str = "float16"  # float16 (+ GradScaler; T4) | bfloat16 (fp32's range, no scaler; A100/H100)
     seed: int = 0
     num_workers: int = 1
     use_gpu: bool = False
@@ -64,6 +65,8 @@ class TrainConfig:
                 problems.append(f"train.{name} must be >= 1, got {getattr(self, name)}")
         if self.lr_schedule not in ("constant", "cosine"):
             problems.append(f"train.lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}")
+        if self.amp_dtype not in ("float16", "bfloat16"):
+            problems.append(f"train.amp_dtype must be 'float16' or 'bfloat16', got {self.amp_dtype!r}")
         if not 0.0 <= self.box_fraction <= 1.0:
             problems.append(f"train.box_fraction must be in [0, 1], got {self.box_fraction}")
         if self.mode == "pretrain" and self.embeddings:

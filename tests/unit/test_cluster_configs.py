@@ -61,7 +61,8 @@ def test_every_training_preset_loads_and_validates(preset):
     spec = load_run_spec((REPO / "configs" / preset).read_text())
     assert spec.train.max_steps > 0 and spec.model.sam.sam_type in ("vit_tiny", "vit_h")
     if spec.train.use_gpu:
-        assert spec.train.amp  # T4 / A100 presets train in fp16 AMP
+        assert spec.train.amp  # T4 / A100 presets train with AMP: fp16 on the T4 (no bf16), bf16 on the A100
+        assert spec.train.amp_dtype == ("float16" if preset.startswith("t4") else "bfloat16")
     if preset == "demo_pretrain.yaml":  # the demo base: the whole vit_tiny SAM, from random init
         assert spec.train.mode == "pretrain" and spec.model.sam.checkpoint is None and spec.train.aux_weight > 0
     if preset == "demo_cpu.yaml":  # the demo hypernet, on the shipped base

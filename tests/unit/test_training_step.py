@@ -114,3 +114,25 @@ def test_run_spec_is_strict_and_checks_values_before_any_worker():
     spec = load_run_spec("model:\n  sam:\n    sam_type: vit_b\ntrain:\n  train_annotations: a.json\n",
                          {"train": {"max_steps": 7}})
     assert spec.train.max_steps == 7 and spec.model.hypernet.hidden_dim == 512  # the variant's defaults
+
+
+def test_a_non_finite_loss_stops_training_with_advice_instead_of_skipping_forever(demo):
+    torch.manual_seed(0)
+    model = build_task_aware_sam(default_config("vit_tiny"))
+    step = TrainStep(model, StaticLora(model.targets, 4, 2.0))
+    out = step(_batch(model, demo), None, TrainConfig(train_annotations="x"))
+    optimiser = torch.optim.AdamW(step.parameters(), lr=1e-3)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    with pytest.raises(FloatingPointError, match="amp_dtype: bfloat16"):
+        backward_and_step(out["loss"] * float("inf"), scaler, optimiser, step.parameters(), 1.0)
+
+
+def test_bf16_amp_runs_without_a_scaler_and_fp16_with_one():
+    from talora.train.loop import grad_scaler
+
+    cpu = torch.device("cpu")
+    assert grad_scaler(TrainConfig(train_annotations="x", amp=True), cpu).is_enabled()
+    assert not grad_scaler(TrainConfig(train_annotations="x", amp=True, amp_dtype="bfloat16"), cpu).is_enabled()
+    assert not grad_scaler(TrainConfig(train_annotations="x", amp=False), cpu).is_enabled()
+    with pytest.raises(ValueError, match="amp_dtype"):
+        TrainConfig(train_annotations="x", amp_dtype="float8")
