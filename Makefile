@@ -72,6 +72,7 @@ demo-models: setup
 # colour x category) on the installed base, then the report with them beside the hypernet.
 STATIC_TASKS ?= category:circle supercategory:vehicle color:red color:yellow+category:car
 demo-compare: setup
+	rm -rf $(MODELS_RUNS)/static-* $(MODELS_RUNS)/report-compare  # a same-named run would resume, on the old base
 	for task in $(STATIC_TASKS); do \
 		$(OFFLINE) $(PY) jobs/train_hypernet.py --config configs/demo_cpu.yaml --mode static --task $$task \
 			--name static-$$(echo $$task | tr ':+' '__') || exit 1; \

@@ -33,7 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-annotations", required=True, help="COCO JSON the probe is fitted on")
     p.add_argument("--val-annotations", required=True, help="COCO JSON everything is scored on")
     p.add_argument("--val-images", type=int, default=40, help="validation images scored")
-    p.add_argument("--probe-images", type=int, default=64, help="images per side of the linear probe")
+    p.add_argument("--probe-train-images", type=int, default=512, help="training images the linear probe is fitted on")
+    p.add_argument("--probe-test-images", type=int, default=100, help="validation images the linear probe is scored on")
     p.add_argument("--static-run", action="append", default=[], help="a static-mode run folder (repeatable)")
     p.add_argument("--out", required=True, help="output folder: report.json, report.md")
     add_storage_flags(p)
@@ -95,7 +96,8 @@ def report(args, storage) -> dict:
     memo = ImageMemo(sam, val, {}, storage)
     sums = validate_pretrain(PretrainStep(sam, model.tail_blocks, {}).eval(), [memo(i) for i in image_ids], {})
     out["base"] = {k: s / c for k, (s, c) in sums.items() if c}
-    probes = probe_base(sam, train, val, model.tail_blocks, max_images=args.probe_images, storage=storage)
+    probes = probe_base(sam, train, val, model.tail_blocks, train_images=args.probe_train_images,
+                        test_images=args.probe_test_images, storage=storage)
     out["probe"] = {r.key: {"accuracy": r.accuracy, "chance": r.chance, "test_cells": r.test_cells} for r in probes}
 
     # --- the hypernet, its floor and the references -------------------------------------------

@@ -228,7 +228,8 @@ def cmd_probe(args: argparse.Namespace) -> int:
         half = len(train.image_ids) // 2
         train.images = {i: train.images[i] for i in train.image_ids[:half]}
         test.images = {i: test.images[i] for i in test.image_ids[half:]}
-    results = probe_base(sam, train, test, config.tail_blocks, max_images=args.max_images, storage=storage)
+    results = probe_base(sam, train, test, config.tail_blocks, train_images=args.train_images,
+                         test_images=args.test_images, storage=storage)
     if args.json:
         print(json.dumps([r.__dict__ for r in results], indent=1))
         return 0
@@ -351,7 +352,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     p.add_argument("--annotations", required=True, help="COCO JSON to fit on (and to score on, split in half)")
     p.add_argument("--val-annotations", default=None, help="COCO JSON to score on")
-    p.add_argument("--max-images", type=int, default=64)
+    p.add_argument("--train-images", type=int, default=512, help="images the probe is fitted on")
+    p.add_argument("--test-images", type=int, default=100, help="images it is scored on")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_probe)
 

@@ -4,6 +4,9 @@ DESIGN §1: a base can only be adapted to what its trunk encodes. The probe take
 feature at every embedding cell that lies inside an object (>= `min_coverage` of the cell), labels
 it with that object's category, supercategory or colour, fits a multinomial logistic regression on
 training images and reports accuracy on held-out images, beside the majority-class chance level.
+The probe is fitted on hundreds of images with weight decay: fitted on 64 it reaches 100% training
+accuracy and under-reads the features (measured on a demo base: 0.811 fitted on 64 training
+images vs 0.834 on 512, scored on the same 64 test images).
 
 Shapes: h x w = the embedding grid, C = trunk channels, N = labelled cells.
 """
@@ -78,7 +81,7 @@ class ProbeResult:
 
 
 def linear_probe(x_train: np.ndarray, y_train: list[str], x_test: np.ndarray, y_test: list[str], key: str = "",
-                 epochs: int = 300, lr: float = 0.05, weight_decay: float = 1e-4, seed: int = 0) -> ProbeResult:
+                 epochs: int = 300, lr: float = 0.05, weight_decay: float = 1e-2, seed: int = 0) -> ProbeResult:
     """Multinomial logistic regression (full batch, standardised features); test accuracy."""
     classes = sorted(set(y_train))
     if len(classes) < 2:
@@ -104,13 +107,14 @@ def linear_probe(x_train: np.ndarray, y_train: list[str], x_test: np.ndarray, y_
     return ProbeResult(key, accuracy, float(counts.max() / max(1, counts.sum())), len(y_train), len(keep), len(classes))
 
 
-def probe_base(sam, train: CocoDataset, test: CocoDataset, tail_blocks: int, keys=KEYS, max_images: int = 64,
-               storage: StorageOptions | None = None) -> list[ProbeResult]:
-    """Probe accuracy per key: fit on `train` images, score on `test` images."""
+def probe_base(sam, train: CocoDataset, test: CocoDataset, tail_blocks: int, keys=KEYS, train_images: int = 512,
+               test_images: int = 100, storage: StorageOptions | None = None) -> list[ProbeResult]:
+    """Probe accuracy per key: fit on the first `train_images` of `train`, score on the first
+    `test_images` of `test`."""
     results = []
     for key in keys:
-        x_train, y_train = collect(sam, train, train.image_ids[:max_images], tail_blocks, key, storage)
-        x_test, y_test = collect(sam, test, test.image_ids[:max_images], tail_blocks, key, storage)
+        x_train, y_train = collect(sam, train, train.image_ids[:train_images], tail_blocks, key, storage)
+        x_test, y_test = collect(sam, test, test.image_ids[:test_images], tail_blocks, key, storage)
         if not y_train or not y_test:
             continue  # the dataset has no such label (e.g. no colour attributes)
         results.append(linear_probe(x_train, y_train, x_test, y_test, key))
