@@ -17,7 +17,6 @@ Numbers belong to the machine they were taken on: the JSON records it.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import platform
@@ -79,19 +78,19 @@ def main(argv=None) -> int:
     from talora.train.step import TrainStep
 
     device = torch.device(args.device)
-    written = write_demo_dataset(tempfile.mkdtemp(prefix="talora-bench-"), num_train=8, num_val=1, seed=21)
-    dataset = CocoDataset.load(written["train"])
-    images = {i: dataset.load_image(i) for i in dataset.image_ids}
+    with tempfile.TemporaryDirectory(prefix="talora-bench-") as tmp:
+        dataset = CocoDataset.load(write_demo_dataset(tmp, num_train=8, num_val=1, seed=21)["train"])
+        images = {i: dataset.load_image(i) for i in dataset.image_ids}
+        memo = pretrain_memo(dataset) if args.sam_type == "vit_tiny" else None  # reads the images too
     results: dict[str, float] = {}
     peaks: dict[str, float] = {}
     overflowed: list[str] = []
     bench = lambda fn: timed(fn, device, args.repeats, args.warmup)
 
-    tiny = args.sam_type == "vit_tiny"
     if not args.skip_label:
         results["label_image_s"] = label_latency(args.sam_type, images, device, bench)
 
-    # train: the hypernet step on cached trunk features (8 images x 2 tasks)
+    # train: the hypernet step on cached trunk features (batch_images x tasks_per_image rows)
     torch.manual_seed(0)
     trained = build_task_aware_sam(model_config).to(device)
     records = [dataset.images[i] for i in dataset.image_ids[: args.batch_images]]
@@ -104,7 +103,7 @@ def main(argv=None) -> int:
     batch = build_batch(records, trunk, [s for _, s in inputs], dataset, tasks, {t.id: t.train_prompts for t in tasks},
                         np.random.default_rng(0), size, lowres, args.tasks_per_image, 1).to(device)
     step = TrainStep(trained, trained.hypernet)
-    text = torch.randn(len(batch.prompts), 384, device=device)
+    text = torch.randn(len(batch.prompts), model_config.hypernet.text_dim, device=device)
     for amp_dtype in (None, "float16", "bfloat16") if device.type == "cuda" else (None,):
         config = TrainConfig(train_annotations="x", amp=amp_dtype is not None, amp_dtype=amp_dtype or "float16")
         optimiser = torch.optim.AdamW(step.parameters(), lr=1e-4)
@@ -126,14 +125,14 @@ def main(argv=None) -> int:
         if device.type == "cuda":  # the frozen SAM, the trainable modules, optimiser state and one step's activations
             peaks[f"train_step_{amp_dtype or 'fp32'}_peak_gb"] = torch.cuda.max_memory_allocated() / 2**30
 
-    if tiny:
-        results["pretrain_step_s"] = pretrain_step(dataset, device, bench)
+    if memo is not None:
+        results["pretrain_step_s"] = pretrain_step(memo, dataset, device, bench)
 
     machine = torch.cuda.get_device_name() if device.type == "cuda" else f"{platform.processor() or 'cpu'}"
     report = {"device": device.type, "machine": machine, "sam_type": args.sam_type,
               "torch_threads": torch.get_num_threads(), "torch": torch.__version__, "repeats": args.repeats,
-              "batch_images": args.batch_images, "tasks_per_image": args.tasks_per_image, "median_s": results, "peak_memory_gb": peaks,
-              "train_overflowed": overflowed}
+              "batch_images": args.batch_images, "tasks_per_image": args.tasks_per_image, "median_s": results,
+              "peak_memory_gb": peaks, "train_overflowed": overflowed}
     for name, seconds in results.items():
         print(f"{name:<22} {seconds * 1e3:8.1f} ms")
     for name, gb in peaks.items():
@@ -174,24 +173,27 @@ def label_latency(sam_type: str, images: dict, device: torch.device, bench) -> f
     return bench(lambda: predictor.predict(images[next(cycle)], ["segment vehicles", "segment red objects"]))
 
 
-def pretrain_step(dataset, device: torch.device, bench) -> float:
-    """The whole vit_tiny SAM, 8 images x 4 prompts."""
+def pretrain_memo(dataset):
+    """A random vit_tiny and its per-image pretraining tensors (built while the images exist)."""
     from talora.sam import build_sam
+    from talora.train.pretrain import ImageMemo, label_vocab
+
+    memo = ImageMemo(build_sam("vit_tiny"), dataset, label_vocab(dataset), None)
+    for image_id in dataset.image_ids:
+        memo(image_id)
+    return memo
+
+
+def pretrain_step(memo, dataset, device: torch.device, bench) -> float:
+    """The whole vit_tiny SAM, 8 images x 4 prompts (configs/demo_pretrain.yaml's batch)."""
     from talora.train.config import TrainConfig
     from talora.train.loop import backward_and_step
-    from talora.train.pretrain import (
-        ImageMemo,
-        PretrainStep,
-        build_pretrain_batch,
-        label_vocab,
-    )
+    from talora.train.pretrain import PretrainStep, build_pretrain_batch
 
-    sam = build_sam("vit_tiny")
-    vocab = label_vocab(dataset)
-    memo = ImageMemo(sam, dataset, vocab, None)
+    sam = memo.sam
     pre_batch = build_pretrain_batch([memo(i) for i in dataset.image_ids[:8]], np.random.default_rng(0), 4, 0.5,
                                      sam.image_encoder.img_size).to(device)
-    pre = PretrainStep(copy.deepcopy(sam).requires_grad_(True), 1, vocab).to(device)
+    pre = PretrainStep(sam.requires_grad_(True), 1, memo.vocab).to(device)
     pre_config = TrainConfig(train_annotations="x", mode="pretrain", aux_weight=10.0)
     pre_optimiser = torch.optim.AdamW(pre.parameters(), lr=1e-4)
     pre_scaler = torch.amp.GradScaler(device.type, enabled=False)

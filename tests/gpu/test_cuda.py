@@ -7,6 +7,7 @@ import copy
 import numpy as np
 import pytest
 import torch
+from pycocotools import mask as mask_utils
 
 from talora.config import default_config
 from talora.data.coco import CocoDataset, decode_image
@@ -123,8 +124,6 @@ def test_shipped_models_predict_the_same_masks_on_cuda_as_on_cpu(cuda):
             sem_b = [d for d in b[prompt] if d.kind == "semantic"]
             assert len(sem_a) == len(sem_b), prompt
             for x, y in zip(sem_a, sem_b):
-                from pycocotools import mask as mask_utils
-
                 iou = mask_utils.iou([x.rle], [y.rle], [0])[0, 0]
                 assert iou > 0.98 and abs(x.score - y.score) < 1e-3
                 compared += 1
