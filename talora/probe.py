@@ -54,20 +54,24 @@ def cell_labels(instances: list[Instance], input_size: tuple[int, int], image_si
 
 
 @torch.no_grad()
-def collect(sam, dataset: CocoDataset, image_ids: list[int], tail_blocks: int, key: str,
-            storage: StorageOptions | None = None) -> tuple[np.ndarray, list[str]]:
-    """(N x C trunk features, N labels) over the labelled cells of `image_ids`."""
-    features, labels = [], []
+def collect(sam, dataset: CocoDataset, image_ids: list[int], tail_blocks: int, keys=KEYS,
+            storage: StorageOptions | None = None) -> dict[str, tuple[np.ndarray, list[str]]]:
+    """{key: (N x C trunk features, N labels)} over the labelled cells of `image_ids`; the trunk runs
+    once per image for every key."""
+    features: dict[str, list[np.ndarray]] = {key: [] for key in keys}
+    labels: dict[str, list[str]] = {key: [] for key in keys}
     for image_id in image_ids:
         x, input_size = preprocess_image(sam, dataset.load_image(image_id, storage))
         trunk = embed_trunk(sam.image_encoder, x[None], tail_blocks)[0]  # (h, w, C)
         h, w, C = trunk.shape
-        cells = cell_labels(dataset.instances[image_id], input_size, sam.image_encoder.img_size, (h, w), key)
-        if cells:
-            index = torch.tensor(sorted(cells))
-            features.append(trunk.reshape(h * w, C)[index].float().numpy())
-            labels += [cells[c] for c in sorted(cells)]
-    return (np.concatenate(features) if features else np.zeros((0, 1), np.float32)), labels
+        for key in keys:
+            cells = cell_labels(dataset.instances[image_id], input_size, sam.image_encoder.img_size, (h, w), key)
+            if cells:
+                order = sorted(cells)
+                features[key].append(trunk.reshape(h * w, C)[torch.tensor(order)].float().numpy())
+                labels[key] += [cells[c] for c in order]
+    return {key: (np.concatenate(features[key]) if features[key] else np.zeros((0, 1), np.float32), labels[key])
+            for key in keys}
 
 
 @dataclass
@@ -111,10 +115,11 @@ def probe_base(sam, train: CocoDataset, test: CocoDataset, tail_blocks: int, key
                test_images: int = 100, storage: StorageOptions | None = None) -> list[ProbeResult]:
     """Probe accuracy per key: fit on the first `train_images` of `train`, score on the first
     `test_images` of `test`."""
+    fitted = collect(sam, train, train.image_ids[:train_images], tail_blocks, keys, storage)
+    scored = collect(sam, test, test.image_ids[:test_images], tail_blocks, keys, storage)
     results = []
     for key in keys:
-        x_train, y_train = collect(sam, train, train.image_ids[:train_images], tail_blocks, key, storage)
-        x_test, y_test = collect(sam, test, test.image_ids[:test_images], tail_blocks, key, storage)
+        (x_train, y_train), (x_test, y_test) = fitted[key], scored[key]
         if not y_train or not y_test:
             continue  # the dataset has no such label (e.g. no colour attributes)
         results.append(linear_probe(x_train, y_train, x_test, y_test, key))

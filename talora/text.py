@@ -54,6 +54,7 @@ class TextEncoder:
         prompts = validate_prompts(prompts)
         new = sorted({p for p in prompts if p not in self._cache})
         if new:
-            vectors = self.model.encode(new, convert_to_tensor=True, normalize_embeddings=True).float().cpu()
+            vectors = self.model.encode(new, convert_to_tensor=True, normalize_embeddings=True,
+                                        show_progress_bar=False).float().cpu()  # no bar per call in worker logs
             self._cache.update(zip(new, vectors))
         return torch.stack([self._cache[p] for p in prompts])

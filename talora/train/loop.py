@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import tempfile
 import time
 
@@ -151,8 +152,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             elapsed = time.perf_counter() - started
             rate = samples / elapsed
             eta = (cfg.max_steps - done) * elapsed / (done - start_step)
-            print(f"train: step {done}/{cfg.max_steps} loss {metrics['loss']:.4f} "
-                  f"{rate:.1f} samples/s eta {eta:.0f}s", flush=True)
+            say(f"train: step {done}/{cfg.max_steps} loss {metrics['loss']:.4f} {rate:.1f} samples/s eta {eta:.0f}s")
         if rank == 0:
             history.append(metrics)
 
@@ -169,7 +169,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             report = {**metrics, **val}
             if rank == 0:
                 history[-1] = report
-                print("train: validation " + " ".join(f"{k} {v:.4f}" for k, v in val.items()), flush=True)
+                say("train: validation " + " ".join(f"{k} {v:.4f}" for k, v in val.items()))
                 save_checkpoint(loop_config, storage, history, report, step_module, optimizer, scheduler, scaler,
                                 spec, lambda d: _write_artifact(d, model, source, spec))
             else:
@@ -239,10 +239,9 @@ def pretrain_loop_per_worker(loop_config: dict) -> None:
                    "start_step": start_step, "worker_nodes": worker_nodes}
         if rank == 0 and (done % cfg.log_every == 0 or done == cfg.max_steps):
             elapsed = time.perf_counter() - started
-            print(f"pretrain: step {done}/{cfg.max_steps} loss {metrics['loss']:.4f} "
-                  + " ".join(f"{k} {v:.3f}" for k, v in metrics.items() if k.startswith(("loss_", "iou_")))
-                  + f" {samples / elapsed:.1f} images/s eta {(cfg.max_steps - done) * elapsed / (done - start_step):.0f}s",
-                  flush=True)
+            say(f"pretrain: step {done}/{cfg.max_steps} loss {metrics['loss']:.4f} "
+                + " ".join(f"{k} {v:.3f}" for k, v in metrics.items() if k.startswith(("loss_", "iou_")))
+                + f" {samples / elapsed:.1f} images/s eta {(cfg.max_steps - done) * elapsed / (done - start_step):.0f}s")
         if rank == 0:
             history.append(metrics)
 
@@ -256,7 +255,7 @@ def pretrain_loop_per_worker(loop_config: dict) -> None:
             report = {**metrics, **val}
             if rank == 0:
                 history[-1] = report
-                print("pretrain: validation " + " ".join(f"{k} {v:.4f}" for k, v in val.items()), flush=True)
+                say("pretrain: validation " + " ".join(f"{k} {v:.4f}" for k, v in val.items()))
                 save_checkpoint(loop_config, storage, history, report, step_module, optimizer, scheduler, scaler,
                                 spec, lambda d: save_sam(sam, os.path.join(d, "sam.safetensors")))
             else:
@@ -323,7 +322,7 @@ def resume(loop_config: dict, step_module, optimizer, scheduler, scaler, device,
             start_step = json.load(f)["step"]
     history = _read_history(loop_config["run_uri"], StorageOptions(**loop_config["storage"]), start_step)
     if rank == 0:
-        print(f"train: resumed from step {start_step}", flush=True)
+        say(f"train: resumed from step {start_step}")
     return start_step, history
 
 
@@ -362,6 +361,13 @@ def save_checkpoint(loop_config: dict, storage: StorageOptions, history: list[di
             f.write(dump_run_spec(spec))
         write_artifact(d)
         ray.train.report(report, checkpoint=Checkpoint.from_directory(d))
+
+
+def say(line: str) -> None:
+    """One progress line on the worker's stdout, shown once by the driver. Ray Train V2 patches
+    `print` in workers to tee into its logger as well, and both copies reached the console."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
 
 
 def autocast(cfg, device: torch.device):

@@ -44,3 +44,19 @@ def test_probe_command_reports_each_key_with_its_chance_level(tmp_path, capsys):
     results = {r["key"]: r for r in json.loads(capsys.readouterr().out)}
     assert set(results) == {"category", "supercategory", "color"}
     assert all(0 <= r["accuracy"] <= 1 and 0 < r["chance"] <= 1 and r["test_cells"] > 0 for r in results.values())
+
+
+def test_probe_is_fitted_on_the_first_train_images_and_scored_on_the_first_test_images(tmp_path):
+    from talora.data.synthetic import write_demo_dataset
+    from talora.probe import collect, probe_base
+    from talora.sam import build_sam
+
+    written = write_demo_dataset(str(tmp_path / "demo"), num_train=6, num_val=5, seed=2)
+    train, test = CocoDataset.load(written["train"]), CocoDataset.load(written["val"])
+    torch.manual_seed(0)
+    sam = build_sam("vit_tiny")
+    (result,) = probe_base(sam, train, test, 1, keys=("category",), train_images=4, test_images=2)
+    fitted = collect(sam, train, train.image_ids[:4], 1, ("category",))["category"][1]
+    scored = collect(sam, test, test.image_ids[:2], 1, ("category",))["category"][1]
+    assert result.train_cells == len(fitted) < len(collect(sam, train, train.image_ids, 1, ("category",))["category"][1])
+    assert result.test_cells == sum(label in set(fitted) for label in scored)  # unseen classes cannot be scored
