@@ -43,6 +43,7 @@ class TrainConfig:
     aux_weight: float = 1.0
     val_every: int = 100  # validation + checkpoint every N steps (and at the last step)
     val_images: int = 32  # validation images (sharded across workers)
+    memo_gb: float = 4.0  # per worker and memo (train, val): CPU memory for per-image trunk features / inputs
     log_every: int = 10
     amp: bool = False  # autocast on CUDA (opt-in on CPU), in `amp_dtype`
     amp_dtype: str = "float16"  # float16 (+ GradScaler; T4) | bfloat16 (fp32's range, no scaler; A100/H100)
@@ -74,6 +75,8 @@ class TrainConfig:
                             "the trunk itself, so it cannot use a cache (drop --embeddings)")
         if self.lr <= 0:
             problems.append(f"train.lr must be > 0, got {self.lr}")
+        if self.memo_gb < 0:
+            problems.append(f"train.memo_gb must be >= 0 (0 = rebuild every image when drawn), got {self.memo_gb}")
         if self.cpus_per_worker <= 0:
             problems.append(f"train.cpus_per_worker must be > 0, got {self.cpus_per_worker}")
         if not self.train_annotations:

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from talora.storage import StorageOptions, join, read_bytes, write_bytes
+from talora.train.memo import LruMemo
 from talora.weights import read_weights, write_weights
 
 CHECKPOINT_FILES = ("trainable.safetensors", "optimizer.pt", "state.json", "config.yaml")
@@ -41,20 +42,18 @@ def _task_list(tasks, spec):
     return [tasks.by_id[spec.train.task]], [tasks.by_id[spec.train.task]]
 
 
-class TrunkMemo:
-    """Trunk features per image id, computed once per worker (the trunk is frozen)."""
+class TrunkMemo(LruMemo[int, tuple[torch.Tensor, tuple[int, int]]]):
+    """(trunk features (h, w, C), input size) per image id: computed on `device` once per worker (the
+    trunk is frozen), kept in CPU memory up to `max_bytes` (talora.train.memo)."""
 
-    def __init__(self, model, dataset, storage: StorageOptions, device: torch.device) -> None:
+    def __init__(self, model, dataset, storage: StorageOptions, device: torch.device, max_bytes: int) -> None:
         self.model, self.dataset, self.storage, self.device = model, dataset, storage, device
-        self.memo: dict[int, tuple[torch.Tensor, tuple[int, int]]] = {}
+        super().__init__(self._build, max_bytes)
 
     @torch.no_grad()
-    def __call__(self, image_id: int) -> tuple[torch.Tensor, tuple[int, int]]:
-        if image_id not in self.memo:
-            x, input_size = self.model.preprocess(self.dataset.load_image(image_id, self.storage))
-            trunk = self.model.embed_trunk(x[None].to(self.device))[0]
-            self.memo[image_id] = (trunk, input_size)
-        return self.memo[image_id]
+    def _build(self, image_id: int) -> tuple[torch.Tensor, tuple[int, int]]:
+        x, input_size = self.model.preprocess(self.dataset.load_image(image_id, self.storage))
+        return self.model.embed_trunk(x[None].to(self.device))[0].cpu(), input_size
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
@@ -106,13 +105,14 @@ def train_loop_per_worker(loop_config: dict) -> None:
         del encoder
     image_size = model.sam.image_encoder.img_size
     lowres = 4 * model.sam.prompt_encoder.image_embedding_size[0]
-    train_trunk = TrunkMemo(model, train_set, storage, device)
+    memo_bytes = int(cfg.memo_gb * 2**30)
+    train_trunk = TrunkMemo(model, train_set, storage, device, memo_bytes)
     mine = train_set.image_ids[rank::world]
     if not mine:
         raise ValueError(f"worker {rank} has no training image: {len(train_set.image_ids)} images for {world} workers")
     if cfg.val_annotations:
         val_set = CocoDataset.load(cfg.val_annotations, cfg.val_image_root, storage)
-        val_trunk = TrunkMemo(model, val_set, storage, device)
+        val_trunk = TrunkMemo(model, val_set, storage, device, memo_bytes)
         val_ids = val_set.image_ids[: cfg.val_images][rank::world]
     cache_batches = None
     if cfg.embeddings:
@@ -124,7 +124,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     fail_at = loop_config.get("fail_at_step", 0)  # test hook: fail once, right after that step's checkpoint
 
     # --- loop ------------------------------------------------------------------------------------
-    started, samples = time.perf_counter(), 0
+    started, samples, memo_full_said = time.perf_counter(), 0, False
     for step in range(start_step, cfg.max_steps):
         rng = np.random.default_rng([cfg.seed, rank, step])  # the same batches after a resume
         if cache_batches is not None:
@@ -153,15 +153,20 @@ def train_loop_per_worker(loop_config: dict) -> None:
             rate = samples / elapsed
             eta = (cfg.max_steps - done) * elapsed / (done - start_step)
             say(f"train: step {done}/{cfg.max_steps} loss {metrics['loss']:.4f} {rate:.1f} samples/s eta {eta:.0f}s")
+            if train_trunk.dropped and not memo_full_said:
+                memo_full_said = True
+                say("train: " + train_trunk.full_message("trunk-feature")
+                    + "; for a dataset this size precompute them once (jobs/embed_images.py, --embeddings)")
         if rank == 0:
             history.append(metrics)
 
         if done % cfg.val_every == 0 or done == cfg.max_steps:
             step_module.eval()
             with autocast(cfg, device):
-                entries = [(val_set.images[i], *val_trunk(i)) for i in val_ids] if cfg.val_annotations else []
+                entries = ((val_set.images[i], *val_trunk(i)) for i in val_ids) if cfg.val_annotations else ()
                 val_text = torch.stack([text_embeddings[p] for _, _, p in val_rows]) if text_embeddings else None
-                ious = validate(step_module, entries, val_set if entries else None, val_rows, val_text)
+                ious = validate(step_module, entries, val_set if cfg.val_annotations else None, val_rows, val_text,
+                                chunk=cfg.batch_images * cfg.tasks_per_image)
             keys = sorted({(t.id, g) for t, g, _ in val_rows})
             val = group_metrics(reduce_ious(ious, keys, device))
             step_module.train()
@@ -209,21 +214,22 @@ def pretrain_loop_per_worker(loop_config: dict) -> None:
     scheduler = lr_scheduler(optimizer, cfg)
     scaler = grad_scaler(cfg, device)
 
-    train_memo = ImageMemo(sam, train_set, vocab, storage)
+    memo_bytes = int(cfg.memo_gb * 2**30)
+    train_memo = ImageMemo(sam, train_set, vocab, storage, memo_bytes)
     mine = train_set.image_ids[rank::world]
     if not mine:
         raise ValueError(f"worker {rank} has no training image: {len(train_set.image_ids)} images for {world} workers")
     val_entries = []
     if cfg.val_annotations:
         val_set = CocoDataset.load(cfg.val_annotations, cfg.val_image_root, storage)
-        val_memo = ImageMemo(sam, val_set, vocab, storage)
+        val_memo = ImageMemo(sam, val_set, vocab, storage, memo_bytes)
         val_entries = [val_memo(i) for i in val_set.image_ids[: cfg.val_images][rank::world]]
 
     start_step, history = resume(loop_config, step_module, optimizer, scheduler, scaler, device, rank)
     worker_nodes = gather_worker_nodes(world)
     fail_at = loop_config.get("fail_at_step", 0)
     size = sam.image_encoder.img_size
-    started, samples = time.perf_counter(), 0
+    started, samples, memo_full_said = time.perf_counter(), 0, False
     for step in range(start_step, cfg.max_steps):
         rng = np.random.default_rng([cfg.seed, rank, step])  # the same batches after a resume
         entries = [train_memo(int(i)) for i in rng.choice(mine, cfg.batch_images)]
@@ -242,6 +248,9 @@ def pretrain_loop_per_worker(loop_config: dict) -> None:
             say(f"pretrain: step {done}/{cfg.max_steps} loss {metrics['loss']:.4f} "
                 + " ".join(f"{k} {v:.3f}" for k, v in metrics.items() if k.startswith(("loss_", "iou_")))
                 + f" {samples / elapsed:.1f} images/s eta {(cfg.max_steps - done) * elapsed / (done - start_step):.0f}s")
+            if train_memo.dropped and not memo_full_said:
+                memo_full_said = True
+                say("pretrain: " + train_memo.full_message("training-image"))
         if rank == 0:
             history.append(metrics)
 

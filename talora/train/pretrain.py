@@ -10,7 +10,8 @@ Two objectives in one step (DESIGN §1: a base can only be adapted to what its t
 
 Shapes: B = images, h x w = the embedding grid, L = the low-res mask grid (4h), Q = prompt rows.
 Everything per image (normalised input, low-res instance masks, cell targets) is computed once
-per worker and memoised: the generator's images are small and the step is the expensive part.
+per worker and memoised (up to train.memo_gb): the generator's images are small and the step is the
+expensive part.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from talora.sam import embed_tail, embed_trunk, predict_masks_per_row, preproces
 from talora.storage import StorageOptions
 from talora.train.batches import lowres_target
 from talora.train.losses import mask_iou, mask_losses
+from talora.train.memo import LruMemo
 
 BACKGROUND = "<background>"
 
@@ -53,23 +55,19 @@ class ImageEntry:
     cells: dict[str, torch.Tensor]  # key -> (h*w, classes) area share of each class per cell
 
 
-class ImageMemo:
-    """Per-image training tensors, built once per worker."""
+class ImageMemo(LruMemo[int, ImageEntry]):
+    """Per-image training tensors, built once per worker and kept up to `max_bytes` (talora.train.memo)."""
 
-    def __init__(self, sam, dataset: CocoDataset, vocab: dict[str, list[str]], storage: StorageOptions) -> None:
+    def __init__(self, sam, dataset: CocoDataset, vocab: dict[str, list[str]], storage: StorageOptions,
+                 max_bytes: int = 2**62) -> None:
         self.sam, self.dataset, self.vocab, self.storage = sam, dataset, vocab, storage
         encoder = sam.image_encoder
         self.size = encoder.img_size
         self.grid = sam.prompt_encoder.image_embedding_size[0]
         self.lowres = 4 * self.grid
-        self.memo: dict[int, ImageEntry] = {}
+        super().__init__(self._build, max_bytes)
 
     @torch.no_grad()
-    def __call__(self, image_id: int) -> ImageEntry:
-        if image_id not in self.memo:
-            self.memo[image_id] = self._build(image_id)
-        return self.memo[image_id]
-
     def _build(self, image_id: int) -> ImageEntry:
         record = self.dataset.images[image_id]
         x, input_size = preprocess_image(self.sam, self.dataset.load_image(image_id, self.storage))

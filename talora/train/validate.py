@@ -28,13 +28,18 @@ def validation_rows(tasks: list[Task], static: bool) -> list[tuple[Task, str, st
 
 @torch.no_grad()
 def validate(step_module, entries, dataset, rows, text_embeddings: torch.Tensor | None, chunk: int = 64) -> TaskIoU:
-    """`entries`: [(record, trunk (h, w, C), input_size)] of this worker's share of the val images;
-    `text_embeddings`: one per row (hypernet) or None (static). Returns this worker's sums."""
+    """`entries`: iterable of (record, trunk (h, w, C), input_size) of this worker's share of the val
+    images (the trunk on any device); `text_embeddings`: one per row (hypernet) or None (static);
+    `chunk`: rows per tail + decoder pass (the training loop passes its step's row count, so
+    validation never holds more activations than a step: a vit_h tail row is ~3.2 GB in fp32).
+    Returns this worker's sums."""
     model = step_module.model
+    device = next(step_module.parameters()).device
     ious = TaskIoU()
     all_rows = torch.arange(len(rows))
     adapter = step_module.adapters(text_embeddings, all_rows)  # one row per (task, group, prompt)
     for record, trunk, input_size in entries:
+        trunk = trunk.to(device)
         instances = dataset.instances[record.id]
         truths = {t.id: semantic_mask([i for i in instances if t.matches(i)], record.height, record.width)
                   for t, _, _ in rows}

@@ -129,3 +129,29 @@ def test_shipped_models_predict_the_same_masks_on_cuda_as_on_cpu(cuda):
                 compared += 1
             assert abs(len(a[prompt]) - len(b[prompt])) <= 1  # instances: thresholds may flip one
     assert compared >= 2
+
+
+def test_trunk_memo_keeps_gpu_features_in_cpu_memory_and_validation_scores_them_as_on_the_cpu(tmp_path, cuda):
+    """CUDA twin of tests/unit/test_memo.py: features computed on the GPU are held in CPU memory
+    (not GPU memory), and validation moves each image's back, scoring what the CPU scores."""
+    from talora.data.synthetic import write_demo_dataset
+    from talora.static import StaticLora
+    from talora.tasks import TaskSet
+    from talora.train.loop import TrunkMemo
+    from talora.train.validate import validate, validation_rows
+
+    val = CocoDataset.load(write_demo_dataset(str(tmp_path), num_train=0, num_val=2, seed=0)["val"])
+    torch.manual_seed(0)
+    cpu_model = build_task_aware_sam(default_config("vit_tiny")).eval()
+    lora = StaticLora(cpu_model.targets, cpu_model.config.lora.rank, cpu_model.config.lora.scale)
+    rows = validation_rows(list(TaskSet.from_dataset(val)), static=True)
+    scores = []
+    for device in (torch.device("cpu"), cuda):
+        model = copy.deepcopy(cpu_model).to(device)
+        memo = TrunkMemo(model, val, None, device, 2**40)
+        entries = [(val.images[i], *memo(i)) for i in val.image_ids]
+        assert all(trunk.device.type == "cpu" for _, trunk, _ in entries)
+        ious = validate(TrainStep(model, copy.deepcopy(lora).to(device)).eval(), entries, val, rows, None, chunk=4)
+        scores.append(ious.per_key())
+    for key, value in scores[0].items():
+        assert abs(value - scores[1][key]) < 0.02, key
