@@ -46,7 +46,7 @@ class TrunkMemo(LruMemo[int, tuple[torch.Tensor, tuple[int, int]]]):
     """(trunk features (h, w, C), input size) per image id: computed on `device` once per worker (the
     trunk is frozen), kept in CPU memory up to `max_bytes` (talora.train.memo)."""
 
-    def __init__(self, model, dataset, storage: StorageOptions, device: torch.device, max_bytes: int) -> None:
+    def __init__(self, model, dataset, storage: StorageOptions, device: torch.device, max_bytes: int = 2**62) -> None:
         self.model, self.dataset, self.storage, self.device = model, dataset, storage, device
         super().__init__(self._build, max_bytes)
 
