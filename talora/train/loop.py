@@ -66,7 +66,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     from talora.static import StaticLora
     from talora.tasks import TaskSet
     from talora.text import TextEncoder
-    from talora.train.batches import build_batch
+    from talora.train.batches import build_batch, epoch_images
     from talora.train.step import TrainStep
     from talora.train.validate import (
         group_metrics,
@@ -131,7 +131,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             records, trunk, input_sizes = next(cache_batches)
             records = [train_set.images[i] for i in records]
         else:
-            records = [train_set.images[int(i)] for i in rng.choice(mine, cfg.batch_images)]
+            records = [train_set.images[i] for i in epoch_images(mine, step, cfg.batch_images, (cfg.seed, rank))]
             entries = [train_trunk(r.id) for r in records]
             trunk = torch.stack([e[0] for e in entries])
             input_sizes = [e[1] for e in entries]
@@ -192,6 +192,7 @@ def pretrain_loop_per_worker(loop_config: dict) -> None:
 
     from talora.data.coco import CocoDataset
     from talora.sam import build_sam, save_sam
+    from talora.train.batches import epoch_images
     from talora.train.pretrain import (
         ImageMemo,
         PretrainStep,
@@ -232,7 +233,7 @@ def pretrain_loop_per_worker(loop_config: dict) -> None:
     started, samples, memo_full_said = time.perf_counter(), 0, False
     for step in range(start_step, cfg.max_steps):
         rng = np.random.default_rng([cfg.seed, rank, step])  # the same batches after a resume
-        entries = [train_memo(int(i)) for i in rng.choice(mine, cfg.batch_images)]
+        entries = [train_memo(i) for i in epoch_images(mine, step, cfg.batch_images, (cfg.seed, rank))]
         batch = build_pretrain_batch(entries, rng, cfg.prompts_per_image, cfg.box_fraction, size).to(device)
         with autocast(cfg, device):
             losses = trainable(batch, cfg)

@@ -10,7 +10,7 @@ from talora.data.synthetic import make_split
 from talora.model import build_task_aware_sam
 from talora.static import StaticLora
 from talora.tasks import TaskSet
-from talora.train.batches import build_batch
+from talora.train.batches import build_batch, epoch_images
 from talora.train.config import TrainConfig, load_run_spec
 from talora.train.loop import backward_and_step
 from talora.train.losses import dice_loss, focal_loss, mask_losses
@@ -37,6 +37,18 @@ def _batch(model, demo, rng_seed=0, tasks_per_image=2):
         trunk = model.embed_trunk(torch.stack([x for x, _ in inputs]))
     return build_batch(records, trunk, [s for _, s in inputs], dataset, tasks, prompts_of,
                        np.random.default_rng(rng_seed), 256, 64, tasks_per_image, 1)
+
+
+def test_epoch_images_show_every_image_once_per_epoch_in_a_new_order_and_repeat_exactly():
+    ids = [10 + 3 * i for i in range(10)]  # 10 images, batches of 4: step 2 spans epochs 0 and 1
+    steps = [epoch_images(ids, step, 4, (0, 0)) for step in range(5)]
+    drawn = [i for batch in steps for i in batch]
+    first, second = drawn[:10], drawn[10:20]
+    assert sorted(first) == ids and sorted(second) == ids
+    assert first != second  # each epoch has its own order
+    assert steps[2] == first[8:] + second[:2]
+    assert epoch_images(ids, 3, 4, (0, 0)) == steps[3]  # a resumed run draws the same batch
+    assert epoch_images(ids, 3, 4, (0, 1)) != steps[3]  # another worker (or seed) its own order
 
 
 def test_losses_are_zero_for_a_perfect_prediction_and_fp32_under_autocast():
