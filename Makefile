@@ -50,12 +50,15 @@ demo: setup
 # pretrain the vit_tiny base -> train the hypernet on it -> the report (README numbers) -> install
 # both, fp16, into talora/assets/demo/ (only once everything before succeeded).
 MODELS_DATA ?= data/demo-models
+MODELS_PRETRAIN_DATA ?= data/demo-models-pretrain-24k
 MODELS_RUNS ?= runs/demo-models
 LATEST      := $(PY) -c "import json, sys; print(json.load(open(sys.argv[1]))['latest_checkpoint'])"
 demo-models: setup
 	rm -rf $(MODELS_RUNS)/pretrain $(MODELS_RUNS)/hypernet
 	test -f $(MODELS_DATA)/val/instances.json || $(OFFLINE) $(VENV)/bin/talora demo-data --out $(MODELS_DATA) \
 		--num-images 3000 --num-val 100 --seed 0
+	test -f $(MODELS_PRETRAIN_DATA)/val/instances.json || $(OFFLINE) $(VENV)/bin/talora demo-data \
+		--out $(MODELS_PRETRAIN_DATA) --num-images 24000 --num-val 100 --seed 0
 	$(OFFLINE) $(PY) jobs/train_hypernet.py --config configs/demo_pretrain.yaml
 	$(VENV)/bin/talora fp16 $$($(LATEST) $(MODELS_RUNS)/pretrain/summary.json)/sam.safetensors \
 		$(MODELS_RUNS)/sam_vit_tiny.safetensors

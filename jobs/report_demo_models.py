@@ -33,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-annotations", required=True, help="COCO JSON the probe is fitted on")
     p.add_argument("--val-annotations", required=True, help="COCO JSON everything is scored on")
     p.add_argument("--val-images", type=int, default=40, help="validation images scored")
-    p.add_argument("--probe-train-images", type=int, default=512, help="training images the linear probe is fitted on")
+    p.add_argument("--probe-train-images", type=int, default=2048, help="training images the linear probe is fitted on")
     p.add_argument("--probe-test-images", type=int, default=100, help="validation images the linear probe is scored on")
     p.add_argument("--static-run", action="append", default=[], help="a static-mode run folder (repeatable)")
     p.add_argument("--out", required=True, help="output folder: report.json, report.md")

@@ -352,7 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     p.add_argument("--annotations", required=True, help="COCO JSON to fit on (and to score on, split in half)")
     p.add_argument("--val-annotations", default=None, help="COCO JSON to score on")
-    p.add_argument("--train-images", type=int, default=512, help="images the probe is fitted on")
+    p.add_argument("--train-images", type=int, default=2048, help="images the probe is fitted on")
     p.add_argument("--test-images", type=int, default=100, help="images it is scored on")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_probe)
