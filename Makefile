@@ -47,12 +47,11 @@ demo: setup
 	@echo "              runs/demo/eval/report.md (+ report.json, per_task_ap.png), runs/demo/overlays/*.png"
 
 # The shipped demo models from scratch, on this 2-core CPU (never part of `make test`): demo data ->
-# pretrain the vit_tiny base -> train the hypernet on it -> the report (README numbers) -> install
+# pretrain the vit_tiny base -> train the hypernet on it -> the report (docs/results.md) -> install
 # both, fp16, into talora/assets/demo/ (only once everything before succeeded).
 MODELS_DATA ?= data/demo-models
 MODELS_PRETRAIN_DATA ?= data/demo-models-pretrain-24k
 MODELS_RUNS ?= runs/demo-models
-LATEST      := $(PY) -c "import json, sys; print(json.load(open(sys.argv[1]))['latest_checkpoint'])"
 demo-models: setup
 	rm -rf $(MODELS_RUNS)/pretrain $(MODELS_RUNS)/hypernet
 	test -f $(MODELS_DATA)/val/instances.json || $(OFFLINE) $(VENV)/bin/talora demo-data --out $(MODELS_DATA) \
@@ -60,11 +59,11 @@ demo-models: setup
 	test -f $(MODELS_PRETRAIN_DATA)/val/instances.json || $(OFFLINE) $(VENV)/bin/talora demo-data \
 		--out $(MODELS_PRETRAIN_DATA) --num-images 24000 --num-val 100 --seed 0
 	$(OFFLINE) $(PY) jobs/train_hypernet.py --config configs/demo_pretrain.yaml
-	$(VENV)/bin/talora fp16 $$($(LATEST) $(MODELS_RUNS)/pretrain/summary.json)/sam.safetensors \
+	$(VENV)/bin/talora fp16 $$($(VENV)/bin/talora checkpoint $(MODELS_RUNS)/pretrain --file sam.safetensors) \
 		$(MODELS_RUNS)/sam_vit_tiny.safetensors
 	$(OFFLINE) $(PY) jobs/train_hypernet.py --config configs/demo_cpu.yaml \
 		--sam-checkpoint $(MODELS_RUNS)/sam_vit_tiny.safetensors
-	$(VENV)/bin/talora fp16 $$($(LATEST) $(MODELS_RUNS)/hypernet/summary.json)/hypernet.safetensors \
+	$(VENV)/bin/talora fp16 $$($(VENV)/bin/talora checkpoint $(MODELS_RUNS)/hypernet --file hypernet.safetensors) \
 		$(MODELS_RUNS)/hypernet.safetensors --sam-checkpoint demo://sam_vit_tiny.safetensors
 	$(OFFLINE) $(PY) jobs/report_demo_models.py --hypernet $(MODELS_RUNS)/hypernet.safetensors \
 		--sam-checkpoint $(MODELS_RUNS)/sam_vit_tiny.safetensors --train-annotations $(MODELS_DATA)/train/instances.json \

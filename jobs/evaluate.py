@@ -33,14 +33,9 @@ def main(argv: list[str] | None = None) -> int:
     storage = storage_from_args(args)
 
     def job() -> int:
-        from talora.evaluate import EvalConfig, evaluate
+        from talora.evaluate import EvalConfig, evaluate, parse_task_map
 
-        task_map = {}
-        for entry in args.task_map:
-            prompt, sep, task = entry.rpartition("=")
-            if not sep or not prompt:
-                raise ValueError(f"--task-map {entry!r}: expected PROMPT=TASK")
-            task_map[prompt] = task
+        task_map = parse_task_map(args.task_map)
         report = evaluate(EvalConfig(args.predictions, args.annotations, args.output, args.image_root, task_map,
                                      args.backend, storage))
         print(json.dumps({"images": report["images_evaluated"], "AP": report["overall"]["AP"],

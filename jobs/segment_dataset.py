@@ -13,13 +13,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
-from talora.config import SAM_TYPES
+from talora.backbones import SAM_TYPES
 from talora.jobs_common import add_storage_flags, init_ray, run_main, storage_from_args
-
-DEMO_DATA = "data/demo"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,14 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace):
-    from talora.label import LabelConfig, model_spec
+    from talora.label import LabelConfig
+    from talora.loading import model_spec
     from talora.predictor import PredictConfig
 
-    for name in ("num_actors", "batch_size", "shard_size", "max_pixels"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.cpus_per_actor <= 0 or args.gpus_per_actor < 0:
-        raise ValueError("--cpus-per-actor must be > 0 and --gpus-per-actor >= 0")
     predict = PredictConfig(mode=args.mode, points_per_side=args.points_per_side, points_per_batch=args.points_per_batch,
                             score_thresh=args.score_thresh, stability_thresh=args.stability_thresh,
                             nms_thresh=args.nms_thresh, presence_thresh=args.presence_thresh)
@@ -81,15 +74,11 @@ def main(argv: list[str] | None = None) -> int:
     storage = storage_from_args(args)
 
     def job() -> int:
-        from talora.label import run_label_job
+        from talora.label import demo_bucket, run_label_job
 
         if args.images is None:  # the embedded default: the demo bucket
-            from talora.data.synthetic import write_demo_dataset
-
-            if not os.path.exists(os.path.join(DEMO_DATA, "val", "instances.json")):
-                write_demo_dataset(DEMO_DATA, 200, 40, seed=0, shard_size=20)
-            args.images = os.path.join(DEMO_DATA, "val", "images")
-            args.annotations = args.annotations or os.path.join(DEMO_DATA, "val", "instances.json")
+            args.images, demo_annotations = demo_bucket()
+            args.annotations = args.annotations or demo_annotations
         config = config_from_args(args)  # bad flags fail here, before Ray starts
         init_ray(args.ray_address)
         summary = run_label_job(config)

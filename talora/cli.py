@@ -6,6 +6,7 @@
     talora tasks --annotations URI [--json]                    tasks, prompts and splits of a dataset
     talora demo-data --out URI --num-images N --seed S         the synthetic demo domain
     talora probe --annotations URI [--sam-checkpoint URI]      does the base encode what tasks name?
+    talora checkpoint RUN [--best] [--file NAME]               a finished training run's checkpoint
     talora merge | export-peft | plot-run | viz | fp16         adapters out; curves; overlays; fp16 files
 """
 
@@ -17,7 +18,8 @@ import sys
 
 import torch
 
-from talora.config import SAM_TYPES, ModelConfig, default_config, load_config
+from talora.backbones import SAM_TYPES
+from talora.config import ModelConfig, default_config, load_config
 from talora.jobs_common import add_storage_flags, storage_from_args
 from talora.storage import StorageOptions, redact
 
@@ -52,7 +54,7 @@ def _storage(args: argparse.Namespace) -> StorageOptions:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from talora.model import build_task_aware_sam
+    from talora.loading import build_task_aware_sam
 
     config = _model_config(args)
     model = build_task_aware_sam(config, storage=_storage(args))
@@ -86,22 +88,19 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def cmd_adapter(args: argparse.Namespace) -> int:
     from talora.adapter_file import AdapterHeader, save_adapter
-    from talora.model import build_task_aware_sam, load_task_aware_sam
+    from talora.loading import build_task_aware_sam, load_task_aware_sam, model_spec
     from talora.text import TextEncoder, validate_prompts
-
-    from talora.label import model_spec
 
     (prompt,) = validate_prompts([args.prompt])
     storage = _storage(args)
     config = _model_config(args)
     hypernet = model_spec(config.sam.sam_type, args.sam_checkpoint, args.hypernet, None, args.untrained).hypernet
     if hypernet:  # given, or the shipped demo hypernet on vit_tiny
-        model = load_task_aware_sam(hypernet, args.sam_checkpoint, storage=storage)
+        model = load_task_aware_sam(hypernet, args.sam_checkpoint, TextEncoder(), storage)
     else:
         torch.manual_seed(args.seed)
-        model = build_task_aware_sam(config, storage=storage)
+        model = build_task_aware_sam(config, TextEncoder(), storage)
         print("note: no trained hypernet: the untrained one (bias-HyperInit) emits Delta W = 0", file=sys.stderr)
-    model.text_encoder = TextEncoder()
     model.eval()
     with torch.no_grad():
         adapter = model.adapters([prompt]).row(0)
@@ -188,7 +187,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     import dataclasses
 
     from talora.data.coco import decode_image
-    from talora.label import load_model, model_spec
+    from talora.loading import load_model, model_spec
     from talora.predictor import PredictConfig, TaskAwarePredictor
     from talora.storage import read_bytes, write_bytes
     from talora.text import validate_prompts
@@ -216,24 +215,24 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 def cmd_probe(args: argparse.Namespace) -> int:
     from talora.data.coco import CocoDataset
+    from talora.loading import load_backbone
     from talora.probe import probe_base
-    from talora.sam import build_sam
 
     storage = _storage(args)
     config = _model_config(args)
-    sam = build_sam(config.sam.sam_type, config.sam.checkpoint, storage)
+    backbone = load_backbone(config.sam.sam_type, config.sam.checkpoint, storage)
     train = CocoDataset.load(args.annotations, storage=storage)
     test = CocoDataset.load(args.val_annotations or args.annotations, storage=storage)
     if not args.val_annotations:  # one dataset: fit on its first half of images, score on the second
         half = len(train.image_ids) // 2
         train.images = {i: train.images[i] for i in train.image_ids[:half]}
         test.images = {i: test.images[i] for i in test.image_ids[half:]}
-    results = probe_base(sam, train, test, config.tail_blocks, train_images=args.train_images,
+    results = probe_base(backbone, train, test, config.tail_blocks, train_images=args.train_images,
                          test_images=args.test_images, storage=storage)
     if args.json:
         print(json.dumps([r.__dict__ for r in results], indent=1))
         return 0
-    print(f"linear probe on {config.sam.sam_type} trunk features (first {len(sam.image_encoder.blocks) - config.tail_blocks}"
+    print(f"linear probe on {config.sam.sam_type} trunk features (first {backbone.num_blocks - config.tail_blocks}"
           f" blocks), cells inside objects")
     for r in results:
         print(f"  {r.key:<14} accuracy {r.accuracy:.3f}  (chance {r.chance:.3f}, {r.classes} classes, "
@@ -246,7 +245,7 @@ def cmd_fp16(args: argparse.Namespace) -> int:
     import dataclasses
 
     from talora.config import SamConfig, dump_config, load_config
-    from talora.model import HYPERNET_FORMAT, build_task_aware_sam
+    from talora.loading import HYPERNET_FORMAT, build_task_aware_sam
     from talora.weights import read_weights, write_weights
 
     storage = _storage(args)
@@ -266,6 +265,15 @@ def cmd_fp16(args: argparse.Namespace) -> int:
     write_weights(args.out, half, header, storage)
     size = sum(v.numel() * v.element_size() for v in half.values())
     print(f"wrote {args.out}: {len(half)} tensors, {size / 2**20:.2f} MiB")
+    return 0
+
+
+def cmd_checkpoint(args: argparse.Namespace) -> int:
+    from talora.storage import join
+    from talora.train.checkpoint import run_checkpoint
+
+    found = run_checkpoint(args.run_dir, "best" if args.best else "latest", _storage(args))
+    print(join(found, args.file) if args.file else found)
     return 0
 
 
@@ -363,6 +371,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sam-checkpoint", default=None, help="hypernet files: the base SAM its header names")
     _add_storage_args(p)
     p.set_defaults(func=cmd_fp16)
+
+    p = sub.add_parser("checkpoint", help="print a finished training run's latest (or best) checkpoint folder")
+    p.add_argument("run_dir", help="the run folder (<storage-path>/<name>), local or URI")
+    p.add_argument("--best", action="store_true", help="the best checkpoint by val_score instead of the latest")
+    p.add_argument("--file", default=None, help="a file inside it, e.g. hypernet.safetensors")
+    _add_storage_args(p)
+    p.set_defaults(func=cmd_checkpoint)
 
     p = sub.add_parser("viz", help="overlays of a labelling run's predictions, one PNG per image")
     p.add_argument("--predictions", required=True, help="a labelling run: OUTPUT/<run_key>")

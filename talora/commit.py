@@ -2,7 +2,7 @@
 
 Layout under an output URI ``OUT``::
 
-    OUT/<run_key>/<shard>/part-<k>.parquet     data, deterministic names
+    OUT/<run_key>/<shard>/part-<k>.<suffix>    data, deterministic names (format: a PartFormat)
     OUT/<run_key>/_manifests/<shard>.json      written last: commits the shard
 
 The commit unit is a shard. A manifest lists the shard's part files and every processed item
@@ -20,17 +20,25 @@ with zero rows" must be recorded too; so the unit of completion is the shard's m
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from talora.storage import StorageOptions, filesystem, join, read_bytes, write_bytes
 
 MANIFESTS = "_manifests"
+
+
+class PartFormat(Protocol):
+    """How a part file's rows become bytes and back (talora.predictions.ParquetParts)."""
+
+    suffix: str  # ".parquet"
+
+    def encode(self, rows: list[dict], schema: pa.Schema | None) -> bytes: ...
+
+    def decode(self, data: bytes) -> pa.Table: ...
 
 
 def run_key(inputs: dict[str, Any]) -> str:
@@ -54,14 +62,15 @@ class Manifest:
 class RunOutput:
     """Where one run writes: parts, manifests, and what has been committed."""
 
-    def __init__(self, out: str, key: str, storage: StorageOptions | None = None) -> None:
+    def __init__(self, out: str, key: str, storage: StorageOptions | None, part_format: PartFormat) -> None:
         self.out = out.rstrip("/")
         self.key = key
         self.root = join(self.out, key)
         self.storage = storage
+        self.format = part_format
 
     def part_name(self, k: int) -> str:
-        return f"part-{k:06d}.parquet"
+        return f"part-{k:06d}{self.format.suffix}"
 
     def part_uri(self, shard: str, k: int) -> str:
         return join(self.root, shard, self.part_name(k))
@@ -69,11 +78,9 @@ class RunOutput:
     def manifest_uri(self, shard: str) -> str:
         return join(self.root, MANIFESTS, f"{shard}.json")
 
-    def write_part(self, shard: str, k: int, table: pa.Table) -> str:
+    def write_part(self, shard: str, k: int, rows: list[dict], schema: pa.Schema | None = None) -> str:
         """Writes part k of `shard` (overwriting an uncommitted earlier attempt); returns its name."""
-        buffer = io.BytesIO()
-        pq.write_table(table, buffer)
-        write_bytes(self.part_uri(shard, k), buffer.getvalue(), self.storage)
+        write_bytes(self.part_uri(shard, k), self.format.encode(rows, schema), self.storage)
         return self.part_name(k)
 
     def commit(self, manifest: Manifest) -> None:
@@ -102,7 +109,7 @@ class RunOutput:
 
     def read_table(self) -> pa.Table | None:
         """All committed rows as one table (small outputs, tests, evaluation); None if nothing is committed."""
-        tables = [pq.read_table(io.BytesIO(read_bytes(uri, self.storage))) for uri in self.committed_part_uris()]
+        tables = [self.format.decode(read_bytes(uri, self.storage)) for uri in self.committed_part_uris()]
         return pa.concat_tables(tables) if tables else None
 
 

@@ -16,16 +16,12 @@ from typing import Any, TypeVar
 
 import yaml
 
-# Encoder-tail depth (last k image-encoder blocks adapted per prompt) by SAM variant. DESIGN §1:
-# decoder-only LoRA failed; the tail must adapt too. About an eighth of the trunk, at least 1.
-DEFAULT_TAIL_BLOCKS = {"vit_tiny": 1, "vit_b": 2, "vit_l": 3, "vit_h": 4}
-
-SAM_TYPES = tuple(DEFAULT_TAIL_BLOCKS)
+from talora.backbones import SAM_TYPES, get_variant
 
 
 @dataclass(frozen=True)
 class SamConfig:
-    sam_type: str = "vit_tiny"  # vit_tiny | vit_b | vit_l | vit_h
+    sam_type: str = "vit_tiny"  # a variant of talora.backbones (vit_tiny | vit_b | vit_l | vit_h)
     checkpoint: str | None = None  # local path or any fsspec URI; None = random init
 
     def __post_init__(self) -> None:
@@ -43,8 +39,10 @@ class LoraConfig:
         "qkv", "proj", "lin1", "lin2",  # image-encoder tail blocks
         "q_proj", "k_proj", "v_proj", "out_proj",  # decoder attention (incl. 256->128 cross-attn)
     )
-    image_encoder: bool = True  # adapt the encoder tail (DESIGN §1)
-    tail_blocks: int | None = None  # k; None = DEFAULT_TAIL_BLOCKS[sam_type]
+    # Adapt the encoder tail: decoder-only LoRA was measured to fail, because the frozen image
+    # embedding does not carry what tasks name (docs/design.md).
+    image_encoder: bool = True
+    tail_blocks: int | None = None  # k; None = the variant's default (talora.backbones)
     mask_decoder: bool = True  # decoder transformer attention + MLP blocks
     output_mlps: bool = False  # decoder output_hypernetworks_mlps
     iou_head: bool = False  # decoder iou_prediction_head
@@ -102,12 +100,13 @@ class ModelConfig:
         """k, resolved for this SAM variant; 0 when the image encoder is not adapted."""
         if not self.lora.image_encoder:
             return 0
-        return self.lora.tail_blocks or DEFAULT_TAIL_BLOCKS[self.sam.sam_type]
+        return self.lora.tail_blocks or get_variant(self.sam.sam_type).tail_blocks
 
 
 def default_config(sam_type: str = "vit_tiny", **sam_kwargs: Any) -> ModelConfig:
-    """The recommended config per variant: a small hypernet for vit_tiny, the 4x8x512 one otherwise."""
-    hypernet = HyperNetConfig(hidden_dim=128, num_layers=2, num_heads=4) if sam_type == "vit_tiny" else HyperNetConfig()
+    """The recommended config per variant: a small hypernet for CPU presets, the 4x8x512 one otherwise."""
+    small = get_variant(sam_type).cpu_preset
+    hypernet = HyperNetConfig(hidden_dim=128, num_layers=2, num_heads=4) if small else HyperNetConfig()
     return ModelConfig(sam=SamConfig(sam_type=sam_type, **sam_kwargs), hypernet=hypernet)
 
 

@@ -27,6 +27,7 @@ import pyarrow as pa
 
 from talora.commit import RunOutput, run_key
 from talora.pipeline import Item, ShardWriter, number_items, run_sharded
+from talora.predictions import PARQUET, open_run, read_run, write_summary
 from talora.storage import StorageOptions, join, list_shards, read_bytes, require_shared, write_bytes
 
 CACHE_FORMAT = "talora.embedding-cache/1"
@@ -81,19 +82,21 @@ class TrunkEncoder(ShardWriter):
                  storage: StorageOptions) -> None:
         import torch
 
-        from talora.sam import build_sam
+        from talora.loading import load_backbone
+        from talora.storage import local_copy
 
         super().__init__(out, key, storage)
         self.torch = torch
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.sam = build_sam(sam_type, sam_checkpoint, storage).to(self.device)
+        checkpoint = local_copy(sam_checkpoint, storage) if sam_checkpoint else None
+        self.backbone = load_backbone(sam_type, checkpoint, storage)
+        self.backbone.model.to(self.device)
         self.tail_blocks = tail_blocks
 
     def process(self, batch: dict) -> list[tuple[list[dict], str]]:
         from talora.data.coco import decode_image
-        from talora.sam import embed_tail, embed_trunk, preprocess_image
 
-        torch = self.torch
+        torch, backbone = self.torch, self.backbone
         results: list[tuple[list[dict], str]] = []
         inputs, rows = [], []
         for uri, image_id, shard, index, data, error in zip(batch["uri"], batch["image_id"], batch["shard"],
@@ -102,7 +105,7 @@ class TrunkEncoder(ShardWriter):
                 if error:
                     raise OSError(error)
                 image = decode_image(data)
-                x, input_size = preprocess_image(self.sam, image)
+                x, input_size = backbone.preprocess(image)
             except Exception as e:  # a bad image is an error entry, never a crash
                 results.append(([], f"{type(e).__name__}: {e}"))
                 continue
@@ -114,9 +117,9 @@ class TrunkEncoder(ShardWriter):
             results.append(([row], ""))
         if inputs:
             with torch.no_grad(), torch.autocast(self.device, torch.float16, enabled=self.device == "cuda"):
-                features = embed_trunk(self.sam.image_encoder, torch.stack(inputs), self.tail_blocks)
+                features = backbone.embed_trunk(torch.stack(inputs), self.tail_blocks)
                 if self.tail_blocks == 0:  # decoder-only configs cache the final embedding
-                    features = embed_tail(self.sam.image_encoder, features, 0)
+                    features = backbone.embed_tail(features, 0)
             features = features.to(torch.float16).cpu().numpy()
             kind = "embedding" if self.tail_blocks == 0 else "trunk"
             for row, f in zip(rows, features):
@@ -142,20 +145,20 @@ def run_embed_job(config: EmbedConfig) -> dict:
     """Encodes every uncommitted shard; returns (and writes) the run summary."""
     import torch
 
-    from talora.config import DEFAULT_TAIL_BLOCKS
-    from talora.sam import build_sam, trunk_digest
+    from talora.backbones import get_variant
+    from talora.loading import load_backbone
 
     require_shared(config.output, "--output")
     for uri in (config.images, config.annotations):
         if uri:
             require_shared(uri)
-    tail = DEFAULT_TAIL_BLOCKS[config.sam_type] if config.tail_blocks is None else config.tail_blocks
+    tail = get_variant(config.sam_type).tail_blocks if config.tail_blocks is None else config.tail_blocks
     items = list_items(config)  # fails early on a bad prefix or JSON
-    sam = build_sam(config.sam_type, config.sam_checkpoint, config.storage)  # fails early on a bad checkpoint
-    key_inputs = cache_key_inputs(config.sam_type, trunk_digest(sam, tail), tail, sam.image_encoder.img_size)
-    del sam
+    backbone = load_backbone(config.sam_type, config.sam_checkpoint, config.storage)  # fails early on a bad checkpoint
+    key_inputs = cache_key_inputs(config.sam_type, backbone.trunk_digest(tail), tail, backbone.image_size)
+    del backbone
     key = run_key(key_inputs)
-    run = RunOutput(config.output, key, config.storage)
+    run = RunOutput(config.output, key, config.storage, PARQUET)
     write_bytes(join(run.root, "_cache.json"), json.dumps(key_inputs, indent=1).encode(), config.storage)
 
     counts = run_sharded(items, run, TrunkEncoder,
@@ -174,17 +177,16 @@ def run_embed_job(config: EmbedConfig) -> dict:
         "torch": torch.__version__,
         "host": os.uname().nodename,
     }
-    write_bytes(join(run.root, "_summary.json"), json.dumps(summary, indent=1, default=str).encode(), config.storage)
+    write_summary(run.root, summary, config.storage)
     return summary
 
 
 def read_cache(cache_uri: str, storage: StorageOptions | None = None) -> pa.Table:
     """All committed cache rows (small caches and tests; training streams parts through Ray Data)."""
-    out, key = cache_uri.rstrip("/").rsplit("/", 1)
-    table = RunOutput(out, key, storage).read_table()
-    if table is None:
-        raise ValueError(f"embedding cache {cache_uri} has no committed shard")
-    return table
+    try:
+        return read_run(cache_uri, storage, schema=None).table
+    except ValueError as e:
+        raise ValueError(f"embedding cache {cache_uri} has no committed shard") from e
 
 
 def cache_dataset(cache_uri: str, storage: StorageOptions | None = None):
@@ -194,8 +196,7 @@ def cache_dataset(cache_uri: str, storage: StorageOptions | None = None):
 
     from talora.storage import pyarrow_filesystem
 
-    out, key = cache_uri.rstrip("/").rsplit("/", 1)
-    uris = RunOutput(out, key, storage).committed_part_uris()
+    uris = open_run(cache_uri, storage).committed_part_uris()
     if not uris:
         raise ValueError(f"embedding cache {cache_uri} has no committed shard")
     fs, _ = pyarrow_filesystem(uris[0], storage)

@@ -15,11 +15,12 @@ from dataclasses import dataclass, field
 import numpy as np
 from pycocotools import mask as mask_utils
 
-from talora.commit import RunOutput
 from talora.data.coco import CocoDataset
+from talora.markdown import fmt
+from talora.markdown import table as md_table
 from talora.metrics import GROUPS, REFERENCES, TaskIoU, mean, reference_scores
-from talora.rows import SCHEMA, validate_table
-from talora.storage import StorageOptions, join, read_bytes, write_bytes
+from talora.predictions import coco_results, read_run, read_summary
+from talora.storage import StorageOptions, join, write_bytes
 from talora.tasks import TaskSet, semantic_mask, task_ground_truth
 
 STAT_NAMES = ("AP", "AP50", "AP75", "AP_small", "AP_medium", "AP_large")
@@ -36,29 +37,15 @@ class EvalConfig:
     storage: StorageOptions = field(default_factory=StorageOptions)
 
 
-def read_predictions(run_uri: str, storage: StorageOptions | None = None):
-    """(every committed row as a pyarrow Table, each part schema-checked; the image URIs that were
-    processed without error, zero-row images included: they come from the manifests)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    out, key = run_uri.rstrip("/").rsplit("/", 1)
-    run = RunOutput(out, key, storage)
-    manifests = run.manifests()
-    if not manifests:
-        raise ValueError(f"{run_uri} has no committed shard (no _manifests/*.json)")
-    uris = run.committed_part_uris()
-    tables = [validate_table(pq.read_table(io.BytesIO(read_bytes(u, storage))), u) for u in uris]
-    processed = [item for m in manifests.values() for item in m.items if item not in m.errors]
-    return (pa.concat_tables(tables) if tables else pa.Table.from_pylist([], schema=SCHEMA)), processed
-
-
-def run_prompts(run_uri: str, storage: StorageOptions | None = None) -> list[str]:
-    """The prompts a labelling run was given (its _summary.json), or [] if it has none."""
-    try:
-        return list(json.loads(read_bytes(join(run_uri, "_summary.json"), storage)).get("prompts", []))
-    except FileNotFoundError:
-        return []
+def parse_task_map(entries: list[str]) -> dict[str, str]:
+    """``PROMPT=TASK`` strings (``--task-map``) -> {prompt: task id}; the prompt may hold "=" itself."""
+    task_map = {}
+    for entry in entries:
+        prompt, sep, task = entry.rpartition("=")
+        if not sep or not prompt:
+            raise ValueError(f"--task-map {entry!r}: expected PROMPT=TASK")
+        task_map[prompt] = task
+    return task_map
 
 
 def _cocoeval_class(backend: str):
@@ -98,14 +85,14 @@ def coco_stats(gt: dict, results: list[dict], category_ids: list[int] | None, ba
 def evaluate(config: EvalConfig) -> dict:
     dataset = CocoDataset.load(config.annotations, config.image_root, config.storage)
     tasks = TaskSet.from_dataset(dataset)
-    table, processed = read_predictions(config.predictions, config.storage)
-    rows = table.to_pylist()
+    run = read_run(config.predictions, config.storage)
+    processed, rows = run.processed, run.table.to_pylist()
 
     # Prompts -> tasks: the run's prompts (from its summary: a prompt with no row still counts) and the rows'.
     prompt_task: dict[str, str] = {}
     unmapped: set[str] = set()
     row_task = {r["prompt"]: r["task"] for r in rows if r["prompt"] is not None}
-    for p in run_prompts(config.predictions, config.storage) + sorted(row_task):
+    for p in list(read_summary(config.predictions, config.storage).get("prompts", [])) + sorted(row_task):
         if p in prompt_task or p in unmapped:
             continue
         task_id = config.task_map.get(p) or (tasks.for_prompt(p).id if tasks.for_prompt(p) else None) or row_task.get(p)
@@ -140,7 +127,7 @@ def evaluate(config: EvalConfig) -> dict:
             unmatched.add(uri)
         else:
             evaluated_images.add(record.id)
-    results, semantic = [], {}
+    semantic = {}
     for r in rows:
         if r["kind"] == "error":
             errors += 1
@@ -150,17 +137,13 @@ def evaluate(config: EvalConfig) -> dict:
             unmatched.add(r["image_uri"])
             continue
         evaluated_images.add(record.id)
-        if r["prompt"] not in prompt_task:
-            continue
-        task_id = prompt_task[r["prompt"]]
-        if r["kind"] == "instance":
-            results.append({"image_id": record.id, "category_id": category_of[task_id], "score": float(r["score"]),
-                            "segmentation": {"size": r["segmentation"]["size"], "counts": r["segmentation"]["counts"]}})
-        elif r["kind"] == "semantic":
+        if r["kind"] == "semantic" and r["prompt"] in prompt_task:
             rle = {"size": r["segmentation"]["size"], "counts": r["segmentation"]["counts"].encode()}
             key = (record.id, r["prompt"])
             semantic[key] = semantic.get(key, False) | mask_utils.decode(rle).astype(bool)
     evaluated = sorted(evaluated_images)
+    results = coco_results(rows, lambda r: getattr(record_of(r["image_uri"]), "id", None),
+                           lambda r: category_of[prompt_task[r["prompt"]]] if r["prompt"] in prompt_task else None)
 
     # COCOeval per task and overall, on the evaluated images only.
     gt_eval = {**gt, "images": [im for im in gt["images"] if im["id"] in evaluated_images],
@@ -205,21 +188,19 @@ def evaluate(config: EvalConfig) -> dict:
 def write_report(report: dict, output: str, storage: StorageOptions | None) -> None:
     """report.json, report.md and per_task_ap.png under `output`."""
     write_bytes(join(output, "report.json"), json.dumps(report, indent=1, default=str).encode(), storage)
-    fmt = lambda v: "–" if v is None else f"{v:.3f}"  # noqa: E731
     lines = [f"# Evaluation of {report['predictions']}", "",
              f"{report['images_evaluated']} images, {report['error_rows']} error rows, backend {report['backend']}.", ""]
     if report["unmapped_prompts"]:
         lines += [f"Unmapped prompts (not scored): {', '.join(report['unmapped_prompts'])}", ""]
-    lines += ["| task | AP | AP50 | AP75 |", "| --- | --- | --- | --- |"]
-    for task, stats in report["per_task"].items():
-        lines.append(f"| {task} | {fmt(stats['AP'])} | {fmt(stats['AP50'])} | {fmt(stats['AP75'])} |")
     o = report["overall"]
-    lines += [f"| **all** | {fmt(o['AP'])} | {fmt(o['AP50'])} | {fmt(o['AP75'])} |", "",
-              "| group | task mIoU | " + " | ".join(REFERENCES) + " |", "| --- | --- |" + " --- |" * len(REFERENCES)]
+    lines += md_table(["task", "AP", "AP50", "AP75"],
+                      [[task, fmt(v["AP"]), fmt(v["AP50"]), fmt(v["AP75"])] for task, v in report["per_task"].items()]
+                      + [["**all**", fmt(o["AP"]), fmt(o["AP50"]), fmt(o["AP75"])]])
+    rows = []
     for group in GROUPS:
         refs = report["references"].get(group, {}) if report["task_miou"][group] is not None else {}
-        lines.append(f"| {group} | {fmt(report['task_miou'][group])} | "
-                     + " | ".join(fmt(refs.get(r)) for r in REFERENCES) + " |")
+        rows.append([group, fmt(report["task_miou"][group]), *(fmt(refs.get(r)) for r in REFERENCES)])
+    lines += [""] + md_table(["group", "task mIoU", *REFERENCES], rows)
     write_bytes(join(output, "report.md"), ("\n".join(lines) + "\n").encode(), storage)
 
     import matplotlib

@@ -1,7 +1,7 @@
 """Taking an adapter out of talora: merged into a SAM checkpoint, or as a PEFT adapter folder.
 
 PEFT folder: ``adapter_config.json`` (LoRA, r, lora_alpha, target_modules = the exact module
-names inside segment_anything's ``Sam``) and ``adapter_model.safetensors`` with keys
+names inside the backbone's model, e.g. segment_anything's ``Sam``) and ``adapter_model.safetensors`` with keys
 ``base_model.model.<target>.lora_A.weight`` (r, in) / ``.lora_B.weight`` (out, r). PEFT's scale
 lora_alpha / r is talora's alpha / rank, so ``PeftModel.from_pretrained(sam, folder)`` computes
 what talora's merged adapter computes (tested).
@@ -12,8 +12,8 @@ from __future__ import annotations
 import json
 
 from talora.adapter_file import load_adapter
+from talora.loading import load_backbone, save_backbone
 from talora.lora import LoraTarget, inject_lora, merge_adapter
-from talora.sam import build_sam, save_sam
 from talora.storage import StorageOptions, join, write_bytes
 from talora.weights import write_weights
 
@@ -54,7 +54,8 @@ def merge_into_checkpoint(adapter_uri: str, sam_checkpoint: str | None, out: str
     """A full SAM checkpoint (safetensors) with the adapter merged into its weights; the variant
     comes from the adapter's header and is checked against `sam_checkpoint`."""
     _, header = load_adapter(adapter_uri, storage=storage)
-    sam = build_sam(header.sam_type, sam_checkpoint, storage)
+    backbone = load_backbone(header.sam_type, sam_checkpoint, storage)
+    sam = backbone.model
     targets = []
     for t in header.targets:
         try:
@@ -65,5 +66,5 @@ def merge_into_checkpoint(adapter_uri: str, sam_checkpoint: str | None, out: str
     inject_lora(sam, targets)
     adapter, _ = load_adapter(adapter_uri, targets, header.sam_type, storage)  # shapes checked against the model
     merge_adapter(sam, adapter)
-    save_sam(sam, out, storage)
+    save_backbone(backbone, out, storage)
     return out

@@ -11,45 +11,21 @@ already fills a decoder batch of points_per_batch rows.
 
 from __future__ import annotations
 
-import json
+import os
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from talora.commit import RunOutput, run_key
+from talora.loading import ModelSpec, check_checkpoint, load_model
 from talora.pipeline import Item, ShardWriter, number_items, run_sharded
+from talora.predictions import PARQUET, SCHEMA, detection_rows, error_row, write_summary
 from talora.predictor import PredictConfig
-from talora.rows import SCHEMA, detection_rows, error_row
-from talora.storage import (StorageOptions, file_identity, join, list_shards, local_copy, protocol_of, require_shared,
-                            write_bytes)
+from talora.storage import StorageOptions, file_identity, list_shards, protocol_of, require_shared
 
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """Which model labels: a hypernet file, or a static adapter file on a base SAM."""
-
-    sam_type: str = "vit_tiny"
-    sam_checkpoint: str | None = None
-    hypernet: str | None = None
-    adapter: str | None = None
-
-
-def model_spec(sam_type: str, sam_checkpoint: str | None = None, hypernet: str | None = None,
-               adapter: str | None = None, untrained: bool = False) -> ModelSpec:
-    """The ModelSpec users mean: on vit_tiny with no weights given, the shipped demo models (the
-    hypernet names its base; an adapter gets the demo base). `untrained`: a random base and the
-    untrained hypernet (Delta W = 0), for smoke runs."""
-    from talora.model import DEMO_HYPERNET, DEMO_SAM_CHECKPOINT
-
-    if untrained:
-        if hypernet or adapter:
-            raise ValueError("--untrained runs without trained weights; drop --hypernet/--adapter")
-        return ModelSpec(sam_type, sam_checkpoint)
-    if sam_type == "vit_tiny" and not hypernet and not adapter:
-        return ModelSpec(sam_type, sam_checkpoint, DEMO_HYPERNET)
-    if sam_type == "vit_tiny" and adapter and not sam_checkpoint:
-        return ModelSpec(sam_type, DEMO_SAM_CHECKPOINT, None, adapter)
-    return ModelSpec(sam_type, sam_checkpoint, hypernet, adapter)
+# The embedded default bucket: `jobs/segment_dataset.py --prompt ...` with no --images labels its
+# validation split (generated here on first use).
+DEMO_DATA = "data/demo"
 
 
 @dataclass(frozen=True)
@@ -71,29 +47,21 @@ class LabelConfig:
     gpus_per_actor: float = 0.0
     storage: StorageOptions = field(default_factory=StorageOptions)
 
+    def __post_init__(self) -> None:
+        for name in ("num_actors", "batch_size", "shard_size", "max_pixels"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.cpus_per_actor <= 0 or self.gpus_per_actor < 0:
+            raise ValueError("--cpus-per-actor must be > 0 and --gpus-per-actor >= 0")
 
-def load_model(spec: ModelSpec, storage: StorageOptions):
-    """The TaskAwareSam for `spec`, model files copied once per node."""
-    from talora.adapter_file import load_adapter
-    from talora.config import default_config
-    from talora.model import build_task_aware_sam, load_task_aware_sam
-    from talora.text import TextEncoder
 
-    checkpoint = local_copy(spec.sam_checkpoint, storage) if spec.sam_checkpoint else None
-    if spec.hypernet:
-        model = load_task_aware_sam(local_copy(spec.hypernet, storage), checkpoint, TextEncoder(), storage)
-    else:
-        import torch
+def demo_bucket(root: str = DEMO_DATA) -> tuple[str, str]:
+    """(images prefix, annotations) of the demo bucket's validation split, written on first use."""
+    from talora.data.synthetic import write_demo_dataset
 
-        torch.manual_seed(0)  # untrained parts are the same in every actor and every run
-        config = default_config(spec.sam_type, checkpoint=checkpoint)
-        model = build_task_aware_sam(config, None, storage)
-        if spec.adapter:
-            adapter, _ = load_adapter(local_copy(spec.adapter, storage), model.targets, spec.sam_type, storage)
-            model.fixed_adapter = adapter
-        else:  # no trained weights at all: the untrained hypernet (Delta W = 0), for smoke runs
-            model.text_encoder = TextEncoder()
-    return model
+    if not os.path.exists(os.path.join(root, "val", "instances.json")):
+        write_demo_dataset(root, 200, 40, seed=0, shard_size=20)
+    return os.path.join(root, "val", "images"), os.path.join(root, "val", "instances.json")
 
 
 def model_name(spec: ModelSpec, storage: StorageOptions) -> str:
@@ -107,21 +75,20 @@ def model_name(spec: ModelSpec, storage: StorageOptions) -> str:
     return f"{spec.sam_type}+untrained"
 
 
-def decode_stage(batch: dict, max_pixels: int, image_size: int) -> dict:
+def decode_stage(batch: dict, max_pixels: int, sam_type: str) -> dict:
     """Ray Data task: bytes -> the model's resized frame (EXIF applied, RGB, 16-bit scaled) and
     the oriented original size; a bad image becomes an error, never a crash."""
-    from segment_anything.utils.transforms import ResizeLongestSide
-
+    from talora.backbones import image_resizer
     from talora.data.coco import decode_image
 
-    transform = ResizeLongestSide(image_size)
+    resize = image_resizer(sam_type)
     resized, heights, widths, errors = [], [], [], []
     for data, error in zip(batch["bytes"], batch["error"]):
         try:
             if error:
                 raise OSError(error)
             image = decode_image(bytes(data), max_pixels)
-            resized.append(transform.apply_image(image))
+            resized.append(resize(image))
             heights.append(image.shape[0])
             widths.append(image.shape[1])
             errors.append("")
@@ -194,7 +161,6 @@ def run_label_job(config: LabelConfig) -> dict:
     """Checks everything cheap first, then labels every uncommitted shard; returns the summary."""
     import ray
 
-    from talora.sam import read_sam_checkpoint
     from talora.text import validate_prompts
 
     prompts = validate_prompts(list(config.prompts))
@@ -208,31 +174,26 @@ def run_label_job(config: LabelConfig) -> dict:
     spec = config.model
     if spec.hypernet and spec.adapter:
         raise ValueError("give --hypernet or --adapter, not both")
-    for uri in (spec.hypernet, spec.adapter, spec.sam_checkpoint):
-        if uri:
-            file_identity(uri, config.storage)  # missing model files fail here, before the pool starts
+    for uri in spec.files().values():
+        file_identity(uri, config.storage)  # missing model files fail here, before the pool starts
     if spec.sam_checkpoint:
-        read_sam_checkpoint(spec.sam_checkpoint, spec.sam_type, config.storage)
+        check_checkpoint(spec.sam_checkpoint, spec.sam_type, config.storage)
     model = model_name(spec, config.storage)
     items = list_items(config)
 
     identity = {
         "prompts": prompts, "task": config.task, "predict": config.predict.__dict__, "model": model,
-        "files": {k: file_identity(v, config.storage) for k, v in spec.__dict__.items()
-                  if v and k in ("sam_checkpoint", "hypernet", "adapter")},
+        "files": {k: file_identity(v, config.storage) for k, v in spec.files().items()},
         "max_pixels": config.max_pixels,
     }
     key = run_key(identity)
-    run = RunOutput(config.output, key, config.storage)
-    from talora.sam import INPUT_SIZE
-
-    image_size = INPUT_SIZE[spec.sam_type]
+    run = RunOutput(config.output, key, config.storage, PARQUET)
     counts = run_sharded(
         items, run, LabelActor,
         {"spec": spec, "prompts": prompts, "predict": config.predict, "task": config.task, "model": model,
          "out": config.output, "key": key, "storage": config.storage},
         config.storage, config.batch_size, config.num_actors, config.cpus_per_actor, config.gpus_per_actor,
-        cpu_stage=decode_stage, cpu_stage_kwargs={"max_pixels": config.max_pixels, "image_size": image_size},
+        cpu_stage=decode_stage, cpu_stage_kwargs={"max_pixels": config.max_pixels, "sam_type": spec.sam_type},
         log=lambda m: print(f"label: {m}", flush=True),
     )
     summary = {
@@ -248,5 +209,5 @@ def run_label_job(config: LabelConfig) -> dict:
                    "storage": config.storage.public_dict()},
         "node_ids": sorted(n["NodeID"] for n in ray.nodes() if n.get("Alive")),
     }
-    write_bytes(join(run.root, "_summary.json"), json.dumps(summary, indent=1, default=str).encode(), config.storage)
+    write_summary(run.root, summary, config.storage)
     return summary

@@ -1,4 +1,4 @@
-"""LoRA for a frozen SAM: target discovery, a per-row LoRA Linear, adapters, merge and unmerge.
+"""LoRA for a frozen SAM: a per-row LoRA Linear, adapters, merge and unmerge (targets come from the backbone).
 
 Shapes: P = rows of a batch (prompt rows in the decoder, (image, prompt) rows in the encoder
 tail), r = rank, in/out = a target Linear's features, N = everything between the row axis and the
@@ -12,7 +12,6 @@ shared adapter can instead be merged into the weights (W += s B A) and unmerged 
 
 from __future__ import annotations
 
-import re
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator
@@ -20,65 +19,17 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from talora.config import LoraConfig
-
-# A target is adapted per prompt; its (depth, module_type) is its identity for the hypernet.
-_ENCODER_BLOCK = re.compile(r"^image_encoder\.blocks\.(\d+)\.(.+)$")
-_DECODER_LAYER = re.compile(r"^mask_decoder\.transformer\.layers\.(\d+)\.(.+)$")
-_DECODER_FINAL = re.compile(r"^mask_decoder\.transformer\.(final_attn_token_to_image\..+)$")
-_OUTPUT_MLP = re.compile(r"^mask_decoder\.(output_hypernetworks_mlps\.\d+\.layers\.\d+)$")
-_IOU_HEAD = re.compile(r"^mask_decoder\.(iou_prediction_head\.layers\.\d+)$")
-
 
 @dataclass(frozen=True)
 class LoraTarget:
-    name: str  # module path inside Sam, e.g. "mask_decoder.transformer.layers.0.self_attn.q_proj"
+    """One adapted Linear, found on the model by its backbone (talora.backbones)."""
+
+    name: str  # module path inside the SAM, e.g. "mask_decoder.transformer.layers.0.self_attn.q_proj"
     in_features: int
     out_features: int
     component: str  # image_encoder | mask_decoder | output_mlps | iou_head
     depth: int  # layer position in the adapted stack: tail blocks first, then decoder layers
     module_type: str  # e.g. "encoder.attn.qkv", "decoder.cross_attn_token_to_image.q_proj"
-
-
-def find_targets(sam: nn.Module, lora: LoraConfig, tail_blocks: int) -> list[LoraTarget]:
-    """Every Linear of `sam` that `lora` adapts, in module order, discovered (never hard-coded).
-
-    `tail_blocks` = k: the last k image-encoder blocks are adapted when ``lora.image_encoder``.
-    """
-    num_blocks = len(sam.image_encoder.blocks)
-    num_layers = len(sam.mask_decoder.transformer.layers)
-    first_tail = num_blocks - tail_blocks
-    heads_depth = tail_blocks + num_layers + 1  # after the decoder's final attention
-    patterns = set(lora.target_patterns)
-    targets = []
-    for name, module in sam.named_modules():
-        base = module.base_layer if isinstance(module, LoraLinear) else module
-        if not isinstance(base, nn.Linear) or name.endswith(".base_layer"):
-            continue
-        leaf = name.rsplit(".", 1)[-1]
-        found: tuple[str, int, str] | None = None
-        if m := _ENCODER_BLOCK.match(name):
-            block = int(m[1])
-            if lora.image_encoder and block >= first_tail and leaf in patterns:
-                found = ("image_encoder", block - first_tail, "encoder." + m[2])
-        elif m := _DECODER_LAYER.match(name):
-            if lora.mask_decoder and leaf in patterns:
-                found = ("mask_decoder", tail_blocks + int(m[1]), "decoder." + m[2])
-        elif m := _DECODER_FINAL.match(name):
-            if lora.mask_decoder and leaf in patterns:
-                found = ("mask_decoder", tail_blocks + num_layers, "decoder." + m[1])
-        elif m := _OUTPUT_MLP.match(name):
-            if lora.output_mlps:
-                found = ("output_mlps", heads_depth, "decoder." + m[1])
-        elif m := _IOU_HEAD.match(name):
-            if lora.iou_head:
-                found = ("iou_head", heads_depth, "decoder." + m[1])
-        if found:
-            component, depth, module_type = found
-            targets.append(LoraTarget(name, base.in_features, base.out_features, component, depth, module_type))
-    if not targets:
-        raise ValueError(f"no LoRA targets found for patterns {sorted(patterns)} and components {lora}")
-    return targets
 
 
 @dataclass

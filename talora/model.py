@@ -4,39 +4,28 @@ Shapes: B = images, P = rows ((image, prompt) pairs in the tail, prompt rows in 
 C = channels, h x w = the image-embedding grid (64 x 64 for 1024-px SAM, 16 x 16 for vit_tiny),
 M = masks per row (3 with multimask output, else 1), n = point prompts per row.
 
-Where the time goes (DESIGN §1): `embed_trunk` (all encoder blocks but the last k) runs once per
-image and is shared by every prompt; `embed_tail` (last k blocks + neck) and `decode` run per
-prompt with that prompt's adapter. Nothing here is wrapped in no_grad: SAM's own `Sam.forward`
-and `SamPredictor` are, so `decode` calls the prompt encoder and mask decoder's parts directly and
-the same code serves training and inference.
+Where the time goes: `embed_trunk` (everything in the encoder before its last k blocks) runs once
+per image and is shared by every prompt; `embed_tail` (last k blocks + neck) and `decode` run per
+prompt with that prompt's adapter (docs/design.md says why the tail is adapted at all). The SAM
+family's internals stay behind `talora.backbones`. Nothing here is wrapped in no_grad: the same
+code serves training and inference.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-from segment_anything.modeling import Sam
-from segment_anything.modeling.mask_decoder import MLP
 from torch import nn
+from torch.nn import functional as F
 
-from talora.config import ModelConfig, dump_config, load_config
+from talora.backbones.base import Backbone
+from talora.config import ModelConfig
 from talora.hypernet import TaskAwareHyperNet
-from talora.lora import Adapter, LoraTarget, find_targets, inject_lora, use_adapter
-from talora.sam import build_sam, count_parameters, embed_tail, embed_trunk, predict_masks_per_row, preprocess_image
-from talora.storage import StorageOptions
+from talora.lora import Adapter, LoraTarget, inject_lora, use_adapter
 from talora.text import TextEncoder, validate_prompts
-from talora.weights import read_weights, write_weights
 
-HYPERNET_FORMAT = "talora.hypernet/1"
-
-
-# The shipped demo models (make demo-models): the pretrained vit_tiny base and a hypernet trained on it.
-DEMO_SAM_CHECKPOINT = "demo://sam_vit_tiny.safetensors"
-DEMO_HYPERNET = "demo://hypernet.safetensors"
 
 @dataclass
 class DecoderOutput:
@@ -48,26 +37,28 @@ class DecoderOutput:
 class TaskAwareSam(nn.Module):
     def __init__(
         self,
-        sam: Sam,
+        backbone: Backbone,
         targets: list[LoraTarget],
         hypernet: TaskAwareHyperNet,
         presence_head: nn.Module,
         config: ModelConfig,
         text_encoder: TextEncoder | None = None,
+        fixed_adapter: Adapter | None = None,
     ) -> None:
         """
         Arguments:
-          sam: the base SAM; frozen here and wrapped with LoRA layers at `targets`.
+          backbone: the base SAM (talora.backbones); frozen here and wrapped with LoRA layers at `targets`.
           hypernet: text embedding -> per-row Adapter over `targets`.
           presence_head: decoder IoU-token output (P x C) -> presence logit (P x 1).
           config: the resolved config these parts were built from (k = config.tail_blocks image-
             encoder blocks run per prompt; 0 = decoder-only adapters). Saved with the hypernet.
           text_encoder: prompts -> embeddings; needed by `adapters`, not by the tensor paths.
+          fixed_adapter: a static LoRA used for every prompt instead of the hypernet's (--adapter).
         """
         super().__init__()
-        sam.requires_grad_(False)
-        sam.eval()
-        self.sam = sam
+        backbone.freeze()
+        self.backbone = backbone  # a plain object: its model is registered once, as `sam`
+        self.sam = backbone.model  # a submodule: .to() moves it, state dicts name it "sam."
         self.targets = list(targets)
         inject_lora(self.sam, self.targets, config.lora.dropout)
         self.hypernet = hypernet
@@ -75,15 +66,15 @@ class TaskAwareSam(nn.Module):
         self.config = config
         self.tail_blocks = config.tail_blocks
         self.text_encoder = text_encoder
+        self.fixed_adapter = fixed_adapter
         self._adapter_cache: dict[str, Adapter] = {}
-        self.fixed_adapter: Adapter | None = None  # a static LoRA used for every prompt (--adapter)
 
     # --- modes and bookkeeping ------------------------------------------------------------------
 
     def train(self, mode: bool = True) -> TaskAwareSam:
         """Trains the hypernet and presence head only; the frozen SAM stays in eval mode."""
         super().train(mode)
-        self.sam.eval()
+        self.backbone.freeze()
         self._adapter_cache.clear()  # hypernet weights are about to change
         return self
 
@@ -119,12 +110,12 @@ class TaskAwareSam(nn.Module):
     # --- images -> embeddings ---------------------------------------------------------------------
 
     def preprocess(self, image: np.ndarray) -> tuple[torch.Tensor, tuple[int, int]]:
-        """HWC uint8 RGB -> (3, S, S) normalised, padded input and the resized (h, w)."""
-        return preprocess_image(self.sam, image)
+        """HWC uint8 RGB -> (3, S, S) normalised model input and the resized (h, w)."""
+        return self.backbone.preprocess(image)
 
     def embed_trunk(self, images: torch.Tensor) -> torch.Tensor:
         """B x 3 x S x S preprocessed images -> B x h x w x C trunk features (shared by all prompts)."""
-        return embed_trunk(self.sam.image_encoder, images, self.tail_blocks)
+        return self.backbone.embed_trunk(images, self.tail_blocks)
 
     def embed_tail(self, trunk_features: torch.Tensor, adapter: Adapter | None = None) -> torch.Tensor:
         """P x h x w x C trunk features (one row per (image, prompt)) -> P x C' x h x w image embeddings.
@@ -132,7 +123,7 @@ class TaskAwareSam(nn.Module):
         `adapter` is per row (P rows) or shared; None runs the base tail.
         """
         with use_adapter(self.sam, adapter):
-            return embed_tail(self.sam.image_encoder, trunk_features, self.tail_blocks)
+            return self.backbone.embed_tail(trunk_features, self.tail_blocks)
 
     # --- embeddings (+ prompts) -> masks ----------------------------------------------------------
 
@@ -158,28 +149,14 @@ class TaskAwareSam(nn.Module):
           DecoderOutput with low-res mask logits (P x M x 4h x 4w), IoU predictions (P x M) and
           presence logits (P).
         """
-        P = image_embeddings.shape[0]
-        points = (point_coords, point_labels) if point_coords is not None else None
-        sparse, dense = self.sam.prompt_encoder(points=points, boxes=boxes, masks=None)
-        sparse = sparse.expand(P, -1, -1)  # (P, n', C); batch 1 when the row has no prompt
-        dense = dense.expand(P, -1, -1, -1)  # (P, C, h, w)
+        sparse, dense = self.backbone.encode_prompts(point_coords, point_labels, boxes)
         with use_adapter(self.sam, adapter):
-            masks, iou_pred, iou_token = predict_masks_per_row(self.sam, image_embeddings, sparse, dense)
+            masks, iou_pred, iou_token = self.backbone.decode_rows(image_embeddings, sparse, dense)
         presence = self.presence_head(iou_token).squeeze(-1)  # (P,)
         chosen = slice(1, None) if multimask_output else slice(0, 1)
         return DecoderOutput(masks[:, chosen], iou_pred[:, chosen], presence)
 
-    # --- trainable weights file -------------------------------------------------------------------
-
-    def save_hypernet(self, uri: str, storage: StorageOptions | None = None) -> None:
-        """Hypernet + presence head as safetensors; the header carries the resolved config and targets."""
-        metadata = {
-            "format": HYPERNET_FORMAT,
-            "config": dump_config(self.config),
-            "targets": json.dumps([t.name for t in self.targets]),
-            "digest": self.hypernet.digest(),
-        }
-        write_weights(uri, self.trainable_modules().state_dict(), metadata, storage)
+    # --- trainable weights -------------------------------------------------------------------------
 
     def load_hypernet_weights(self, state: dict[str, torch.Tensor], uri: str) -> None:
         try:
@@ -189,44 +166,25 @@ class TaskAwareSam(nn.Module):
         self._adapter_cache.clear()
 
 
-def build_presence_head(transformer_dim: int) -> nn.Module:
-    return MLP(transformer_dim, transformer_dim, 1, num_layers=2)
+class MLP(nn.Module):
+    """Linear layers with ReLU between them (the shape of SAM's decoder heads)."""
+
+    def __init__(self, input_dim: int, hidden_dim: int, output_dim: int, num_layers: int) -> None:
+        super().__init__()
+        dims = [input_dim] + [hidden_dim] * (num_layers - 1) + [output_dim]
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for i, layer in enumerate(self.layers):
+            x = layer(x) if i == len(self.layers) - 1 else F.relu(layer(x))
+        return x
 
 
-def build_task_aware_sam(
-    config: ModelConfig,
-    text_encoder: TextEncoder | None = None,
-    storage: StorageOptions | None = None,
-) -> TaskAwareSam:
-    """SAM (from config.sam) + LoRA targets + an untrained hypernet (bias-HyperInit) + presence head."""
-    sam = build_sam(config.sam.sam_type, config.sam.checkpoint, storage)
-    targets = find_targets(sam, config.lora, config.tail_blocks)
-    hypernet = TaskAwareHyperNet(targets, config.hypernet, config.lora.rank, config.lora.scale)
-    presence = build_presence_head(sam.mask_decoder.transformer_dim)
-    return TaskAwareSam(sam, targets, hypernet, presence, config, text_encoder)
+def build_presence_head(decoder_dim: int) -> nn.Module:
+    return MLP(decoder_dim, decoder_dim, 1, num_layers=2)
 
 
-def read_hypernet_file(uri: str, storage: StorageOptions | None = None) -> tuple[ModelConfig, dict, dict[str, torch.Tensor]]:
-    """(resolved config, header, weights) of a hypernet file; a non-talora file is a clear error."""
-    state, header = read_weights(uri, storage)
-    if header.get("format") != HYPERNET_FORMAT:
-        raise ValueError(f"{uri} is not a talora hypernet file (format {header.get('format')!r}, expected {HYPERNET_FORMAT!r})")
-    return load_config(header["config"]), header, state
-
-
-def load_task_aware_sam(
-    hypernet_uri: str,
-    sam_checkpoint: str | None = None,
-    text_encoder: TextEncoder | None = None,
-    storage: StorageOptions | None = None,
-) -> TaskAwareSam:
-    """The model a hypernet file was trained for, with its weights; `sam_checkpoint` overrides the base's URI."""
-    config, header, state = read_hypernet_file(hypernet_uri, storage)
-    if sam_checkpoint is not None:
-        config = dataclasses.replace(config, sam=dataclasses.replace(config.sam, checkpoint=sam_checkpoint))
-    model = build_task_aware_sam(config, text_encoder, storage)
-    expected = json.loads(header["targets"])
-    if expected != [t.name for t in model.targets]:
-        raise ValueError(f"hypernet {hypernet_uri} was trained for other LoRA targets than this {config.sam.sam_type} model finds")
-    model.load_hypernet_weights(state, hypernet_uri)
-    return model
+def count_parameters(module: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    params = list(module.parameters())
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)

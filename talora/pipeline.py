@@ -18,6 +18,7 @@ from typing import Any, Callable
 import pyarrow as pa
 
 from talora.commit import RunOutput, ShardTracker
+from talora.predictions import PARQUET
 from talora.storage import StorageOptions, read_bytes
 
 META_KEYS = ("shard", "item", "rows", "part", "error", "node")
@@ -49,7 +50,7 @@ class ShardWriter:
     rows of each shard in the batch as one part file and returns the metadata rows."""
 
     def __init__(self, out: str, key: str, storage: StorageOptions, schema: pa.Schema | None = None) -> None:
-        self.run = RunOutput(out, key, storage)
+        self.run = RunOutput(out, key, storage, PARQUET)
         self.schema = schema
 
     def process(self, batch: dict) -> list[tuple[list[dict], str]]:
@@ -63,7 +64,7 @@ class ShardWriter:
         for shard, index, (rows, _) in zip(batch["shard"], batch["index"], results):
             by_shard.setdefault(shard, []).extend(rows)
             first_index[shard] = min(first_index.get(shard, int(index)), int(index))
-        parts = {shard: self.run.write_part(shard, first_index[shard], pa.Table.from_pylist(rows, schema=self.schema))
+        parts = {shard: self.run.write_part(shard, first_index[shard], rows, self.schema)
                  for shard, rows in by_shard.items() if rows}
         import ray
 

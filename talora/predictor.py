@@ -24,7 +24,6 @@ import torch
 import torch.nn.functional as F
 from pycocotools import mask as mask_utils
 from segment_anything.utils.amg import MaskData, batched_mask_to_box, build_point_grid, calculate_stability_score
-from segment_anything.utils.transforms import ResizeLongestSide
 from torchvision.ops.boxes import batched_nms
 
 from talora.model import TaskAwareSam
@@ -95,17 +94,17 @@ def deduplicate(data: MaskData, cfg: PredictConfig) -> MaskData:
 class TaskAwarePredictor:
     def __init__(self, model: TaskAwareSam, config: PredictConfig = PredictConfig()) -> None:
         self.model = model.eval()
+        self.backbone = model.backbone
         self.config = config
-        self.transform = ResizeLongestSide(model.sam.image_encoder.img_size)
         self.grid = build_point_grid(config.points_per_side)  # (N, 2) in [0, 1]
 
     @property
     def device(self) -> torch.device:
-        return self.model.sam.device
+        return self.backbone.device
 
     def resize(self, image: np.ndarray) -> np.ndarray:
         """HWC uint8 RGB -> the model's resized frame (the CPU stage of the labelling job)."""
-        return self.transform.apply_image(image)
+        return self.backbone.resize(image)
 
     @torch.no_grad()
     def predict(self, image: np.ndarray, prompts: list[str]) -> dict[str, list[Detection]]:
@@ -114,10 +113,9 @@ class TaskAwarePredictor:
 
     @torch.no_grad()
     def predict_resized(self, resized: np.ndarray, original_size: tuple[int, int], prompts: list[str]):
-        model, cfg = self.model, self.config
+        model, backbone, cfg = self.model, self.backbone, self.config
         input_size = tuple(resized.shape[:2])
-        x = torch.as_tensor(resized, device=self.device).permute(2, 0, 1).contiguous()[None].float()
-        x = model.sam.preprocess(x)  # normalise + pad to S x S
+        x = backbone.normalize(resized)  # (1, 3, S, S)
         adapter = model.adapters(prompts)  # P rows, cached per prompt
         P = len(prompts)
         trunk = model.embed_trunk(x)  # (1, h, w, C): once per image
@@ -125,11 +123,11 @@ class TaskAwarePredictor:
 
         semantic = model.decode(embeddings, adapter, multimask_output=False)
         presence = torch.sigmoid(semantic.presence_logits.float())  # (P,)
-        logits = model.sam.postprocess_masks(semantic.masks.float(), input_size, original_size)[:, 0]  # (P, H, W)
+        logits = backbone.postprocess_masks(semantic.masks.float(), input_size, original_size)[:, 0]  # (P, H, W)
         results: dict[str, list[Detection]] = {}
         for p, prompt in enumerate(prompts):
             present = bool(presence[p] >= cfg.presence_thresh)
-            region = (logits[p] > model.sam.mask_threshold) & present  # (H, W)
+            region = (logits[p] > backbone.mask_threshold) & present  # (H, W)
             detections = []
             if cfg.mode in ("semantic", "both") and region.any():
                 detections.append(encode_mask(region.cpu().numpy(), "semantic", float(presence[p])))
@@ -140,7 +138,7 @@ class TaskAwarePredictor:
 
     def _instances(self, embedding, adapter, region: torch.Tensor, input_size, original_size) -> list[Detection]:
         """Grid points inside the (dilated) task region -> filtered, de-duplicated instance masks."""
-        model, cfg = self.model, self.config
+        model, backbone, cfg = self.model, self.backbone, self.config
         H, W = original_size
         radius = max(1, int(cfg.dilation * max(H, W)))
         dilated = F.max_pool2d(region[None, None].float(), 2 * radius + 1, stride=1, padding=radius)[0, 0] > 0
@@ -154,12 +152,12 @@ class TaskAwarePredictor:
         parts = []
         for start in range(0, len(points), cfg.points_per_batch):
             batch = points[start : start + cfg.points_per_batch]
-            coords = torch.as_tensor(self.transform.apply_coords(batch, original_size), dtype=torch.float32,
+            coords = torch.as_tensor(backbone.apply_coords(batch, original_size), dtype=torch.float32,
                                      device=self.device)[:, None, :]  # (n, 1, 2) in the input frame
             labels = torch.ones(len(batch), 1, dtype=torch.int, device=self.device)
             n = len(batch)
             out = model.decode(embedding.expand(n, -1, -1, -1), adapter, coords, labels, multimask_output=True)
-            parts.append(filter_masks(out.masks.float(), out.iou_predictions.float(), cfg, model.sam.mask_threshold))
+            parts.append(filter_masks(out.masks.float(), out.iou_predictions.float(), cfg, backbone.mask_threshold))
         data = parts[0]
         for part in parts[1:]:
             data.cat(part)
@@ -167,6 +165,6 @@ class TaskAwarePredictor:
             return []
 
         data = deduplicate(data, cfg)  # boxes in the low-res frame overlap as they do in the original
-        masks = model.sam.postprocess_masks(data["masks"][:, None], input_size, original_size)[:, 0]  # (k, H, W)
-        masks = (masks > model.sam.mask_threshold).cpu().numpy()
+        masks = backbone.postprocess_masks(data["masks"][:, None], input_size, original_size)[:, 0]  # (k, H, W)
+        masks = (masks > backbone.mask_threshold).cpu().numpy()
         return [encode_mask(m, "instance", float(s)) for m, s in zip(masks, data["iou_preds"].tolist()) if m.any()]

@@ -1,14 +1,13 @@
 """Linear probes on frozen trunk features: does the base encode what tasks name?
 
-DESIGN §1: a base can only be adapted to what its trunk encodes. The probe takes the trunk's
+A base can only be adapted to what its trunk encodes (docs/design.md). The probe takes the trunk's
 feature at every embedding cell that lies inside an object (>= `min_coverage` of the cell), labels
 it with that object's category, supercategory or colour, fits a multinomial logistic regression on
 training images and reports accuracy on held-out images, beside the majority-class chance level.
 The probe is fitted on thousands of images with weight decay, enough that its accuracy no longer
-rises with more: a data-starved probe under-reads the features (measured on demo bases, scored on
-the same test images: fitted on 64 images 0.811 vs 0.834 on 512; on the 24000-image base 0.844 on
-512, 0.852 on 1024, 0.856 on 2048, 0.855 on 3000 — where the pretraining's own linear head reads
-0.856).
+rises with more: a data-starved probe under-reads the features (on the demo base it reads 0.844
+fitted on 512 images and saturates at 0.856 from 2048 on, where the pretraining's own linear head
+reads the same; docs/results.md).
 
 Shapes: h x w = the embedding grid, C = trunk channels, N = labelled cells.
 """
@@ -21,8 +20,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from talora.backbones.base import Backbone
 from talora.data.coco import CocoDataset, Instance
-from talora.sam import embed_trunk, preprocess_image
 from talora.storage import StorageOptions
 
 KEYS = ("category", "supercategory", "color")
@@ -36,7 +35,7 @@ def label_of(instance: Instance, key: str) -> str | None:
     return instance.attribute(key)
 
 
-def cell_labels(instances: list[Instance], input_size: tuple[int, int], image_size: int, grid: tuple[int, int],
+def cell_labels(instances: list[Instance], input_size: tuple[int, int], backbone: Backbone, grid: tuple[int, int],
                 key: str, min_coverage: float = 0.5) -> dict[int, str]:
     """{flat cell index: label} for cells covered >= min_coverage by one object (the most covering)."""
     h, w = grid
@@ -46,8 +45,7 @@ def cell_labels(instances: list[Instance], input_size: tuple[int, int], image_si
         if inst.iscrowd or label is None:
             continue
         mask = torch.from_numpy(inst.mask().astype(np.float32))[None, None]
-        mask = F.interpolate(mask, size=input_size, mode="bilinear", align_corners=False)  # the resized frame
-        mask = F.pad(mask, (0, image_size - input_size[1], 0, image_size - input_size[0]))  # SAM pads bottom/right
+        mask = backbone.to_model_frame(mask, input_size)  # (1, 1, S, S), as the image was placed
         coverage = F.adaptive_avg_pool2d(mask, (h, w))[0, 0].flatten()  # (h*w,)
         for cell in torch.nonzero(coverage >= min_coverage).flatten().tolist():
             if cell not in best or coverage[cell] > best[cell][0]:
@@ -56,18 +54,18 @@ def cell_labels(instances: list[Instance], input_size: tuple[int, int], image_si
 
 
 @torch.no_grad()
-def collect(sam, dataset: CocoDataset, image_ids: list[int], tail_blocks: int, keys=KEYS,
+def collect(backbone: Backbone, dataset: CocoDataset, image_ids: list[int], tail_blocks: int, keys=KEYS,
             storage: StorageOptions | None = None) -> dict[str, tuple[np.ndarray, list[str]]]:
     """{key: (N x C trunk features, N labels)} over the labelled cells of `image_ids`; the trunk runs
     once per image for every key."""
     features: dict[str, list[np.ndarray]] = {key: [] for key in keys}
     labels: dict[str, list[str]] = {key: [] for key in keys}
     for image_id in image_ids:
-        x, input_size = preprocess_image(sam, dataset.load_image(image_id, storage))
-        trunk = embed_trunk(sam.image_encoder, x[None], tail_blocks)[0]  # (h, w, C)
+        x, input_size = backbone.preprocess(dataset.load_image(image_id, storage))
+        trunk = backbone.embed_trunk(x[None], tail_blocks)[0]  # (h, w, C)
         h, w, C = trunk.shape
         for key in keys:
-            cells = cell_labels(dataset.instances[image_id], input_size, sam.image_encoder.img_size, (h, w), key)
+            cells = cell_labels(dataset.instances[image_id], input_size, backbone, (h, w), key)
             if cells:
                 order = sorted(cells)
                 features[key].append(trunk.reshape(h * w, C)[torch.tensor(order)].float().numpy())
@@ -113,12 +111,12 @@ def linear_probe(x_train: np.ndarray, y_train: list[str], x_test: np.ndarray, y_
     return ProbeResult(key, accuracy, float(counts.max() / max(1, counts.sum())), len(y_train), len(keep), len(classes))
 
 
-def probe_base(sam, train: CocoDataset, test: CocoDataset, tail_blocks: int, keys=KEYS, train_images: int = 2048,
+def probe_base(backbone: Backbone, train: CocoDataset, test: CocoDataset, tail_blocks: int, keys=KEYS, train_images: int = 2048,
                test_images: int = 100, storage: StorageOptions | None = None) -> list[ProbeResult]:
     """Probe accuracy per key: fit on the first `train_images` of `train`, score on the first
     `test_images` of `test`."""
-    fitted = collect(sam, train, train.image_ids[:train_images], tail_blocks, keys, storage)
-    scored = collect(sam, test, test.image_ids[:test_images], tail_blocks, keys, storage)
+    fitted = collect(backbone, train, train.image_ids[:train_images], tail_blocks, keys, storage)
+    scored = collect(backbone, test, test.image_ids[:test_images], tail_blocks, keys, storage)
     results = []
     for key in keys:
         (x_train, y_train), (x_test, y_test) = fitted[key], scored[key]

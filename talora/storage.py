@@ -145,30 +145,16 @@ def join(uri: str, *parts: str) -> str:
 
 
 def pyarrow_filesystem(uri: str, options: StorageOptions | None = None):
-    """(pyarrow filesystem, scheme-less path) for Ray Data readers and writers.
-
-    s3:// maps to pyarrow's native S3FileSystem (endpoint and keys from `options` or the standard
-    AWS variables and profiles); everything else goes through fsspec via PyFileSystem.
-    """
+    """(pyarrow filesystem, scheme-less path) for Ray Data readers and Ray Train's storage: the same
+    fsspec filesystem as every other read (endpoint, profile, keys), wrapped by pyarrow's FSSpecHandler."""
     import pyarrow.fs as pafs
 
     options = options or StorageOptions()
+    uri = resolve(uri)
     protocol = protocol_of(uri)
-    if protocol in ("s3", "s3a"):
-        kwargs: dict[str, Any] = {}
-        endpoint = options.fsspec_kwargs("s3").get("endpoint_url")
-        if endpoint:
-            scheme, _, host = endpoint.partition("://")
-            kwargs.update(endpoint_override=host, scheme=scheme)
-        if options.anon:
-            kwargs["anonymous"] = True
-        if options.access_key_id and options.secret_access_key:
-            kwargs.update(access_key=options.access_key_id, secret_key=options.secret_access_key)
-        region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
-        if region:
-            kwargs["region"] = region
-        return pafs.S3FileSystem(**kwargs), uri.split("://", 1)[1]
-    fs, path = filesystem(uri, options)
+    # Its own instance, without a listing cache: Ray Train lists checkpoints that other workers wrote.
+    fresh = {} if protocol == "file" else {"skip_instance_cache": True, "use_listings_cache": False}
+    fs, path = url_to_fs(uri, **options.fsspec_kwargs(protocol), **fresh)
     return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path
 
 
@@ -229,7 +215,10 @@ def file_identity(uri: str, options: StorageOptions | None = None) -> dict[str, 
 
 def local_copy(uri: str, options: StorageOptions | None = None, cache_dir: str | None = None) -> str:
     """A local path for `uri`: the file itself when local, else a copy cached once per node
-    (keyed by URI and identity; a file lock makes concurrent actors on a node download once)."""
+    (keyed by URI and identity; a file lock makes concurrent actors on a node download once).
+
+    Not fsspec's ``simplecache::``: it downloads straight into the cache file (``get_file``), so a
+    second actor on the node can open a half-written checkpoint; here the copy lands atomically."""
     import fcntl
     import hashlib
     import json

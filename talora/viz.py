@@ -91,18 +91,13 @@ def render_predictions(predictions: str, out_dir: str, prompts: list[str] | None
     Images are read from the rows' URIs, or from `images` (the prefix the job labelled, e.g. a
     local copy of the bucket): ``images/<shard>/<name>``, or ``images/<name>`` for virtual shards."""
     from talora.data.coco import decode_image
-    from talora.evaluate import read_predictions, run_prompts
+    from talora.predictions import read_run, read_summary
 
-    table, processed = read_predictions(predictions, storage)
-    prompts = prompts or run_prompts(predictions, storage) or None
-    by_image: dict[str, dict[str, list]] = {uri: {} for uri in processed}  # images without rows too
-    shard_of: dict[str, str] = {}
-    out, key = predictions.rstrip("/").rsplit("/", 1)
-    from talora.commit import RunOutput
-
-    for shard, manifest in RunOutput(out, key, storage).manifests().items():
-        shard_of.update({item: shard for item in manifest.items})
-    for row in table.to_pylist():
+    run = read_run(predictions, storage)
+    prompts = prompts or read_summary(predictions, storage).get("prompts") or None
+    by_image: dict[str, dict[str, list]] = {uri: {} for uri in run.processed}  # images without rows too
+    shard_of = run.shard_of
+    for row in run.table.to_pylist():
         if row["kind"] == "error" or (prompts and row["prompt"] not in prompts):
             continue
         by_image.setdefault(row["image_uri"], {}).setdefault(row["prompt"], []).append(row)

@@ -3,9 +3,13 @@ loopback, and the offline text encoder."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import subprocess
+import sys
 import urllib.request
+from pathlib import Path
 
 import pytest
 import torch
@@ -65,7 +69,7 @@ def tiny_config():
 @pytest.fixture
 def tiny_model(tiny_config):
     """An untrained vit_tiny TaskAwareSam in float64 (equivalence tests cannot flake)."""
-    from talora.model import build_task_aware_sam
+    from talora.loading import build_task_aware_sam
 
     torch.manual_seed(0)
     return as_float64(build_task_aware_sam(tiny_config))
@@ -103,3 +107,26 @@ def make_adapter():
         return Adapter(weights, scale)
 
     return make
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def job_command(script: str, argv: list[str]) -> list[str]:
+    """A job as a user runs it: `python jobs/<script>.py ARGV`, from the repository root."""
+    return [sys.executable, str(REPO / "jobs" / f"{script}.py"), *argv]
+
+
+def run_job(script: str, argv: list[str], ray_address: str | None = None) -> subprocess.CompletedProcess:
+    """Runs a job to its end (connected to `ray_address` when given); returns the finished process."""
+    env = dict(os.environ)
+    env.pop("RAY_ADDRESS", None)
+    if ray_address:
+        env["RAY_ADDRESS"] = ray_address
+    return subprocess.run(job_command(script, argv), cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+
+
+def job_summary(done: subprocess.CompletedProcess) -> dict:
+    """The JSON line a successful job prints last."""
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads([line for line in done.stdout.splitlines() if line.startswith("{")][-1])

@@ -195,7 +195,7 @@ def _to_rle(segmentation, image: ImageRecord, ann_id, warn) -> dict | None:
 
 
 def image_id_for_uri(uri: str) -> int:
-    """A deterministic 63-bit id for an image without a COCO id (DESIGN §5)."""
+    """A deterministic 63-bit id for an image without a COCO id (the `image_id` of its prediction rows)."""
     return int.from_bytes(hashlib.sha256(uri.encode()).digest()[:8], "big") >> 1
 
 

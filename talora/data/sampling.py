@@ -5,8 +5,8 @@
 - positive: a point (and optionally a box) on one target instance; target = that instance;
 - negative: a point on a non-target object or on background; target = empty, presence = False.
 
-Point and box coordinates are in SAM's resized input frame (ResizeLongestSide to the encoder's
-`img_size`), exactly what the prompt encoder expects; targets stay in the original frame.
+Point and box coordinates are in the model's input frame (the backbone's `apply_coords` /
+`apply_boxes`), exactly what the prompt encoder expects; targets stay in the original frame.
 Crowd instances are never sampled as positives and never count as background.
 """
 
@@ -15,7 +15,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from segment_anything.utils.transforms import ResizeLongestSide
 
 from talora.data.coco import ImageRecord, Instance
 from talora.tasks import Task, semantic_mask
@@ -50,20 +49,20 @@ def sample_task(
     instances: list[Instance],
     task: Task,
     rng: np.random.Generator,
-    target_length: int,
+    frame,
     num_points: int = 1,
     use_boxes: bool = False,
 ) -> list[Sample]:
-    """The semantic sample plus up to `num_points` positive and `num_points` negative samples."""
-    transform = ResizeLongestSide(target_length)
+    """The semantic sample plus up to `num_points` positive and `num_points` negative samples; `frame`
+    maps coordinates into the model's input frame (a Backbone: `apply_coords`, `apply_boxes`)."""
     size = (image.height, image.width)
     targets = [i for i in instances if task.matches(i) and not i.iscrowd]
     union = semantic_mask(targets, *size)
     samples = [Sample(image.id, task.id, "semantic", None, None, None, union, bool(union.any()))]
 
     def point_sample(kind: str, xy: tuple[int, int], target: np.ndarray, box=None) -> Sample:
-        coords = transform.apply_coords(np.array([xy], dtype=np.float64), size)
-        box_t = None if box is None else transform.apply_boxes(np.array([box], dtype=np.float64), size)[0]
+        coords = frame.apply_coords(np.array([xy], dtype=np.float64), size)
+        box_t = None if box is None else frame.apply_boxes(np.array([box], dtype=np.float64), size)[0]
         return Sample(image.id, task.id, kind, coords, np.ones(1, dtype=np.int64), box_t, target, kind == "positive")
 
     for inst in rng.permutation(len(targets))[:num_points] if targets else []:

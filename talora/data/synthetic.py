@@ -6,7 +6,7 @@ object has a colour attribute (``{"color": "red"}``). Objects overlap; each inst
 stays visible after the objects drawn above it, so occlusion is in the ground truth. Objects are
 64-160 px on a 256-px image, i.e. they span 4-10 16-px embedding cells: telling an apple from a
 circle or a bus from a truck per cell needs detail that 2-3 cells do not hold (the demo base's
-category probe is the measure; see the README).
+category probe is the measure; docs/results.md).
 
 Layout written by `write_demo_dataset(out, ...)`, for each split in (train, val):
 ``{out}/{split}/instances.json`` and ``{out}/{split}/images/[shard-XXXXX/]NNNNNN.jpg`` (file_name

@@ -15,8 +15,8 @@ from functools import lru_cache
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
+from talora.backbones.base import Backbone
 from talora.data.coco import CocoDataset, ImageRecord
 from talora.data.sampling import sample_task
 from talora.tasks import Task
@@ -55,14 +55,6 @@ def _epoch_order(seed: tuple[int, ...], epoch: int, n: int) -> list[int]:
     return np.random.default_rng([*seed, epoch]).permutation(n).tolist()
 
 
-def lowres_target(mask: np.ndarray, input_size: tuple[int, int], image_size: int, lowres: int) -> torch.Tensor:
-    """(H, W) bool in the original frame -> (L, L) float in SAM's low-res frame (resized, padded)."""
-    t = torch.from_numpy(mask.astype(np.float32))[None, None]
-    t = F.interpolate(t, size=input_size, mode="bilinear", align_corners=False)  # the resized frame
-    t = F.pad(t, (0, image_size - input_size[1], 0, image_size - input_size[0]))  # SAM pads bottom/right
-    return F.interpolate(t, size=(lowres, lowres), mode="area")[0, 0]
-
-
 def choose_tasks(tasks: list[Task], instances, k: int, rng: np.random.Generator) -> list[Task]:
     """Up to k tasks for one image: half present in it, the rest absent (presence training)."""
     present = [t for t in tasks if any(t.matches(i) and not i.iscrowd for i in instances)]
@@ -82,12 +74,12 @@ def build_batch(
     tasks: list[Task],
     prompts_of: dict[str, list[str]],
     rng: np.random.Generator,
-    image_size: int,
-    lowres: int,
+    backbone: Backbone,
     tasks_per_image: int,
     num_points: int,
 ) -> Batch:
-    """Rows for `records` (whose trunk features are `trunk`, (B, h, w, C))."""
+    """Rows for `records` (whose trunk features are `trunk`, (B, h, w, C)); `backbone` places points
+    and targets in the model's frames."""
     prompts: list[str] = []
     image_index, prompt_index, sem_targets, present = [], [], [], []
     point_row, coords, point_targets = [], [], []
@@ -101,8 +93,8 @@ def build_batch(
             row = len(image_index)
             image_index.append(b)
             prompt_index.append(prompts.index(prompt))
-            for s in sample_task(record, instances, task, rng, image_size, num_points):
-                target = lowres_target(s.target, input_size, image_size, lowres)
+            for s in sample_task(record, instances, task, rng, backbone, num_points):
+                target = backbone.lowres_target(s.target, input_size)
                 if s.kind == "semantic":
                     sem_targets.append(target)
                     present.append(float(s.present))
@@ -110,7 +102,7 @@ def build_batch(
                     point_row.append(row)
                     coords.append(torch.as_tensor(s.point_coords, dtype=torch.float32))
                     point_targets.append(target)
-    lowres_shape = (0, lowres, lowres)
+    lowres_shape = (0, backbone.lowres_size, backbone.lowres_size)
     return Batch(
         trunk=trunk,
         image_index=torch.tensor(image_index, dtype=torch.long),

@@ -27,7 +27,7 @@ class TrainConfig:
     batch_images: int = 4  # images per worker per step
     tasks_per_image: int = 2  # half present in the image, half absent (presence training)
     num_points: int = 1  # positive and negative point samples per (image, task)
-    lr: float = 1e-3  # for the global batch of num_workers * batch_images; scaled linearly (see README)
+    lr: float = 1e-3  # for the global batch of num_workers * batch_images; scaled linearly (docs/training.md)
     weight_decay: float = 0.0
     warmup_steps: int = 20
     lr_schedule: str = "constant"  # constant | cosine (to 0 at max_steps), both after the linear warmup

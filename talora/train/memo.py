@@ -1,10 +1,10 @@
 """A bounded, least-recently-used memo of per-image tensors (trunk features, pretraining inputs).
 
 Training draws images at random, so each worker memoises what it computes once per image.
-Unbounded, that grows with the dataset, and on a GPU it used to live in device memory: vit_h trunk
+Unbounded, that grows with the dataset, and device memory is too small for it: vit_h trunk
 features are 64 x 64 x 1280 fp32 = 21 MB an image (half that under fp16 autocast), so the T4
-preset's 200 validation images alone took 2-4 GB of its 16. Entries are kept in CPU memory up to `max_bytes`; past it the least recently used
-are dropped and rebuilt when next drawn. A dataset much larger than the memo belongs in the
+preset's 200 validation images alone would take 2-4 GB of its 16. Entries are kept in CPU memory
+up to `max_bytes`; past it the least recently used are dropped and rebuilt when next drawn. A dataset much larger than the memo belongs in the
 embedding cache (jobs/embed_images.py, `train.embeddings`), where the trunk runs once per image.
 """
 
@@ -69,3 +69,17 @@ class LruMemo(Generic[K, V]):
     def full_message(self, what: str) -> str:
         return (f"the {what} memo is full ({self.max_bytes / 2**30:.3g} GB = {len(self)} images, train.memo_gb): "
                 "entries past it are rebuilt each time they are drawn")
+
+
+class TrunkMemo(LruMemo[int, tuple[torch.Tensor, tuple[int, int]]]):
+    """(trunk features (h, w, C), input size) per image id: computed on `device` once per worker (the
+    trunk is frozen), kept in CPU memory up to `max_bytes`."""
+
+    def __init__(self, model, dataset, storage, device: torch.device, max_bytes: int = 2**62) -> None:
+        self.model, self.dataset, self.storage, self.device = model, dataset, storage, device
+        super().__init__(self._build, max_bytes)
+
+    @torch.no_grad()
+    def _build(self, image_id: int) -> tuple[torch.Tensor, tuple[int, int]]:
+        x, input_size = self.model.preprocess(self.dataset.load_image(image_id, self.storage))
+        return self.model.embed_trunk(x[None].to(self.device))[0].cpu(), input_size

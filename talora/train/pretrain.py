@@ -1,6 +1,6 @@
 """Pretraining the demo base: the whole `vit_tiny` SAM, promptable, with semantic trunk features.
 
-Two objectives in one step (DESIGN §1: a base can only be adapted to what its trunk encodes):
+Two objectives in one step (a base can only be adapted to what its trunk encodes; docs/design.md):
 - promptable segmentation, SAM-style: per image, instances prompted by one interior point
   (multimask output, best of 3 trained) or a jittered box (single output); focal + dice + IoU MSE;
 - auxiliary per-cell heads on the trunk output (exactly where `talora probe` reads): a linear
@@ -23,10 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from talora.backbones.base import Backbone
 from talora.data.coco import CocoDataset
-from talora.sam import embed_tail, embed_trunk, predict_masks_per_row, preprocess_image
 from talora.storage import StorageOptions
-from talora.train.batches import lowres_target
 from talora.train.losses import mask_iou, mask_losses
 from talora.train.memo import LruMemo
 
@@ -58,25 +57,23 @@ class ImageEntry:
 class ImageMemo(LruMemo[int, ImageEntry]):
     """Per-image training tensors, built once per worker and kept up to `max_bytes` (talora.train.memo)."""
 
-    def __init__(self, sam, dataset: CocoDataset, vocab: dict[str, list[str]], storage: StorageOptions,
-                 max_bytes: int = 2**62) -> None:
-        self.sam, self.dataset, self.vocab, self.storage = sam, dataset, vocab, storage
-        encoder = sam.image_encoder
-        self.size = encoder.img_size
-        self.grid = sam.prompt_encoder.image_embedding_size[0]
-        self.lowres = 4 * self.grid
+    def __init__(self, backbone: Backbone, dataset: CocoDataset, vocab: dict[str, list[str]],
+                 storage: StorageOptions | None, max_bytes: int = 2**62) -> None:
+        self.backbone, self.dataset, self.vocab, self.storage = backbone, dataset, vocab, storage
+        self.grid = backbone.embedding_size
+        self.lowres = backbone.lowres_size
         super().__init__(self._build, max_bytes)
 
     @torch.no_grad()
     def _build(self, image_id: int) -> ImageEntry:
         record = self.dataset.images[image_id]
-        x, input_size = preprocess_image(self.sam, self.dataset.load_image(image_id, self.storage))
-        scale = input_size[0] / record.height
+        x, input_size = self.backbone.preprocess(self.dataset.load_image(image_id, self.storage))
         instances = [i for i in self.dataset.instances[image_id] if not i.iscrowd]
-        masks = [lowres_target(i.mask(), input_size, self.size, self.lowres) for i in instances]
+        masks = [self.backbone.lowres_target(i.mask(), input_size) for i in instances]
         masks = torch.stack(masks) if masks else torch.zeros(0, self.lowres, self.lowres)
-        boxes = torch.tensor([[x0 * scale, y0 * scale, (x0 + w) * scale, (y0 + h) * scale]
-                              for x0, y0, w, h in (i.bbox for i in instances)], dtype=torch.float32).reshape(-1, 4)
+        xyxy = np.array([[x0, y0, x0 + w, y0 + h] for x0, y0, w, h in (i.bbox for i in instances)], dtype=np.float64)
+        boxes = torch.tensor(self.backbone.apply_boxes(xyxy.reshape(-1, 4), (record.height, record.width)),
+                             dtype=torch.float32).reshape(-1, 4)
         coverage = F.adaptive_avg_pool2d(masks[None], self.grid)[0].flatten(1) if len(masks) else masks.new_zeros(0, self.grid**2)
         cells = {}
         for key, classes in self.vocab.items():
@@ -87,7 +84,7 @@ class ImageMemo(LruMemo[int, ImageEntry]):
                     share[:, classes.index(label)] += cov
             share[:, 0] = (1 - share[:, 1:].sum(1)).clamp(min=0)  # visible masks are disjoint
             cells[key] = share
-        return ImageEntry(x.half(), masks.half(), boxes, cells)
+        return ImageEntry(x.cpu().half(), masks.half(), boxes, cells)
 
 
 @dataclass
@@ -157,25 +154,23 @@ def build_pretrain_batch(entries: list[ImageEntry], rng: np.random.Generator, pr
 class PretrainStep(nn.Module):
     """The whole SAM plus one linear per-cell head per label key on the trunk output."""
 
-    def __init__(self, sam, tail_blocks: int, vocab: dict[str, list[str]]) -> None:
+    def __init__(self, backbone: Backbone, tail_blocks: int, vocab: dict[str, list[str]]) -> None:
         super().__init__()
-        self.sam = sam
+        self.backbone = backbone  # a plain object; its model is this module's `sam`, trained
+        self.sam = backbone.model
         self.tail_blocks = tail_blocks
-        dim = sam.image_encoder.patch_embed.proj.out_channels
-        self.heads = nn.ModuleDict({key: nn.Linear(dim, len(classes)) for key, classes in vocab.items()})
+        self.heads = nn.ModuleDict({key: nn.Linear(backbone.trunk_dim, len(classes)) for key, classes in vocab.items()})
 
     def features(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(trunk (B, h, w, C), image embeddings (B, C', h, w))."""
-        trunk = embed_trunk(self.sam.image_encoder, images, self.tail_blocks)
-        return trunk, embed_tail(self.sam.image_encoder, trunk, self.tail_blocks)
+        trunk = self.backbone.embed_trunk(images, self.tail_blocks)
+        return trunk, self.backbone.embed_tail(trunk, self.tail_blocks)
 
     def decode(self, embeddings: torch.Tensor, coords=None, boxes=None, multimask: bool = True):
         """Per-row decoding: (masks (Q, M, L, L), iou predictions (Q, M)); M = 3 or 1."""
         labels = torch.ones(coords.shape[:2], dtype=torch.long, device=coords.device) if coords is not None else None
-        sparse, dense = self.sam.prompt_encoder(points=(coords, labels) if coords is not None else None, boxes=boxes,
-                                                masks=None)
-        dense = dense.expand(len(embeddings), -1, -1, -1)
-        masks, iou_pred, _ = predict_masks_per_row(self.sam, embeddings, sparse, dense)
+        sparse, dense = self.backbone.encode_prompts(coords, labels, boxes)
+        masks, iou_pred, _ = self.backbone.decode_rows(embeddings, sparse, dense)
         chosen = slice(1, None) if multimask else slice(0, 1)
         return masks[:, chosen], iou_pred[:, chosen]
 
@@ -237,7 +232,7 @@ def validate_pretrain(step: PretrainStep, entries: list[ImageEntry], vocab: dict
         for b, e in enumerate(chunk):
             for i, m in enumerate(e.masks.float()):
                 rows.append(b)
-                coords.append(torch.tensor([_centre_point(m, step.sam.image_encoder.img_size)]))
+                coords.append(torch.tensor([_centre_point(m, step.backbone.image_size)]))
                 boxes.append(e.boxes[i])
                 targets.append(m)
             for key, head in step.heads.items():

@@ -18,6 +18,7 @@ import time
 import yaml
 
 from talora.storage import StorageOptions, absolute, join, protocol_of, pyarrow_filesystem, read_bytes, require_shared, write_bytes
+from talora.train.checkpoint import SUMMARY
 from talora.train.config import RunSpec, dump_run_spec, result_affecting
 
 RUN_FILE = "talora_run.yaml"
@@ -74,12 +75,13 @@ def run_training(spec: RunSpec, storage: StorageOptions | None = None) -> dict:
     datasets = {}
     if cfg.embeddings:
         from talora.embed import cache_dataset, cache_key_inputs, check_cache_key
-        from talora.sam import build_sam, trunk_digest
+        from talora.loading import load_backbone
 
-        sam = build_sam(spec.model.sam.sam_type, spec.model.sam.checkpoint, storage)
-        check_cache_key(cfg.embeddings, cache_key_inputs(spec.model.sam.sam_type, trunk_digest(sam, spec.model.tail_blocks),
-                                                         spec.model.tail_blocks, sam.image_encoder.img_size), storage)
-        del sam
+        backbone = load_backbone(spec.model.sam.sam_type, spec.model.sam.checkpoint, storage)
+        tail = spec.model.tail_blocks
+        check_cache_key(cfg.embeddings, cache_key_inputs(spec.model.sam.sam_type, backbone.trunk_digest(tail), tail,
+                                                         backbone.image_size), storage)
+        del backbone
         datasets["train"] = cache_dataset(cfg.embeddings, storage)
 
     if protocol_of(cfg.storage_path) == "file":
@@ -123,5 +125,5 @@ def run_training(spec: RunSpec, storage: StorageOptions | None = None) -> dict:
         "config": yaml.safe_load(dump_run_spec(spec)),
         "storage": storage.public_dict(),
     }
-    write_bytes(join(run_uri, "summary.json"), json.dumps(summary, indent=1, default=str).encode(), storage)
+    write_bytes(join(run_uri, SUMMARY), json.dumps(summary, indent=1, default=str).encode(), storage)
     return summary

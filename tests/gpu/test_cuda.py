@@ -12,12 +12,10 @@ from pycocotools import mask as mask_utils
 from talora.config import default_config
 from talora.data.coco import CocoDataset, decode_image
 from talora.data.synthetic import make_split
-from talora.label import load_model, model_spec
-from talora.model import build_task_aware_sam
+from talora.loading import build_task_aware_sam, load_backbone, load_model, model_spec
 from talora.predictor import PredictConfig, TaskAwarePredictor
-from talora.sam import build_sam
 from talora.train.config import TrainConfig
-from talora.train.loop import autocast, backward_and_step, grad_scaler
+from talora.train.optim import autocast, backward_and_step, grad_scaler
 from talora.train.pretrain import (
     ImageMemo,
     PretrainStep,
@@ -98,12 +96,13 @@ def test_pretrain_step_under_cuda_amp_learns(tmp_path, cuda):
     written = write_demo_dataset(str(tmp_path), num_train=4, num_val=1, seed=5)
     dataset = CocoDataset.load(written["train"])
     torch.manual_seed(0)
-    sam = build_sam("vit_tiny")
+    backbone = load_backbone("vit_tiny")
+    backbone.model.requires_grad_(True)  # pretraining trains the whole SAM, as PretrainMode does
     vocab = label_vocab(dataset)
-    memo = ImageMemo(sam, dataset, vocab, None)
+    memo = ImageMemo(backbone, dataset, vocab, None)
     entries = [memo(i) for i in dataset.image_ids]
-    batch = build_pretrain_batch(entries, np.random.default_rng(0), 4, 0.5, sam.image_encoder.img_size).to(cuda)
-    step = PretrainStep(sam, 1, vocab).to(cuda)
+    batch = build_pretrain_batch(entries, np.random.default_rng(0), 4, 0.5, backbone.image_size).to(cuda)
+    step = PretrainStep(backbone, 1, vocab).to(cuda)
     config = TrainConfig(train_annotations="x", mode="pretrain", amp=True, lr=3e-3)
     losses, taken = _amp_steps(step, lambda: step(batch, config)["loss"], config, cuda)
     assert taken >= 15 and losses[-1] < 0.85 * losses[0], losses
@@ -137,7 +136,7 @@ def test_trunk_memo_keeps_gpu_features_in_cpu_memory_and_validation_scores_them_
     from talora.data.synthetic import write_demo_dataset
     from talora.static import StaticLora
     from talora.tasks import TaskSet
-    from talora.train.loop import TrunkMemo
+    from talora.train.memo import TrunkMemo
     from talora.train.validate import validate, validation_rows
 
     val = CocoDataset.load(write_demo_dataset(str(tmp_path), num_train=0, num_val=2, seed=0)["val"])

@@ -1,6 +1,5 @@
 """The embedding cache job against moto S3 on loopback and a local Ray cluster."""
 
-import json
 import os
 import subprocess
 import sys
@@ -13,8 +12,10 @@ from talora.commit import RunOutput
 from talora.data.coco import CocoDataset, decode_image
 from talora.data.synthetic import write_demo_dataset
 from talora.embed import cache_dataset, cache_key_inputs, check_cache_key, features_of, read_cache
-from talora.sam import build_sam, embed_trunk, preprocess_image, save_sam, trunk_digest
+from talora.loading import load_backbone, save_backbone
+from tests.conftest import job_summary, run_job
 from talora.storage import read_bytes, write_bytes
+from talora.predictions import PARQUET
 
 pytestmark = pytest.mark.integration
 JOB = os.path.join(os.path.dirname(__file__), "..", "..", "jobs", "embed_images.py")
@@ -25,18 +26,14 @@ def demo_on_s3(s3):
     """8 demo images in shard sub-folders of 3 and a vit_tiny checkpoint, all on moto S3."""
     written = write_demo_dataset("s3://talora-test/demo", num_train=8, num_val=1, seed=5, shard_size=3, storage=s3)
     torch.manual_seed(0)
-    sam = build_sam("vit_tiny")
-    save_sam(sam, "s3://talora-test/models/sam_vit_tiny.safetensors", s3)
+    sam = load_backbone("vit_tiny")
+    save_backbone(sam, "s3://talora-test/models/sam_vit_tiny.safetensors", s3)
     return written["train"], "s3://talora-test/models/sam_vit_tiny.safetensors", sam
 
 
-def _embed(argv):
-    from jobs.embed_images import main
-
-    return main(argv)
 
 
-def test_embed_images_writes_the_cache_to_s3_and_a_rerun_is_idempotent(ray_cluster, s3, demo_on_s3, capsys):
+def test_embed_images_writes_the_cache_to_s3_and_a_rerun_is_idempotent(ray_cluster, s3, demo_on_s3):
     annotations, checkpoint, sam = demo_on_s3
     # One image is corrupt: it must become an error entry, not a crash.
     dataset = CocoDataset.load(annotations, storage=s3)
@@ -44,13 +41,12 @@ def test_embed_images_writes_the_cache_to_s3_and_a_rerun_is_idempotent(ray_clust
     write_bytes(bad_uri, b"not an image", s3)
     argv = ["--annotations", annotations, "--sam-checkpoint", checkpoint, "--output", "s3://talora-test/cache",
             "--batch-size", "2", "--s3-endpoint-url", s3.endpoint_url]
-    assert _embed(argv) == 0
-    first = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    first = job_summary(run_job("embed_images", argv, ray_cluster))
     assert first["images"] == 8 and first["errors"] == 1
 
     table = read_cache(first["output"], s3)
     assert table.num_rows == 7 and len(set(table["image_uri"].to_pylist())) == 7
-    run = RunOutput(*first["output"].rsplit("/", 1), storage=s3)
+    run = RunOutput(*first["output"].rsplit("/", 1), s3, PARQUET)
     manifests = run.manifests()
     assert sorted(manifests) == ["shard-00000", "shard-00001", "shard-00002"]
     errors = {k: v for m in manifests.values() for k, v in m.errors.items()}
@@ -59,9 +55,9 @@ def test_embed_images_writes_the_cache_to_s3_and_a_rerun_is_idempotent(ray_clust
 
     # The cached features are the trunk's output for that image (fp16).
     row = table.slice(0, 1).to_pylist()[0]
-    x, input_size = preprocess_image(sam, decode_image(read_bytes(row["image_uri"], s3)))
+    x, input_size = sam.preprocess(decode_image(read_bytes(row["image_uri"], s3)))
     with torch.no_grad():
-        expected = embed_trunk(sam.image_encoder, x[None], 1)[0].numpy()
+        expected = sam.embed_trunk(x[None], 1)[0].numpy()
     assert row["kind"] == "trunk" and (row["input_height"], row["input_width"]) == input_size
     np.testing.assert_allclose(features_of(row).astype(np.float32), expected, atol=2e-2, rtol=1e-2)
 
@@ -71,13 +67,12 @@ def test_embed_images_writes_the_cache_to_s3_and_a_rerun_is_idempotent(ray_clust
     assert sorted(streamed) == sorted(table["image_uri"].to_pylist())
 
     # Rerun: every shard is committed, nothing is recomputed or duplicated.
-    assert _embed(argv) == 0
-    second = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    second = job_summary(run_job("embed_images", argv, ray_cluster))
     assert second["output"] == first["output"] and second["images"] == 0
     assert read_cache(first["output"], s3).num_rows == 7
 
     # The cache refuses a model whose trunk or split differs.
-    key = cache_key_inputs("vit_tiny", trunk_digest(sam, 1), 1, 256)
+    key = cache_key_inputs("vit_tiny", sam.trunk_digest(1), 1, 256)
     check_cache_key(first["output"], key, s3)
     with pytest.raises(ValueError, match="tail_blocks: cache has 1, model has 2"):
         check_cache_key(first["output"], {**key, "tail_blocks": 2}, s3)
@@ -112,11 +107,11 @@ def test_credentials_never_appear_in_any_output(ray_cluster, s3, demo_on_s3, tmp
         assert env_secret not in text and flag_secret not in text
 
 
-def test_bad_input_fails_before_any_work_with_a_clear_message(tmp_path, capsys):
-    assert _embed(["--annotations", str(tmp_path / "missing.json"), "--output", str(tmp_path / "out")]) == 2
-    assert "missing.json" in capsys.readouterr().err
-    assert _embed(["--annotations", str(tmp_path / "x.json"), "--output", "memory://cache"]) == 2
-    assert "memory:// lives inside one process" in capsys.readouterr().err
+def test_bad_input_fails_before_any_work_with_a_clear_message(tmp_path):
+    done = run_job("embed_images", ["--annotations", str(tmp_path / "missing.json"), "--output", str(tmp_path / "out")])
+    assert done.returncode == 2 and "missing.json" in done.stderr
+    done = run_job("embed_images", ["--annotations", str(tmp_path / "x.json"), "--output", "memory://cache"])
+    assert done.returncode == 2 and "memory:// lives inside one process" in done.stderr
     assert not (tmp_path / "out").exists()
 
 

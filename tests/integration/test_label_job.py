@@ -1,7 +1,6 @@
 """The labelling job on a local Ray cluster with moto S3: outputs, exactly-once, bad input, job submit."""
 
 import io
-import json
 
 import numpy as np
 import pytest
@@ -9,49 +8,44 @@ from PIL import Image
 
 from talora.commit import RunOutput
 from talora.data.synthetic import write_demo_dataset
-from talora.evaluate import read_predictions
+from talora.predictions import read_run
 from talora.storage import write_bytes
+from tests.conftest import job_summary, run_job
+from talora.predictions import PARQUET
 
 pytestmark = pytest.mark.integration
 FAST = ["--points-per-side", "4", "--batch-size", "2"]
 
 
-def _label(argv, capsys):
-    from jobs.segment_dataset import main
-
-    capsys.readouterr()
-    code = main(argv)
-    out = capsys.readouterr()
-    return code, (json.loads(out.out.strip().splitlines()[-1]) if code == 0 else out.err)
+def _label(argv, ray_address):
+    done = run_job("segment_dataset", argv, ray_address)
+    return done.returncode, (job_summary(done) if done.returncode == 0 else done.stderr)
 
 
-def test_labels_go_to_s3_exactly_once_across_an_interruption_and_evaluate_reads_them(ray_cluster, s3, capsys):
+def test_labels_go_to_s3_exactly_once_across_an_interruption_and_evaluate_reads_them(ray_cluster, s3):
     written = write_demo_dataset("s3://talora-test/demo", num_train=1, num_val=6, seed=4, shard_size=2, storage=s3)
     argv = ["--prompt", "segment vehicles", "--prompt", "segment red objects", "--images",
             "s3://talora-test/demo/val/images", "--annotations", written["val"], "--output", "s3://talora-test/labels",
             "--s3-endpoint-url", s3.endpoint_url, *FAST]
-    code, first = _label([*argv, "--max-shards", "1"], capsys)  # "interrupted" after one shard
+    code, first = _label([*argv, "--max-shards", "1"], ray_cluster)  # "interrupted" after one shard
     assert code == 0 and first["images"] == 2
-    code, second = _label(argv, capsys)
+    code, second = _label(argv, ray_cluster)
     assert code == 0 and second["output"] == first["output"] and second["images"] == 4  # only what was missing
 
     out, key = second["output"].rsplit("/", 1)
-    manifests = RunOutput(out, key, s3).manifests()
+    manifests = RunOutput(out, key, s3, PARQUET).manifests()
     assert sorted(manifests) == ["shard-00000", "shard-00001", "shard-00002"]
     items = [i for m in manifests.values() for i in m.items]
     assert len(items) == len(set(items)) == 6  # every image exactly once, zero-row images included
-    table, processed = read_predictions(second["output"], s3)
+    run_rows = read_run(second["output"], s3)
+    table, processed = run_rows.table, run_rows.processed
     assert sorted(processed) == sorted(items)
     rows = table.to_pylist()
     assert {r["shard"] for r in rows} <= set(manifests) and {r["prompt"] for r in rows} <= {"segment vehicles", "segment red objects"}
     assert all(r["image_id"] in range(1, 7) for r in rows)  # COCO ids from --annotations
 
-    from jobs.evaluate import main as evaluate
-
-    capsys.readouterr()
-    assert evaluate(["--predictions", second["output"], "--annotations", written["val"], "--output",
-                     "s3://talora-test/eval", "--s3-endpoint-url", s3.endpoint_url]) == 0
-    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    report = job_summary(run_job("evaluate", ["--predictions", second["output"], "--annotations", written["val"],
+                                              "--output", "s3://talora-test/eval", "--s3-endpoint-url", s3.endpoint_url]))
     assert report["images"] == 6 and report["unmapped_prompts"] == []
 
 
@@ -87,18 +81,17 @@ def _corpus():
     }
 
 
-def test_the_bad_input_corpus_gives_error_rows_and_never_crashes(ray_cluster, s3, capsys):
+def test_the_bad_input_corpus_gives_error_rows_and_never_crashes(ray_cluster, s3):
     corpus = _corpus()
     for name, (data, _) in corpus.items():
         write_bytes(f"s3://talora-test/corpus/batch/{name}", data, s3)
     code, summary = _label(["--prompt", "segment vehicles", "--images", "s3://talora-test/corpus", "--output",
                             "s3://talora-test/corpus-labels", "--max-pixels", "10000", "--presence-thresh", "0",
-                            "--s3-endpoint-url", s3.endpoint_url, *FAST], capsys)
+                            "--s3-endpoint-url", s3.endpoint_url, *FAST], ray_cluster)
     assert code == 0
     expected_errors = {n for n, (_, e) in corpus.items() if e}
     assert summary["images"] == 12 and summary["errors"] == len(expected_errors) == 4
-    table, processed = read_predictions(summary["output"], s3)
-    rows = table.to_pylist()
+    rows = read_run(summary["output"], s3).table.to_pylist()
     errors = {r["image_uri"].rsplit("/", 1)[-1]: r["error"] for r in rows if r["kind"] == "error"}
     assert set(errors) == expected_errors
     for name, message in errors.items():
@@ -107,14 +100,12 @@ def test_the_bad_input_corpus_gives_error_rows_and_never_crashes(ray_cluster, s3
     assert sizes.get("rotated.jpg", (48, 64)) == (48, 64)  # masks in the oriented frame (EXIF 6: 64x48 -> 48x64)
     assert sizes.get("one_pixel.png", (1, 1)) == (1, 1)
     out, key = summary["output"].rsplit("/", 1)
-    (manifest,) = RunOutput(out, key, s3).manifests().values()
+    (manifest,) = RunOutput(out, key, s3, PARQUET).manifests().values()
     assert len(manifest.items) == 12 and set(manifest.errors) == {
         u for u in manifest.items if u.rsplit("/", 1)[-1] in expected_errors}
 
 
-def test_bad_flags_fail_before_the_pool_starts(tmp_path, capsys):
-    from jobs.segment_dataset import main
-
+def test_bad_flags_fail_before_the_pool_starts(tmp_path):
     (tmp_path / "imgs").mkdir()
     for argv, message in [
         (["--prompt", "  ", "--images", str(tmp_path / "imgs")], "prompt 0 is empty"),
@@ -126,5 +117,6 @@ def test_bad_flags_fail_before_the_pool_starts(tmp_path, capsys):
         (["--prompt", "x", "--images", str(tmp_path / "imgs")], "no images under"),
         (["--prompt", "x", "--images", str(tmp_path / "missing")], "no such image prefix"),
     ]:
-        assert main([*argv, "--output", str(tmp_path / "out")] if "--output" not in argv else argv) == 2, argv
-        assert message in capsys.readouterr().err, message
+        done = run_job("segment_dataset", [*argv, "--output", str(tmp_path / "out")] if "--output" not in argv else argv)
+        assert done.returncode == 2, argv
+        assert message in done.stderr, message

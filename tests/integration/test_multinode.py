@@ -1,7 +1,8 @@
 """Multi-node runs on one machine (ray.cluster_utils.Cluster: a head and two worker nodes)."""
 
 import json
-import threading
+import os
+import subprocess
 
 import numpy as np
 import pytest
@@ -11,8 +12,11 @@ from pycocotools import mask as mask_utils
 
 from talora.commit import RunOutput
 from talora.data.synthetic import write_demo_dataset
-from talora.evaluate import read_predictions
-from talora.sam import build_sam, save_sam
+from talora.predictions import read_run
+from talora.loading import load_backbone, save_backbone
+from tests.conftest import job_command, run_job
+from talora.predictions import PARQUET
+from talora.loading import save_hypernet
 
 pytestmark = pytest.mark.integration
 
@@ -36,15 +40,15 @@ def cluster():
 def labelled_setup(s3):
     written = write_demo_dataset("s3://talora-test/mn", num_train=4, num_val=6, seed=8, shard_size=2, storage=s3)
     torch.manual_seed(0)
-    save_sam(build_sam("vit_tiny"), "s3://talora-test/models/base.safetensors", s3)
+    save_backbone(load_backbone("vit_tiny"), "s3://talora-test/models/base.safetensors", s3)
     from talora.config import default_config
-    from talora.model import build_task_aware_sam
+    from talora.loading import build_task_aware_sam
 
     hypernet = build_task_aware_sam(default_config("vit_tiny"))
     with torch.no_grad():  # a hypernet whose adapters differ per prompt
         for head in hypernet.hypernet.heads.values():
             head.weight.normal_(0, 0.02)
-    hypernet.save_hypernet("s3://talora-test/models/hypernet.safetensors", s3)
+    save_hypernet(hypernet, "s3://talora-test/models/hypernet.safetensors", s3)
     argv = ["--prompt", "segment vehicles", "--prompt", "segment green objects", "--images",
             "s3://talora-test/mn/val/images", "--annotations", written["val"], "--sam-checkpoint",
             "s3://talora-test/models/base.safetensors", "--hypernet", "s3://talora-test/models/hypernet.safetensors",
@@ -53,14 +57,14 @@ def labelled_setup(s3):
     return written, argv
 
 
-def _run_label(argv, capsys=None):
-    from jobs.segment_dataset import main
-
-    assert main(argv) == 0
+def _run_label(argv, address):
+    done = run_job("segment_dataset", argv, address)
+    assert done.returncode == 0, done.stderr[-3000:]
 
 
 def _rows(output, s3):
-    table, processed = read_predictions(output, s3)
+    run_rows = read_run(output, s3)
+    table, processed = run_rows.table, run_rows.processed
     return table.to_pylist(), processed
 
 
@@ -68,13 +72,14 @@ def _summary(output_prefix, s3):
     import s3fs
 
     fs = s3fs.S3FileSystem(endpoint_url=s3.endpoint_url)
+    fs.invalidate_cache()  # the job wrote from another process: a listing cached before is stale
     (path,) = fs.glob(f"{output_prefix.removeprefix('s3://')}/*/_summary.json")
     return json.loads(fs.cat_file(path)), "s3://" + path.rsplit("/", 1)[0]
 
 
 def test_labelling_spreads_over_nodes_and_equals_the_in_process_predictor(cluster, s3, labelled_setup):
     written, argv = labelled_setup
-    _run_label([*argv, "--output", "s3://talora-test/mn-labels"])
+    _run_label([*argv, "--output", "s3://talora-test/mn-labels"], cluster[0].address)
     summary, run = _summary("s3://talora-test/mn-labels", s3)
     assert len(summary["worker_nodes"]) >= 2  # actors ran on more than one node
     rows, processed = _rows(run, s3)
@@ -82,7 +87,7 @@ def test_labelling_spreads_over_nodes_and_equals_the_in_process_predictor(cluste
 
     # The same images through the predictor in this process: the single-node reference.
     from talora.data.coco import CocoDataset
-    from talora.label import ModelSpec, load_model
+    from talora.loading import ModelSpec, load_model
     from talora.predictor import PredictConfig, TaskAwarePredictor
 
     model = load_model(ModelSpec("vit_tiny", "s3://talora-test/models/base.safetensors",
@@ -111,9 +116,9 @@ def test_killing_a_worker_node_mid_job_still_labels_everything_exactly_once(clus
     c, workers = cluster
     _, argv = labelled_setup
     output = "s3://talora-test/mn-kill"
-    done: dict = {}
-    thread = threading.Thread(target=lambda: done.setdefault("ok", _run_label([*argv, "--output", output]) or True))
-    thread.start()
+    env = {**os.environ, "RAY_ADDRESS": c.address}
+    job = subprocess.Popen(job_command("segment_dataset", [*argv, "--output", output]), env=env, text=True,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     import s3fs
 
     fs = s3fs.S3FileSystem(endpoint_url=s3.endpoint_url)
@@ -126,14 +131,14 @@ def test_killing_a_worker_node_mid_job_still_labels_everything_exactly_once(clus
 
     deadline = time.monotonic() + 300
     while not first_shard_committed():  # a condition, polled: the node dies mid-job, after a commit
-        assert thread.is_alive() and time.monotonic() < deadline, "the job ended or stalled before any commit"
+        assert job.poll() is None and time.monotonic() < deadline, "the job ended or stalled before any commit"
         time.sleep(0.2)
     c.remove_node(workers[0])
-    thread.join(timeout=600)
-    assert done.get("ok") is True
+    _, stderr = job.communicate(timeout=600)
+    assert job.returncode == 0, stderr[-3000:]
     summary, run = _summary(output, s3)
     out, key = run.rsplit("/", 1)
-    manifests = RunOutput(out, key, s3).manifests()
+    manifests = RunOutput(out, key, s3, PARQUET).manifests()
     items = [i for m in manifests.values() for i in m.items]
     assert len(manifests) == 3 and len(items) == len(set(items)) == 6
     rows, _ = _rows(run, s3)
@@ -150,9 +155,8 @@ def test_training_runs_one_worker_per_node(cluster, s3, tmp_path):
                   "batch_images": 2, "tasks_per_image": 2, "max_steps": 4, "val_every": 4, "num_workers": 2,
                   "cpus_per_worker": 1, "storage_path": "s3://talora-test/mn-runs", "name": "mn"},
     }))
-    from jobs.train_hypernet import main
-
-    assert main(["--config", str(config), "--s3-endpoint-url", s3.endpoint_url]) == 0
+    done = run_job("train_hypernet", ["--config", str(config), "--s3-endpoint-url", s3.endpoint_url], cluster[0].address)
+    assert done.returncode == 0, done.stderr[-3000:]
     from talora.storage import read_bytes
 
     history = [json.loads(x) for x in read_bytes("s3://talora-test/mn-runs/mn/metrics.jsonl", s3).splitlines()]

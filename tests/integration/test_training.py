@@ -9,9 +9,10 @@ import yaml
 
 from talora.adapter_file import load_adapter
 from talora.data.synthetic import write_demo_dataset
-from talora.model import load_task_aware_sam
-from talora.sam import build_sam, save_sam
+from talora.loading import load_task_aware_sam
+from talora.loading import load_backbone, save_backbone
 from talora.storage import read_bytes
+from tests.conftest import job_summary, run_job
 
 pytestmark = pytest.mark.integration
 
@@ -21,7 +22,7 @@ def train_setup(s3, tmp_path):
     """Tiny demo data and a vit_tiny base on S3, and a writer of run configs."""
     written = write_demo_dataset("s3://talora-test/demo", num_train=10, num_val=2, seed=3, storage=s3)
     torch.manual_seed(0)
-    save_sam(build_sam("vit_tiny"), "s3://talora-test/models/base.safetensors", s3)
+    save_backbone(load_backbone("vit_tiny"), "s3://talora-test/models/base.safetensors", s3)
 
     def config(**train):
         data = {
@@ -38,10 +39,14 @@ def train_setup(s3, tmp_path):
     return config
 
 
-def _train(config, s3, *extra):
-    from jobs.train_hypernet import main
+def _train(config, s3, *extra) -> int:
+    """Runs the training job on this session's Ray; returns its exit code (its stderr in _train.err)."""
+    import ray
 
-    return main(["--config", config, "--s3-endpoint-url", s3.endpoint_url, *extra])
+    done = run_job("train_hypernet", ["--config", config, "--s3-endpoint-url", s3.endpoint_url, *extra],
+                   ray.get_runtime_context().gcs_address if ray.is_initialized() else None)
+    _train.err = done.stderr
+    return done.returncode
 
 
 def _metrics(s3, name):
@@ -68,12 +73,18 @@ def test_two_workers_reduce_the_loss_and_checkpoint_to_s3(ray_cluster, s3, train
     scores = {c.rsplit("/", 1)[1]: json.loads(read_bytes(f"s3://{c}/state.json", s3))["metrics"]["val_score"]
               for c in checkpoints}
     assert scores[summary["best_checkpoint"].rstrip("/").rsplit("/", 1)[1]] == max(scores.values())  # ranked, not first
+    from talora.train.checkpoint import run_checkpoint
+
+    assert run_checkpoint("s3://talora-test/runs/ddp", "best", s3) == "s3://" + summary["best_checkpoint"].lstrip("/")
+    latest = run_checkpoint("s3://talora-test/runs/ddp", "latest", s3)
+    assert latest.rsplit("/", 1)[1] == checkpoints[-1].rsplit("/", 1)[1]
+    assert read_bytes(f"{latest}/hypernet.safetensors", s3)  # what `talora checkpoint --file` points at
     model = load_task_aware_sam(f"s3://{checkpoints[-1]}/hypernet.safetensors", storage=s3)
     assert len(model.targets) == 36
 
 
 def test_a_failed_run_relaunched_with_the_same_name_resumes_and_a_changed_config_is_refused(
-    ray_cluster, s3, train_setup, monkeypatch, capsys
+    ray_cluster, s3, train_setup, monkeypatch
 ):
     config = train_setup(name="resume", max_steps=20, val_every=10)
     monkeypatch.setenv("TALORA_FAIL_AT_STEP", "10")
@@ -88,9 +99,8 @@ def test_a_failed_run_relaunched_with_the_same_name_resumes_and_a_changed_config
     assert history[9]["start_step"] == 0
 
     changed = train_setup(name="resume", max_steps=20, val_every=10, lr=0.01)
-    capsys.readouterr()
     assert _train(changed, s3) == 2
-    err = capsys.readouterr().err
+    err = _train.err
     assert "exists with another config" in err and "train.lr: 0.003 -> 0.01" in err
 
 
@@ -98,9 +108,8 @@ def test_static_mode_and_tucker_adapters_produce_loadable_weights(ray_cluster, s
     assert _train(train_setup(name="static", mode="static", task="supercategory:vehicle", max_steps=4, val_every=4), s3) == 0
     (checkpoint,) = _checkpoints(s3, "static")
     from talora.config import default_config
-    from talora.lora import find_targets
 
-    targets = find_targets(build_sam("vit_tiny"), default_config("vit_tiny").lora, 1)
+    targets = load_backbone("vit_tiny").find_targets(default_config("vit_tiny").lora, 1)
     adapter, header = load_adapter(f"s3://{checkpoint}/adapter.safetensors", targets, "vit_tiny", s3)
     assert header.prompt == "supercategory:vehicle" and any(b.abs().sum() > 0 for _, b in adapter.weights.values())
 
@@ -111,31 +120,24 @@ def test_static_mode_and_tucker_adapters_produce_loadable_weights(ray_cluster, s
     assert model.hypernet.core_head.weight.abs().sum() > 0  # the core was trained
 
 
-def test_bad_configs_fail_before_any_worker_starts(tmp_path, capsys):
-    from jobs.train_hypernet import main
-
+def test_bad_configs_fail_before_any_worker_starts(tmp_path):
     bad = tmp_path / "bad.yaml"
-    bad.write_text("train:\n  train_annotations: a.json\n  rnak: 3\n")
-    assert main(["--config", str(bad)]) == 2
-    assert "train.rnak" in capsys.readouterr().err
-    bad.write_text("train:\n  train_annotations: a.json\n  batch_images: 0\n")
-    assert main(["--config", str(bad)]) == 2
-    assert "train.batch_images must be >= 1" in capsys.readouterr().err
-    bad.write_text(f"train:\n  train_annotations: {tmp_path}/missing.json\n  storage_path: {tmp_path}/runs\n")
-    assert main(["--config", str(bad)]) == 2
-    assert "missing.json" in capsys.readouterr().err
+    for text, message in (("train:\n  train_annotations: a.json\n  rnak: 3\n", "train.rnak"),
+                          ("train:\n  train_annotations: a.json\n  batch_images: 0\n", "train.batch_images must be >= 1"),
+                          (f"train:\n  train_annotations: {tmp_path}/missing.json\n  storage_path: {tmp_path}/runs\n",
+                           "missing.json")):
+        bad.write_text(text)
+        done = run_job("train_hypernet", ["--config", str(bad)])
+        assert done.returncode == 2 and message in done.stderr, (message, done.stderr[-500:])
     assert not (tmp_path / "runs").exists()
 
 
-def test_training_streams_the_embedding_cache_and_refuses_a_mismatched_one(ray_cluster, s3, train_setup, capsys):
-    from jobs.embed_images import main as embed
-
+def test_training_streams_the_embedding_cache_and_refuses_a_mismatched_one(ray_cluster, s3, train_setup):
     config = train_setup(name="cached", max_steps=4, val_every=4)
     spec = yaml.safe_load(open(config))
-    assert embed(["--annotations", spec["train"]["train_annotations"], "--sam-checkpoint",
-                  spec["model"]["sam"]["checkpoint"], "--output", "s3://talora-test/cache",
-                  "--s3-endpoint-url", s3.endpoint_url]) == 0
-    cache = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["output"]
+    cache = job_summary(run_job("embed_images", ["--annotations", spec["train"]["train_annotations"], "--sam-checkpoint",
+                                                 spec["model"]["sam"]["checkpoint"], "--output", "s3://talora-test/cache",
+                                                 "--s3-endpoint-url", s3.endpoint_url], ray_cluster))["output"]
 
     assert _train(config, s3, "--embeddings", cache) == 0
     assert [h["step"] for h in _metrics(s3, "cached")] == [1, 2, 3, 4]
@@ -144,13 +146,11 @@ def test_training_streams_the_embedding_cache_and_refuses_a_mismatched_one(ray_c
     spec["train"]["name"] = "cached-mismatch"
     other = config.replace(".yaml", "-tail2.yaml")
     open(other, "w").write(yaml.safe_dump(spec))
-    capsys.readouterr()
     assert _train(other, s3, "--embeddings", cache) == 2
-    assert "does not match this model" in capsys.readouterr().err
+    assert "does not match this model" in _train.err
 
 
-def test_pretrain_mode_trains_the_whole_sam_into_a_loadable_base_and_refuses_the_cache(ray_cluster, s3, train_setup,
-                                                                                       capsys):
+def test_pretrain_mode_trains_the_whole_sam_into_a_loadable_base_and_refuses_the_cache(ray_cluster, s3, train_setup):
     config = train_setup(name="pretrain", mode="pretrain", max_steps=6, val_every=3, prompts_per_image=3)
     assert _train(config, s3) == 0
     history = _metrics(s3, "pretrain")
@@ -159,12 +159,11 @@ def test_pretrain_mode_trains_the_whole_sam_into_a_loadable_base_and_refuses_the
     assert {"loss_aux_category", "loss_points", "loss_boxes"} <= set(history[0])
     checkpoints = _checkpoints(s3, "pretrain")
     assert len(checkpoints) == 2
-    start = build_sam("vit_tiny", "s3://talora-test/models/base.safetensors", s3)
-    trained = build_sam("vit_tiny", f"s3://{checkpoints[-1]}/sam.safetensors", s3)  # loads strictly
+    start = load_backbone("vit_tiny", "s3://talora-test/models/base.safetensors", s3).model
+    trained = load_backbone("vit_tiny", f"s3://{checkpoints[-1]}/sam.safetensors", s3).model  # loads strictly
     for name, before in start.state_dict().items():
         if name.startswith(("image_encoder.blocks.0.", "prompt_encoder.point_embeddings.1.", "mask_decoder.transformer.")):
             assert not torch.equal(before, trained.state_dict()[name]), f"{name} was not trained"
 
-    capsys.readouterr()
     assert _train(config, s3, "--name", "pretrain-cached", "--embeddings", "s3://talora-test/cache/run") == 2
-    assert "pretraining trains the trunk itself" in capsys.readouterr().err
+    assert "pretraining trains the trunk itself" in _train.err

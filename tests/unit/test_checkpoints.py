@@ -5,12 +5,11 @@ import torch
 
 from talora.adapter_file import AdapterHeader, load_adapter, save_adapter
 from talora.config import default_config
-from talora.model import build_task_aware_sam, load_task_aware_sam
-from talora.sam import build_sam, save_sam
+from talora.loading import build_task_aware_sam, load_backbone, load_task_aware_sam, save_backbone, save_hypernet
 
 
 def _assert_same_weights(a, b):
-    sa, sb = a.state_dict(), b.state_dict()
+    sa, sb = getattr(a, "model", a).state_dict(), getattr(b, "model", b).state_dict()
     assert sa.keys() == sb.keys()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
 
@@ -18,39 +17,39 @@ def _assert_same_weights(a, b):
 @pytest.fixture
 def tiny_sam():
     torch.manual_seed(1)
-    return build_sam("vit_tiny")
+    return load_backbone("vit_tiny")
 
 
 def test_sam_checkpoint_round_trip_through_a_temp_dir(tiny_sam, tmp_path):
     uri = str(tmp_path / "base" / "sam_vit_tiny.safetensors")
-    save_sam(tiny_sam, uri)
-    _assert_same_weights(build_sam("vit_tiny", uri), tiny_sam)
+    save_backbone(tiny_sam, uri)
+    _assert_same_weights(load_backbone("vit_tiny", uri), tiny_sam)
 
 
 def test_sam_checkpoint_round_trip_through_s3(tiny_sam, s3):
     uri = "s3://talora-test/models/sam_vit_tiny.safetensors"
-    save_sam(tiny_sam, uri, s3)
-    _assert_same_weights(build_sam("vit_tiny", uri, s3), tiny_sam)
+    save_backbone(tiny_sam, uri, s3)
+    _assert_same_weights(load_backbone("vit_tiny", uri, s3), tiny_sam)
 
 
 def test_torch_save_checkpoints_load_with_weights_only(tiny_sam, tmp_path):
     path = tmp_path / "sam_vit_tiny.pth"
-    torch.save(tiny_sam.state_dict(), path)  # the official checkpoints' format
-    _assert_same_weights(build_sam("vit_tiny", f"file://{path}"), tiny_sam)
+    torch.save(tiny_sam.model.state_dict(), path)  # the official checkpoints' format
+    _assert_same_weights(load_backbone("vit_tiny", f"file://{path}"), tiny_sam)
 
 
 def test_a_checkpoint_that_would_unpickle_code_is_refused(tmp_path):
     path = tmp_path / "evil.pth"
     torch.save({"image_encoder.patch_embed.proj.weight": torch.zeros(1), "x": object()}, path)
     with pytest.raises(ValueError, match=str(path)):
-        build_sam("vit_tiny", str(path))
+        load_backbone("vit_tiny", str(path))
 
 
 def test_wrong_variant_names_the_uri_and_both_variants(tiny_sam, tmp_path):
     uri = str(tmp_path / "sam.safetensors")
-    save_sam(tiny_sam, uri)
+    save_backbone(tiny_sam, uri)
     with pytest.raises(ValueError) as e:
-        build_sam("vit_b", uri)
+        load_backbone("vit_b", uri)
     assert str(e.value) == f"checkpoint {uri} has keys for vit_tiny, but --sam-type vit_b was given"
 
 
@@ -59,14 +58,14 @@ def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
         path = tmp_path / name
         path.write_bytes(b"\x00garbage" * 50)
         with pytest.raises(ValueError, match=f"{path}.*corrupt"):
-            build_sam("vit_tiny", str(path))
+            load_backbone("vit_tiny", str(path))
 
 
 def test_missing_checkpoint_names_the_uri(tmp_path, s3):
     with pytest.raises(FileNotFoundError, match="nope.pth"):
-        build_sam("vit_tiny", str(tmp_path / "nope.pth"))
+        load_backbone("vit_tiny", str(tmp_path / "nope.pth"))
     with pytest.raises(FileNotFoundError, match="s3://talora-test/nope.pth"):
-        build_sam("vit_tiny", "s3://talora-test/nope.pth", s3)
+        load_backbone("vit_tiny", "s3://talora-test/nope.pth", s3)
 
 
 def test_hypernet_file_round_trip_restores_weights_and_config(tmp_path, s3):
@@ -77,7 +76,7 @@ def test_hypernet_file_round_trip_restores_weights_and_config(tmp_path, s3):
         for head in model.hypernet.heads.values():
             head.weight.normal_()
     for uri, storage in ((str(tmp_path / "hypernet.safetensors"), None), ("s3://talora-test/h.safetensors", s3)):
-        model.save_hypernet(uri, storage)
+        save_hypernet(model, uri, storage)
         loaded = load_task_aware_sam(uri, storage=storage)
         assert loaded.config == config
         assert loaded.hypernet.digest() == model.hypernet.digest()
@@ -86,7 +85,7 @@ def test_hypernet_file_round_trip_restores_weights_and_config(tmp_path, s3):
 
 def test_a_non_hypernet_file_is_refused_as_a_hypernet(tiny_sam, tmp_path):
     uri = str(tmp_path / "sam.safetensors")
-    save_sam(tiny_sam, uri)
+    save_backbone(tiny_sam, uri)
     with pytest.raises(ValueError, match="not a talora hypernet file"):
         load_task_aware_sam(uri)
 
@@ -131,3 +130,28 @@ def test_adapter_header_is_validated_against_the_model(tiny_model, make_adapter,
 def test_a_per_row_adapter_cannot_be_saved_as_one_prompt(tiny_model, make_adapter, tmp_path):
     with pytest.raises(ValueError, match="one prompt"):
         save_adapter(str(tmp_path / "a.safetensors"), make_adapter(tiny_model.targets, rows=2), _header(tiny_model))
+
+
+def test_a_runs_latest_and_best_checkpoint_come_from_its_summary(tmp_path, s3, capsys):
+    import json
+
+    from talora.cli import main
+    from talora.storage import write_bytes
+    from talora.train.checkpoint import run_checkpoint
+
+    run = tmp_path / "run"
+    write_bytes(str(run / "summary.json"), json.dumps({"latest_checkpoint": f"{run}/checkpoint_2",
+                                                       "best_checkpoint": f"{run}/checkpoint_1"}).encode())
+    assert run_checkpoint(str(run)) == f"{run}/checkpoint_2"
+    assert run_checkpoint(str(run), "best") == f"{run}/checkpoint_1"
+    assert main(["checkpoint", str(run), "--best", "--file", "hypernet.safetensors"]) == 0
+    assert capsys.readouterr().out.strip() == f"{run}/checkpoint_1/hypernet.safetensors"
+    # on object storage Ray Train reports paths without the scheme
+    write_bytes("s3://talora-test/runs/r/summary.json",
+                json.dumps({"latest_checkpoint": "talora-test/runs/r/checkpoint_0", "best_checkpoint": None}).encode(), s3)
+    assert run_checkpoint("s3://talora-test/runs/r", storage=s3) == "s3://talora-test/runs/r/checkpoint_0"
+    with pytest.raises(FileNotFoundError, match="recorded no best checkpoint"):
+        run_checkpoint("s3://talora-test/runs/r", "best", s3)
+    with pytest.raises(FileNotFoundError, match="not a finished training run"):
+        run_checkpoint(str(tmp_path / "none"))
+    assert main(["checkpoint", str(tmp_path / "none")]) == 2

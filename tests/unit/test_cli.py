@@ -8,7 +8,8 @@ import torch
 from talora.adapter_file import load_adapter
 from talora.cli import main
 from talora.config import default_config
-from talora.model import build_task_aware_sam
+from talora.loading import build_task_aware_sam
+from talora.loading import save_hypernet
 
 
 def test_info_json_lists_targets_and_parameter_counts(capsys):
@@ -44,7 +45,7 @@ def test_adapter_from_a_hypernet_file_matches_the_model(tmp_path, text_encoder):
     with torch.no_grad():
         for head in model.hypernet.heads.values():
             head.weight.normal_(0, 0.02)
-    model.save_hypernet(str(tmp_path / "h.safetensors"))
+    save_hypernet(model, str(tmp_path / "h.safetensors"))
     out = tmp_path / "a.safetensors"
     assert main(["adapter", "--prompt", "segment red apples", "--hypernet", str(tmp_path / "h.safetensors"), "--out", str(out)]) == 0
     adapter, header = load_adapter(str(out), model.targets, "vit_tiny")

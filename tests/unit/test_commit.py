@@ -2,24 +2,24 @@ import subprocess
 import sys
 import textwrap
 
-import pyarrow as pa
 import pytest
 
 from talora.commit import Manifest, RunOutput, ShardTracker, run_key
+from talora.predictions import PARQUET
 
 # A writer that processes shards a and b (two parts each) and can die between parts and manifest.
 WRITER = textwrap.dedent("""
     import os, sys
-    import pyarrow as pa
     from talora.commit import RunOutput, ShardTracker
+    from talora.predictions import PARQUET
     out, die_in = sys.argv[1], sys.argv[2]
-    run = RunOutput(out, "run1")
+    run = RunOutput(out, "run1", None, PARQUET)
     todo = {s: [f"{s}/{i}.jpg" for i in range(4)] for s in ("a", "b") if s not in run.committed_shards()}
     tracker = ShardTracker(run, todo)
     for shard, items in todo.items():
         for k in range(2):
             batch = items[2 * k : 2 * k + 2]
-            part = run.write_part(shard, k, pa.table({"item": batch, "value": [1, 2]}))
+            part = run.write_part(shard, k, [{"item": i, "value": v} for i, v in zip(batch, [1, 2])])
             if shard == die_in and k == 1:
                 os._exit(9)  # killed after writing every part, before the manifest
             for item in batch:
@@ -35,7 +35,7 @@ def _write(out, die_in):
 def test_a_run_killed_between_parts_and_manifest_reruns_to_exactly_one_copy(tmp_path):
     first = _write(tmp_path, die_in="b")
     assert first.returncode == 9
-    run = RunOutput(str(tmp_path), "run1")
+    run = RunOutput(str(tmp_path), "run1", None, PARQUET)
     assert run.committed_shards() == {"a"}
     assert (tmp_path / "run1" / "b" / "part-000001.parquet").exists()  # written, but not committed...
     assert len(run.read_table()) == 4  # ...so readers see shard a only
@@ -47,15 +47,15 @@ def test_a_run_killed_between_parts_and_manifest_reruns_to_exactly_one_copy(tmp_
 
 
 def test_stale_parts_are_never_read(tmp_path):
-    run = RunOutput(str(tmp_path), run_key({"prompts": ["x"]}))
-    run.write_part("s", 0, pa.table({"v": [1]}))
-    run.write_part("s", 7, pa.table({"v": [99]}))  # left over from an earlier attempt
+    run = RunOutput(str(tmp_path), run_key({"prompts": ["x"]}), None, PARQUET)
+    run.write_part("s", 0, [{"v": 1}])
+    run.write_part("s", 7, [{"v": 99}])  # left over from an earlier attempt
     run.commit(Manifest("s", ["part-000000.parquet"], {"i": 1}, {}))
     assert run.read_table()["v"].to_pylist() == [1]
 
 
 def test_manifest_lists_every_item_with_its_rows_zero_and_errors_included(tmp_path):
-    run = RunOutput(str(tmp_path), "k")
+    run = RunOutput(str(tmp_path), "k", None, PARQUET)
     tracker = ShardTracker(run, {"s": ["x", "y", "z"]})
     assert not tracker.add("s", "x", 3, "part-000000.parquet")
     assert not tracker.add("s", "y", 0)
@@ -73,7 +73,36 @@ def test_run_key_changes_with_any_input_and_not_with_key_order():
 
 
 def test_commit_protocol_on_s3(s3):
-    run = RunOutput("s3://talora-test/out", "k", s3)
+    run = RunOutput("s3://talora-test/out", "k", s3, PARQUET)
     tracker = ShardTracker(run, {"s": ["x"]})
-    tracker.add("s", "x", 1, run.write_part("s", 0, pa.table({"v": [5]})))
-    assert RunOutput("s3://talora-test/out", "k", s3).read_table()["v"].to_pylist() == [5]
+    tracker.add("s", "x", 1, run.write_part("s", 0, [{"v": 5}]))
+    assert RunOutput("s3://talora-test/out", "k", s3, PARQUET).read_table()["v"].to_pylist() == [5]
+
+
+class JsonLinesParts:
+    """A second part format: what adding an output format beside Parquet takes."""
+
+    suffix = ".jsonl"
+
+    def encode(self, rows, schema):
+        import json
+
+        return "".join(json.dumps(r) + "\n" for r in rows).encode()
+
+    def decode(self, data):
+        import json
+
+        import pyarrow as pa
+
+        return pa.Table.from_pylist([json.loads(line) for line in data.decode().splitlines()])
+
+
+def test_another_part_format_goes_through_the_same_commit_protocol(tmp_path):
+    run = RunOutput(str(tmp_path), "k", None, JsonLinesParts())
+    tracker = ShardTracker(run, {"s": ["x", "y"]})
+    part = run.write_part("s", 0, [{"image": "x", "v": 1}, {"image": "y", "v": 2}])
+    assert part == "part-000000.jsonl" and (tmp_path / "k" / "s" / part).read_text().count("\n") == 2
+    assert run.read_table() is None  # written, not yet committed: nothing is visible
+    tracker.add("s", "x", 1, part)
+    assert tracker.add("s", "y", 1, part)
+    assert run.read_table().to_pylist() == [{"image": "x", "v": 1}, {"image": "y", "v": 2}]

@@ -6,11 +6,12 @@ import pytest
 import torch
 
 from talora.cli import main
-from talora.label import ModelSpec, model_spec
-from talora.model import DEMO_HYPERNET, DEMO_SAM_CHECKPOINT, build_task_aware_sam, load_task_aware_sam
-from talora.sam import build_sam
+from talora.loading import ModelSpec, model_spec
+from talora.loading import (DEMO_HYPERNET, DEMO_SAM_CHECKPOINT, build_task_aware_sam, load_backbone,
+                            load_task_aware_sam, save_backbone)
 from talora.storage import DEMO_ASSETS, absolute, protocol_of, read_bytes, resolve
 from talora.weights import read_weights
+from talora.loading import save_hypernet
 
 
 def test_demo_uris_resolve_inside_the_installed_package_and_stay_portable():
@@ -27,7 +28,7 @@ def test_shipped_models_are_small_fp16_and_load_strictly():
         assert os.path.getsize(resolve(uri)) <= 10 * 2**20, uri
         state, _ = read_weights(uri)
         assert {v.dtype for v in state.values() if v.is_floating_point()} == {torch.float16}, uri
-    sam = build_sam("vit_tiny", DEMO_SAM_CHECKPOINT)
+    sam = load_backbone("vit_tiny", DEMO_SAM_CHECKPOINT).model
     assert sam.image_encoder.blocks[0].attn.qkv.weight.dtype == torch.float32  # loaded into the fp32 model
     model = load_task_aware_sam(DEMO_HYPERNET)
     assert model.config.sam.checkpoint == DEMO_SAM_CHECKPOINT  # the hypernet names the shipped base
@@ -53,7 +54,7 @@ def test_fp16_halves_a_hypernet_and_points_its_header_at_another_base(tmp_path, 
 
     model = build_task_aware_sam(default_config("vit_tiny"))
     full = tmp_path / "h32.safetensors"
-    model.save_hypernet(str(full))
+    save_hypernet(model, str(full))
     half = tmp_path / "h16.safetensors"
     assert main(["fp16", str(full), str(half), "--sam-checkpoint", DEMO_SAM_CHECKPOINT]) == 0
     assert os.path.getsize(half) < 0.55 * os.path.getsize(full)
@@ -63,9 +64,8 @@ def test_fp16_halves_a_hypernet_and_points_its_header_at_another_base(tmp_path, 
     for (name, a), b in zip(model.hypernet.state_dict().items(), loaded.hypernet.state_dict().values()):
         assert torch.allclose(a, b, atol=1e-3, rtol=1e-3), name
     sam_file = tmp_path / "sam.safetensors"
-    from talora.sam import save_sam
 
-    save_sam(model.sam, str(sam_file))
+    save_backbone(model.backbone, str(sam_file))
     capsys.readouterr()
     assert main(["fp16", str(sam_file), str(tmp_path / "x.safetensors"), "--sam-checkpoint", "y"]) == 2
     assert "--sam-checkpoint is for hypernet files" in capsys.readouterr().err

@@ -1,7 +1,6 @@
 """Evaluation of committed prediction rows against COCO ground truth."""
 
 
-import pyarrow as pa
 import pytest
 
 from talora.commit import RunOutput, ShardTracker
@@ -9,8 +8,9 @@ from talora.data.coco import CocoDataset
 from talora.data.synthetic import write_demo_dataset
 from talora.evaluate import EvalConfig, evaluate
 from talora.predictor import encode_mask
-from talora.rows import SCHEMA, detection_rows
+from talora.predictions import SCHEMA, detection_rows
 from talora.tasks import TaskSet, semantic_mask
+from talora.predictions import PARQUET
 
 
 @pytest.fixture
@@ -22,7 +22,7 @@ def demo(tmp_path):
 def _commit(tmp_path, dataset, prompt_tasks, drop_semantic=False):
     """A committed run whose rows are the ground truth of each prompt's task (score 1)."""
     tasks = TaskSet.from_dataset(dataset)
-    run = RunOutput(str(tmp_path / "labels"), "gt")
+    run = RunOutput(str(tmp_path / "labels"), "gt", None, PARQUET)
     records = [dataset.images[i] for i in dataset.image_ids]
     tracker = ShardTracker(run, {"s0": [r.uri for r in records]})
     rows = []
@@ -36,7 +36,7 @@ def _commit(tmp_path, dataset, prompt_tasks, drop_semantic=False):
                 detections.append(encode_mask(union, "semantic", 1.0))
             predictions[prompt] = detections
         rows += detection_rows(r.uri, r.id, "s0", r.width, r.height, predictions, None, "gt")
-    part = run.write_part("s0", 0, pa.Table.from_pylist(rows, schema=SCHEMA))
+    part = run.write_part("s0", 0, rows, SCHEMA)
     for r in records:
         tracker.add("s0", r.uri, 1, part)
     return run.root
@@ -86,7 +86,7 @@ def test_faster_coco_eval_gives_the_same_stats_as_pycocotools(tmp_path, demo):
     dataset, annotations = demo
     tasks = TaskSet.from_dataset(dataset)
     # Imperfect predictions (scores vary, some instances missing, one shifted), so AP is not trivially 1.
-    run = RunOutput(str(tmp_path / "labels"), "noisy")
+    run = RunOutput(str(tmp_path / "labels"), "noisy", None, PARQUET)
     records = [dataset.images[i] for i in dataset.image_ids]
     tracker = ShardTracker(run, {"s0": [r.uri for r in records]})
     rows = []
@@ -100,7 +100,7 @@ def test_faster_coco_eval_gives_the_same_stats_as_pycocotools(tmp_path, demo):
             detections.append(encode_mask(mask, "instance", 0.3 + 0.1 * ((n * 7 + k) % 7)))
         rows += detection_rows(r.uri, r.id, "s0", r.width, r.height, {"segment shapes": detections[1:]}, None, "m")
     tracker.add("s0", records[0].uri, 0)
-    part = run.write_part("s0", 0, pa.Table.from_pylist(rows, schema=SCHEMA))
+    part = run.write_part("s0", 0, rows, SCHEMA)
     for r in records[1:]:
         tracker.add("s0", r.uri, 1, part)
     slow = evaluate(EvalConfig(run.root, annotations, str(tmp_path / "a")))

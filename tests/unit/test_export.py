@@ -7,7 +7,7 @@ import torch
 from talora.adapter_file import AdapterHeader, save_adapter
 from talora.cli import main
 from talora.lora import merge_adapter, remove_lora
-from talora.sam import build_sam, save_sam
+from talora.loading import load_backbone, save_backbone
 
 
 def _saved_adapter(model, make_adapter, tmp_path):
@@ -29,17 +29,17 @@ def _encode_decode(sam, image, coords, labels):
 
 def test_merge_writes_a_sam_checkpoint_equal_to_the_merged_adapter(tmp_path, make_adapter):
     from talora.config import default_config
-    from talora.model import build_task_aware_sam
+    from talora.loading import build_task_aware_sam
 
     torch.manual_seed(0)
     model = build_task_aware_sam(default_config("vit_tiny"))
     base = str(tmp_path / "base.safetensors")
-    save_sam(model.sam, base)
+    save_backbone(model.backbone, base)
     adapter = _saved_adapter(model, make_adapter, tmp_path)
     assert main(["merge", "--adapter", str(tmp_path / "a.safetensors"), "--sam-checkpoint", base,
                  "--out", str(tmp_path / "merged.safetensors")]) == 0
 
-    merged = build_sam("vit_tiny", str(tmp_path / "merged.safetensors"))
+    merged = load_backbone("vit_tiny", str(tmp_path / "merged.safetensors")).model
     merge_adapter(model.sam, adapter)  # talora's own merge, in place
     image, coords, labels = torch.randn(1, 3, 256, 256), torch.rand(2, 1, 2) * 256, torch.ones(2, 1)
     want = _encode_decode(model.sam, image, coords, labels)
@@ -52,7 +52,7 @@ def test_peft_loads_the_exported_folder_with_outputs_equal_to_the_merged_adapter
     from peft import PeftModel
 
     from talora.config import default_config
-    from talora.model import build_task_aware_sam
+    from talora.loading import build_task_aware_sam
 
     torch.manual_seed(0)
     model = build_task_aware_sam(default_config("vit_tiny"))
@@ -61,7 +61,7 @@ def test_peft_loads_the_exported_folder_with_outputs_equal_to_the_merged_adapter
     config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and config["r"] == 4 and config["lora_alpha"] == 8.0
 
-    plain = build_sam("vit_tiny")
+    plain = load_backbone("vit_tiny").model
     plain.load_state_dict({k.replace(".base_layer.", "."): v for k, v in model.sam.state_dict().items()})
     peft_sam = PeftModel.from_pretrained(plain, str(tmp_path / "peft"))
     merge_adapter(model.sam, adapter)

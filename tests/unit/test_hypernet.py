@@ -80,7 +80,7 @@ def test_digest_changes_with_the_weights(tiny_model):
 def test_tucker_hypernet_starts_at_zero_delta_and_learns_the_core(tiny_config):
     import dataclasses
 
-    from talora.model import build_task_aware_sam
+    from talora.loading import build_task_aware_sam
 
     config = dataclasses.replace(tiny_config, hypernet=dataclasses.replace(tiny_config.hypernet, adapter_type="tucker"))
     torch.manual_seed(0)

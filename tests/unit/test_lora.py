@@ -9,7 +9,6 @@ from torch import nn
 from talora.lora import (
     Adapter,
     LoraLinear,
-    find_targets,
     inject_lora,
     lora_layers,
     merge_adapter,
@@ -18,7 +17,8 @@ from talora.lora import (
     use_adapter,
 )
 from talora.config import LoraConfig
-from talora.sam import _build_sam_tiny, build_sam_vit_tiny
+from talora.backbones import VARIANTS
+from talora.backbones.sam1 import Backbone, _build_sam_tiny, build_sam_vit_tiny
 
 ATOL = 1e-8
 
@@ -132,10 +132,11 @@ def test_per_row_tail_with_windowed_attention_equals_each_row_alone(make_adapter
 
     torch.manual_seed(0)
     sam = _build_sam_tiny(256, 16, 128, 4, 4, (1,), 64, 256, 4, window_size=6)  # block 3 windowed, padded 16->18
+    backbone = Backbone(VARIANTS["vit_tiny"], sam)
     config = ModelConfig()
-    targets = find_targets(sam, config.lora, 1)
+    targets = backbone.find_targets(config.lora, 1)
     hypernet = TaskAwareHyperNet(targets, HyperNetConfig(hidden_dim=32, num_layers=1, num_heads=4), 4, 2.0)
-    model = float64(TaskAwareSam(sam, targets, hypernet, build_presence_head(64), config))
+    model = float64(TaskAwareSam(backbone, targets, hypernet, build_presence_head(64), config))
     assert model.sam.image_encoder.blocks[3].window_size == 6
 
     rows = [make_adapter(targets, seed=s) for s in range(3)]
@@ -171,7 +172,7 @@ def test_inject_and_remove_leave_the_base_module_exactly_as_it_was():
     torch.manual_seed(0)
     sam = build_sam_vit_tiny()
     reference = copy.deepcopy(sam)
-    targets = find_targets(sam, LoraConfig(), 1)
+    targets = Backbone(VARIANTS["vit_tiny"], sam).find_targets(LoraConfig(), 1)
     layers = inject_lora(sam, targets)
     assert len(layers) == len(targets) and all(isinstance(m, LoraLinear) for m in layers.values())
     assert inject_lora(sam, targets).keys() == layers.keys()  # idempotent

@@ -9,7 +9,7 @@ from talora.data.synthetic import write_demo_dataset
 from talora.static import StaticLora
 from talora.tasks import TaskSet
 from talora.train.config import TrainConfig
-from talora.train.loop import TrunkMemo
+from talora.train.memo import TrunkMemo
 from talora.train.memo import LruMemo, tensor_bytes
 from talora.train.pretrain import ImageEntry
 from talora.train.step import TrainStep

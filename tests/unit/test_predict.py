@@ -7,7 +7,7 @@ import torch
 from pycocotools import mask as mask_utils
 
 from talora.predictor import PredictConfig, deduplicate, encode_mask, filter_masks
-from talora.rows import SCHEMA, detection_rows, error_row, validate_table
+from talora.predictions import SCHEMA, detection_rows, error_row, validate_table
 
 
 def test_rows_match_pycocotools_rle_bbox_and_area():
@@ -60,7 +60,7 @@ def test_filters_drop_low_scores_and_unstable_masks_and_nms_keeps_the_best_dupli
 
 
 def test_predictor_gates_semantic_masks_by_presence_and_keeps_instances_in_the_task_region(tiny_config, text_encoder):
-    from talora.model import build_task_aware_sam
+    from talora.loading import build_task_aware_sam
     from talora.predictor import TaskAwarePredictor
 
     torch.manual_seed(0)
@@ -77,3 +77,16 @@ def test_predictor_gates_semantic_masks_by_presence_and_keeps_instances_in_the_t
         semantic = [d for d in detections if d.kind == "semantic"]
         assert len(semantic) <= 1 and all(d.rle["size"] == [90, 140] for d in detections)
         assert all(d.kind in ("semantic", "instance") for d in detections)
+
+
+def test_coco_results_keep_instances_of_known_images_and_categories_only():
+    from talora.predictions import coco_results
+
+    def row(kind, uri, prompt, score=0.5):
+        return {"kind": kind, "image_uri": uri, "prompt": prompt, "score": score,
+                "segmentation": {"size": [4, 4], "counts": "04L4"} if kind != "error" else None}
+
+    rows = [row("instance", "a.jpg", "cars", 0.9), row("semantic", "a.jpg", "cars"), row("error", "a.jpg", None),
+            row("instance", "unknown.jpg", "cars"), row("instance", "a.jpg", "unmapped prompt")]
+    results = coco_results(rows, lambda r: {"a.jpg": 7}.get(r["image_uri"]), lambda r: {"cars": 3}.get(r["prompt"]))
+    assert results == [{"image_id": 7, "category_id": 3, "score": 0.9, "segmentation": {"size": [4, 4], "counts": "04L4"}}]

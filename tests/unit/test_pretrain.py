@@ -8,7 +8,7 @@ import torch
 
 from talora.data.coco import CocoDataset
 from talora.data.synthetic import write_demo_dataset
-from talora.sam import build_sam
+from talora.loading import load_backbone
 from talora.train.config import TrainConfig
 from talora.train.pretrain import (
     BACKGROUND,
@@ -32,8 +32,8 @@ def demo(tmp_path_factory):
 @pytest.fixture(scope="module")
 def memo(demo):
     torch.manual_seed(0)
-    sam = build_sam("vit_tiny")
-    return ImageMemo(sam, demo, label_vocab(demo), None)
+    backbone = load_backbone("vit_tiny")
+    return ImageMemo(backbone, demo, label_vocab(demo), None)
 
 
 def test_vocab_has_background_first_categories_and_every_attribute_key(demo):
@@ -62,7 +62,7 @@ def test_cell_targets_are_area_shares_that_sum_to_one(demo, memo):
 def test_points_fall_inside_their_instance_and_boxes_stay_near_theirs(demo, memo):
     rng = np.random.default_rng(0)
     entry = memo(demo.image_ids[1])
-    L, size = entry.masks.shape[-1], memo.size
+    L, size = entry.masks.shape[-1], memo.backbone.image_size
     for mask in entry.masks.float():
         for _ in range(20):
             x, y = interior_point(mask, rng, size)
@@ -76,24 +76,24 @@ def test_points_fall_inside_their_instance_and_boxes_stay_near_theirs(demo, memo
 def test_batches_split_prompts_into_point_and_box_rows(demo, memo):
     entries = [memo(i) for i in demo.image_ids]
     rng = np.random.default_rng(1)
-    batch = build_pretrain_batch(entries, rng, prompts_per_image=3, box_fraction=0.5, size=memo.size)
+    batch = build_pretrain_batch(entries, rng, prompts_per_image=3, box_fraction=0.5, size=memo.backbone.image_size)
     expected = sum(min(3, len(e.masks)) for e in entries)
     assert len(batch.point_image) + len(batch.box_image) == expected > 0
     assert batch.point_coords.shape == (len(batch.point_image), 1, 2)
     assert batch.boxes.shape == (len(batch.box_image), 4)
-    only_boxes = build_pretrain_batch(entries, rng, 3, 1.0, memo.size)
+    only_boxes = build_pretrain_batch(entries, rng, 3, 1.0, memo.backbone.image_size)
     assert len(only_boxes.point_image) == 0 and len(only_boxes.box_image) == expected
 
 
 def test_every_part_of_sam_and_the_heads_get_gradients(demo, memo):
-    step = PretrainStep(memo.sam, 1, memo.vocab)
-    memo.sam.requires_grad_(True)
-    batch = build_pretrain_batch([memo(i) for i in demo.image_ids], np.random.default_rng(2), 4, 0.5, memo.size)
+    step = PretrainStep(memo.backbone, 1, memo.vocab)
+    memo.backbone.model.requires_grad_(True)
+    batch = build_pretrain_batch([memo(i) for i in demo.image_ids], np.random.default_rng(2), 4, 0.5, memo.backbone.image_size)
     config = TrainConfig(train_annotations="x", mode="pretrain")
     out = step(batch, config)
     out["loss"].backward()
     assert {"loss_aux_category", "loss_aux_color", "loss_points", "loss_boxes"} <= set(out)
-    sam = memo.sam
+    sam = memo.backbone.model
     for name, p in (("trunk", sam.image_encoder.blocks[0].attn.qkv.weight),
                     ("patch embedding", sam.image_encoder.patch_embed.proj.weight),
                     ("point embedding", sam.prompt_encoder.point_embeddings[1].weight),
@@ -109,11 +109,11 @@ def test_every_part_of_sam_and_the_heads_get_gradients(demo, memo):
     assert step.heads["category"].weight.grad.abs().sum() == 0
     assert sam.image_encoder.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
     step.zero_grad(set_to_none=True)
-    memo.sam.requires_grad_(False)
+    memo.backbone.model.requires_grad_(False)
 
 
 def test_validation_scores_a_perfect_head_and_reports_every_metric(demo, memo):
-    step = PretrainStep(memo.sam, 1, memo.vocab).eval()
+    step = PretrainStep(memo.backbone, 1, memo.vocab).eval()
     entries = [memo(i) for i in demo.image_ids]
     sums = validate_pretrain(step, entries, memo.vocab)
     assert set(sums) == {"val_point_miou", "val_box_miou", "val_head_category", "val_head_color"}

@@ -3,6 +3,7 @@ import torch
 
 from talora.cli import main
 from talora.data.coco import CocoDataset
+from talora.loading import load_backbone
 from talora.probe import cell_labels, linear_probe
 
 from tests.unit.test_coco import FIXTURE
@@ -24,7 +25,7 @@ def test_probe_separates_linearly_separable_cells_and_is_at_chance_on_shuffled_l
 def test_cells_inside_an_object_get_its_label_in_the_resized_frame():
     dataset = CocoDataset.load(str(FIXTURE))
     # image 2 (48 wide x 64 high): a bus over rows 8-29, columns 4-43; resized to 48x64 -> input 192x256
-    cells = cell_labels(dataset.instances[2], (256, 192), 256, (16, 16), "supercategory")
+    cells = cell_labels(dataset.instances[2], (256, 192), load_backbone("vit_tiny"), (16, 16), "supercategory")
     labels = set(cells.values())
     assert labels == {"vehicle"}  # the crowd of people is never a probe label
     rows = {c // 16 for c in cells}
@@ -49,12 +50,11 @@ def test_probe_command_reports_each_key_with_its_chance_level(tmp_path, capsys):
 def test_probe_is_fitted_on_the_first_train_images_and_scored_on_the_first_test_images(tmp_path):
     from talora.data.synthetic import write_demo_dataset
     from talora.probe import collect, probe_base
-    from talora.sam import build_sam
 
     written = write_demo_dataset(str(tmp_path / "demo"), num_train=6, num_val=5, seed=2)
     train, test = CocoDataset.load(written["train"]), CocoDataset.load(written["val"])
     torch.manual_seed(0)
-    sam = build_sam("vit_tiny")
+    sam = load_backbone("vit_tiny")
     (result,) = probe_base(sam, train, test, 1, keys=("category",), train_images=4, test_images=2)
     fitted = collect(sam, train, train.image_ids[:4], 1, ("category",))["category"][1]
     scored = collect(sam, test, test.image_ids[:2], 1, ("category",))["category"][1]

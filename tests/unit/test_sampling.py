@@ -23,7 +23,7 @@ def test_points_hit_the_right_instance_after_resize():
     for image_id in dataset.image_ids:
         record, instances = dataset.images[image_id], dataset.instances[image_id]
         for task in tasks:
-            for s in sample_task(record, instances, task, rng, target_length=1024, num_points=2, use_boxes=True):
+            for s in sample_task(record, instances, task, rng, ResizeLongestSide(1024), num_points=2, use_boxes=True):
                 if s.kind == "semantic":
                     assert s.target.shape == (record.height, record.width)
                     continue
@@ -46,13 +46,13 @@ def test_semantic_target_is_the_union_and_empty_when_absent():
     tasks = TaskSet.from_dataset(dataset)
     rng = np.random.default_rng(0)
     vehicles = tasks.by_id["supercategory:vehicle"]
-    semantic = sample_task(dataset.images[3], dataset.instances[3], vehicles, rng, 256)[0]
+    semantic = sample_task(dataset.images[3], dataset.instances[3], vehicles, rng, ResizeLongestSide(256))[0]
     truck = next(i for i in dataset.instances[3] if i.category == "truck")
     assert semantic.present and np.array_equal(semantic.target, truck.mask())
     apples = tasks.by_id["category:apple"]
-    absent = sample_task(dataset.images[1], dataset.instances[1], apples, rng, 256)
+    absent = sample_task(dataset.images[1], dataset.instances[1], apples, rng, ResizeLongestSide(256))
     assert not absent[0].present and not absent[0].target.any()
     assert {s.kind for s in absent} <= {"semantic", "negative"}
     # A crowd region is never a positive: image 2's people are a crowd.
-    people = sample_task(dataset.images[2], dataset.instances[2], tasks.by_id["category:person"], rng, 256, num_points=3)
+    people = sample_task(dataset.images[2], dataset.instances[2], tasks.by_id["category:person"], rng, ResizeLongestSide(256), num_points=3)
     assert [s.kind for s in people if s.kind == "positive"] == []

@@ -3,6 +3,7 @@ import os
 import pytest
 
 from talora.storage import StorageOptions, filesystem, read_bytes, write_bytes
+from talora.predictions import PARQUET
 
 
 def test_local_paths_and_file_uris_resolve_to_the_same_file(tmp_path):
@@ -110,7 +111,7 @@ def test_objects_written_by_another_process_are_seen_despite_a_cached_listing(s3
     from talora.commit import Manifest, RunOutput
     from talora.storage import filesystem
 
-    run = RunOutput("s3://talora-test/out", "k", s3)
+    run = RunOutput("s3://talora-test/out", "k", s3, PARQUET)
     run.commit(Manifest("a", [], {"x": 0}, {}))
     assert set(run.manifests()) == {"a"}  # this process has now listed the folders
     fs, _ = filesystem("s3://talora-test/out", s3)

@@ -3,15 +3,13 @@ import torch
 from torch import nn
 
 from talora.config import LoraConfig, ModelConfig, SamConfig, default_config
-from talora.lora import find_targets
-from talora.model import build_task_aware_sam
-from talora.sam import build_sam
+from talora.loading import build_task_aware_sam, load_backbone
 
 
 @pytest.fixture(scope="module")
 def vit_b():
     torch.manual_seed(0)
-    return build_sam("vit_b")  # random init, no checkpoint
+    return load_backbone("vit_b")  # random init, no checkpoint
 
 
 def _linears(sam, prefix):
@@ -20,8 +18,9 @@ def _linears(sam, prefix):
 
 @pytest.mark.parametrize("sam_type, tail", [("vit_tiny", 1), ("vit_b", 2)])
 def test_discovery_finds_every_decoder_linear_and_the_tail_blocks(sam_type, tail, vit_b):
-    sam = vit_b if sam_type == "vit_b" else build_sam("vit_tiny")
-    targets = find_targets(sam, LoraConfig(), tail)
+    backbone = vit_b if sam_type == "vit_b" else load_backbone("vit_tiny")
+    sam = backbone.model
+    targets = backbone.find_targets(LoraConfig(), tail)
     names = {t.name for t in targets}
     decoder = _linears(sam, "mask_decoder.transformer.")
     assert set(decoder) <= names  # every attention projection and MLP Linear of the decoder
@@ -39,7 +38,7 @@ def test_discovery_finds_every_decoder_linear_and_the_tail_blocks(sam_type, tail
 
 
 def test_cross_attention_targets_have_the_downsampled_shape(vit_b):
-    targets = {t.name: t for t in find_targets(vit_b, LoraConfig(), 2)}
+    targets = {t.name: t for t in vit_b.find_targets(LoraConfig(), 2)}
     q = targets["mask_decoder.transformer.layers.0.cross_attn_token_to_image.q_proj"]
     out = targets["mask_decoder.transformer.layers.0.cross_attn_token_to_image.out_proj"]
     assert (q.in_features, q.out_features) == (256, 128)
@@ -49,12 +48,12 @@ def test_cross_attention_targets_have_the_downsampled_shape(vit_b):
 
 
 def test_component_flags_add_and_remove_targets(vit_b):
-    decoder_only = find_targets(vit_b, LoraConfig(image_encoder=False), 0)
+    decoder_only = vit_b.find_targets(LoraConfig(image_encoder=False), 0)
     assert not any(t.name.startswith("image_encoder") for t in decoder_only)
-    with_heads = find_targets(vit_b, LoraConfig(output_mlps=True, iou_head=True), 2)
-    extra = {t.name for t in with_heads} - {t.name for t in find_targets(vit_b, LoraConfig(), 2)}
-    assert extra == set(_linears(vit_b, "mask_decoder.output_hypernetworks_mlps")) | set(
-        _linears(vit_b, "mask_decoder.iou_prediction_head")
+    with_heads = vit_b.find_targets(LoraConfig(output_mlps=True, iou_head=True), 2)
+    extra = {t.name for t in with_heads} - {t.name for t in vit_b.find_targets(LoraConfig(), 2)}
+    assert extra == set(_linears(vit_b.model, "mask_decoder.output_hypernetworks_mlps")) | set(
+        _linears(vit_b.model, "mask_decoder.iou_prediction_head")
     )
     assert len(extra) == 4 * 3 + 3
 

@@ -7,12 +7,12 @@ import torch
 from talora.config import default_config
 from talora.data.coco import CocoDataset
 from talora.data.synthetic import make_split
-from talora.model import build_task_aware_sam
+from talora.loading import build_task_aware_sam
 from talora.static import StaticLora
 from talora.tasks import TaskSet
 from talora.train.batches import _epoch_order, build_batch, epoch_images
 from talora.train.config import TrainConfig, load_run_spec
-from talora.train.loop import backward_and_step
+from talora.train.optim import backward_and_step
 from talora.train.losses import dice_loss, focal_loss, mask_losses
 from talora.train.step import TrainStep
 
@@ -36,7 +36,7 @@ def _batch(model, demo, rng_seed=0, tasks_per_image=2):
     with torch.no_grad():
         trunk = model.embed_trunk(torch.stack([x for x, _ in inputs]))
     return build_batch(records, trunk, [s for _, s in inputs], dataset, tasks, prompts_of,
-                       np.random.default_rng(rng_seed), 256, 64, tasks_per_image, 1)
+                       np.random.default_rng(rng_seed), model.backbone, tasks_per_image, 1)
 
 
 def test_epoch_images_show_every_image_once_per_epoch_in_a_new_order_and_repeat_exactly():
@@ -141,7 +141,7 @@ def test_a_non_finite_loss_stops_training_with_advice_instead_of_skipping_foreve
 
 
 def test_bf16_amp_runs_without_a_scaler_and_fp16_with_one():
-    from talora.train.loop import grad_scaler
+    from talora.train.optim import grad_scaler
 
     cpu = torch.device("cpu")
     assert grad_scaler(TrainConfig(train_annotations="x", amp=True), cpu).is_enabled()

@@ -1,0 +1,150 @@
+"""The contract every SAM family meets, so the rest of talora never touches a family's internals.
+
+A `Backbone` holds one frozen SAM (`model`, an nn.Module whose Linears LoRA wraps in place; target
+names are module paths inside it) and answers, for that family:
+
+- frames: resize an image to the model's input frame, map points/boxes/masks into it, normalise;
+- the encoder split: `embed_trunk` (once per image, shared by all prompts) and `embed_tail` (the
+  last k blocks + neck, per (image, prompt) row);
+- the decoder, one image embedding per row: `encode_prompts` + `decode_rows`;
+- masks back to the original frame: `postprocess_masks`;
+- LoRA targets (`find_targets`) and which weights the trunk depends on (`trunk_digest`).
+
+A family module (``talora/backbones/<family>.py``) defines its `Backbone` subclass and three
+functions the registry calls: ``build_model(variant_name)`` (random init), ``detect_variant(state_dict)``
+(which of its variants a checkpoint holds, or None) and ``image_resizer(image_size)`` (the CPU-side
+resize, used without building a model).
+
+Shapes: B = images, P = rows, S = the square input side, h x w = the embedding grid, L = the
+low-res mask side (4h), C = trunk channels, C' = decoder channels, M = masks per row.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+if TYPE_CHECKING:
+    from talora.backbones import Variant
+    from talora.config import LoraConfig
+    from talora.lora import LoraTarget
+
+
+class Backbone:
+    def __init__(self, variant: Variant, model: nn.Module) -> None:
+        self.variant = variant
+        self.model = model
+
+    # --- facts -----------------------------------------------------------------------------------
+    image_size: int  # S
+    embedding_size: int  # h (= w)
+    trunk_dim: int  # C
+    decoder_dim: int  # C'
+    num_blocks: int  # encoder blocks the trunk/tail split cuts
+    mask_threshold: float = 0.0
+
+    @property
+    def lowres_size(self) -> int:
+        """L: the decoder's low-res mask side."""
+        return 4 * self.embedding_size
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def freeze(self) -> Backbone:
+        self.model.eval()
+        self.model.requires_grad_(False)
+        return self
+
+    # --- weights ---------------------------------------------------------------------------------
+    def load_base_state_dict(self, state: dict[str, torch.Tensor], source: str) -> None:
+        try:
+            self.model.load_state_dict(state, strict=True)
+        except RuntimeError as e:
+            raise ValueError(f"checkpoint {source} does not match the {self.variant.name} architecture: {e}") from e
+
+    def base_state_dict(self) -> dict[str, torch.Tensor]:
+        """The base weights as the family's checkpoints name them (LoRA wrappers looked through)."""
+        return {k.replace(".base_layer.", "."): v for k, v in self.model.state_dict().items()}
+
+    def trunk_digest(self, tail_blocks: int) -> str:
+        """Digest of exactly the weights that produce `embed_trunk`'s output for this split (the
+        whole encoder when k = 0), plus the split itself: names an embedding cache."""
+        tag, state = self.trunk_state(tail_blocks)
+        h = hashlib.sha256(tag.encode())
+        for name, tensor in sorted(state.items()):
+            h.update(name.encode())
+            h.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+        return h.hexdigest()[:16]
+
+    # --- frames ----------------------------------------------------------------------------------
+    def preprocess(self, image: np.ndarray) -> tuple[torch.Tensor, tuple[int, int]]:
+        """HWC uint8 RGB -> (3, S, S) normalised model input on the model's device, and the resized (h, w)."""
+        resized = self.resize(image)
+        return self.normalize(resized)[0], (int(resized.shape[0]), int(resized.shape[1]))
+
+    def lowres_target(self, mask: np.ndarray, input_size: tuple[int, int]) -> torch.Tensor:
+        """(H, W) bool in the original frame -> (L, L) float area shares in the decoder's low-res frame."""
+        t = self.to_model_frame(torch.from_numpy(mask.astype(np.float32))[None, None], input_size)  # (1, 1, S, S)
+        return F.interpolate(t, size=(self.lowres_size, self.lowres_size), mode="area")[0, 0]
+
+    # --- what each family implements -------------------------------------------------------------
+    def resize(self, image: np.ndarray) -> np.ndarray:
+        """HWC uint8 -> the resized image (the labelling job's CPU stage)."""
+        raise NotImplementedError
+
+    def normalize(self, resized: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """A resized HWC image -> (1, 3, S, S) normalised input on the model's device."""
+        raise NotImplementedError
+
+    def apply_coords(self, coords: np.ndarray, original_size: tuple[int, int]) -> np.ndarray:
+        """(N, 2) x, y in the original frame -> the input frame."""
+        raise NotImplementedError
+
+    def apply_boxes(self, boxes: np.ndarray, original_size: tuple[int, int]) -> np.ndarray:
+        """(N, 4) x0, y0, x1, y1 in the original frame -> the input frame."""
+        raise NotImplementedError
+
+    def to_model_frame(self, masks: torch.Tensor, input_size: tuple[int, int]) -> torch.Tensor:
+        """(N, 1, H, W) float masks in the original frame -> (N, 1, S, S), as images are placed."""
+        raise NotImplementedError
+
+    def embed_trunk(self, images: torch.Tensor, tail_blocks: int) -> torch.Tensor:
+        """(B, 3, S, S) -> trunk features (B, h, w, C): everything before the last `tail_blocks` blocks."""
+        raise NotImplementedError
+
+    def embed_tail(self, trunk_features: torch.Tensor, tail_blocks: int) -> torch.Tensor:
+        """(P, h, w, C) trunk features -> (P, C', h, w) image embeddings: the last blocks + neck."""
+        raise NotImplementedError
+
+    def encode_prompts(self, point_coords: torch.Tensor | None, point_labels: torch.Tensor | None,
+                       boxes: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prompts in the input frame -> (sparse (P or 1, n', C'), dense (1 or P, C', h, w)) embeddings."""
+        raise NotImplementedError
+
+    def decode_rows(self, image_embeddings: torch.Tensor, sparse: torch.Tensor, dense: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The mask decoder with one image embedding per row: (P, C', h, w) -> low-res logits
+        (P, 1+M, L, L), IoU predictions (P, 1+M) and the IoU token (P, C'); column 0 is the
+        single-mask output, the rest the multimask outputs."""
+        raise NotImplementedError
+
+    def postprocess_masks(self, masks: torch.Tensor, input_size: tuple[int, int],
+                          original_size: tuple[int, int]) -> torch.Tensor:
+        """(N, M, L, L) low-res logits -> (N, M, H, W) logits in the original frame."""
+        raise NotImplementedError
+
+    def find_targets(self, lora: LoraConfig, tail_blocks: int) -> list[LoraTarget]:
+        """Every Linear that `lora` adapts (the last `tail_blocks` encoder blocks and the decoder), in
+        module order, each with its (depth, module type) identity for the hypernet."""
+        raise NotImplementedError
+
+    def trunk_state(self, tail_blocks: int) -> tuple[str, dict[str, torch.Tensor]]:
+        """(a tag naming the split, the base weights `embed_trunk`'s output depends on for it)."""
+        raise NotImplementedError

@@ -1,0 +1,257 @@
+"""SAM 1 (segment_anything): ``vit_h``/``vit_l``/``vit_b`` from its own registry, and ``vit_tiny``.
+
+``vit_tiny`` is a ~1.2 M parameter preset assembled from the same modeling classes
+(ImageEncoderViT, PromptEncoder, MaskDecoder, TwoWayTransformer) for CPU tests and the offline
+demo. Every variant shares the decoder code, so LoRA and the hypernet never care which encoder runs.
+
+The split: the trunk is the patch embedding + positional embedding + every ViT block but the last
+k; the tail is the last k blocks + the neck (k = 0: the trunk is the whole encoder, the tail empty).
+Images are resized so the long side is S (`ResizeLongestSide`), normalised and padded bottom/right.
+"""
+
+from __future__ import annotations
+
+import re
+from functools import partial
+
+import numpy as np
+import torch
+from segment_anything import sam_model_registry
+from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
+from segment_anything.utils.transforms import ResizeLongestSide
+from torch import nn
+from torch.nn import functional as F
+
+from talora.backbones import base
+from talora.config import LoraConfig
+from talora.lora import LoraLinear, LoraTarget
+
+# (patch-embedding width, encoder depth) -> variant: enough to tell the variants apart from a state dict.
+_ENCODER_SHAPES = {"vit_h": (1280, 32), "vit_l": (1024, 24), "vit_b": (768, 12), "vit_tiny": (128, 4)}
+
+# A target's (depth, module type) is its identity for the hypernet.
+_ENCODER_BLOCK = re.compile(r"^image_encoder\.blocks\.(\d+)\.(.+)$")
+_DECODER_LAYER = re.compile(r"^mask_decoder\.transformer\.layers\.(\d+)\.(.+)$")
+_DECODER_FINAL = re.compile(r"^mask_decoder\.transformer\.(final_attn_token_to_image\..+)$")
+_OUTPUT_MLP = re.compile(r"^mask_decoder\.(output_hypernetworks_mlps\.\d+\.layers\.\d+)$")
+_IOU_HEAD = re.compile(r"^mask_decoder\.(iou_prediction_head\.layers\.\d+)$")
+
+
+def build_model(sam_type: str) -> Sam:
+    """A randomly initialised SAM 1 of `sam_type`."""
+    return build_sam_vit_tiny() if sam_type == "vit_tiny" else sam_model_registry[sam_type](checkpoint=None)
+
+
+def image_resizer(image_size: int):
+    """The long side to `image_size`, aspect kept (padding happens on the device, in `normalize`)."""
+    return ResizeLongestSide(image_size).apply_image
+
+
+def build_sam_vit_tiny() -> Sam:
+    """A 256-px SAM with a 4-block, 128-d encoder and a 64-d decoder (~1.2 M parameters)."""
+    return _build_sam_tiny(
+        image_size=256,
+        patch_size=16,
+        encoder_embed_dim=128,
+        encoder_depth=4,
+        encoder_num_heads=4,
+        encoder_global_attn_indexes=(1, 3),
+        prompt_embed_dim=64,
+        decoder_mlp_dim=256,
+        decoder_num_heads=4,
+    )
+
+
+def _build_sam_tiny(
+    image_size: int,
+    patch_size: int,
+    encoder_embed_dim: int,
+    encoder_depth: int,
+    encoder_num_heads: int,
+    encoder_global_attn_indexes: tuple[int, ...],
+    prompt_embed_dim: int,
+    decoder_mlp_dim: int,
+    decoder_num_heads: int,
+    window_size: int = 0,
+) -> Sam:
+    image_embedding_size = image_size // patch_size
+    return Sam(
+        image_encoder=ImageEncoderViT(
+            img_size=image_size,
+            patch_size=patch_size,
+            embed_dim=encoder_embed_dim,
+            depth=encoder_depth,
+            num_heads=encoder_num_heads,
+            mlp_ratio=4,
+            out_chans=prompt_embed_dim,
+            qkv_bias=True,
+            norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
+            use_rel_pos=True,
+            global_attn_indexes=encoder_global_attn_indexes,
+            window_size=window_size,  # 0 = every block global: 16x16 tokens are cheap
+        ),
+        prompt_encoder=PromptEncoder(
+            embed_dim=prompt_embed_dim,
+            image_embedding_size=(image_embedding_size, image_embedding_size),
+            input_image_size=(image_size, image_size),
+            mask_in_chans=16,
+        ),
+        mask_decoder=MaskDecoder(
+            num_multimask_outputs=3,
+            transformer=TwoWayTransformer(
+                depth=2,
+                embedding_dim=prompt_embed_dim,
+                mlp_dim=decoder_mlp_dim,
+                num_heads=decoder_num_heads,
+            ),
+            transformer_dim=prompt_embed_dim,
+            iou_head_depth=3,
+            iou_head_hidden_dim=prompt_embed_dim,
+        ),
+        pixel_mean=[123.675, 116.28, 103.53],
+        pixel_std=[58.395, 57.12, 57.375],
+    )
+
+
+def detect_variant(state_dict: dict[str, torch.Tensor]) -> str | None:
+    """The SAM 1 variant whose encoder shape matches `state_dict`, or None."""
+    patch = state_dict.get("image_encoder.patch_embed.proj.weight")
+    if patch is None:
+        return None
+    depth = 1 + max((int(k.split(".")[2]) for k in state_dict if k.startswith("image_encoder.blocks.")), default=-1)
+    shape = (patch.shape[0], depth)
+    return next((name for name, s in _ENCODER_SHAPES.items() if s == shape), None)
+
+
+class Backbone(base.Backbone):
+    model: Sam
+
+    def __init__(self, variant, model: Sam) -> None:
+        super().__init__(variant, model)
+        encoder = model.image_encoder
+        self.image_size = encoder.img_size
+        self.embedding_size = model.prompt_encoder.image_embedding_size[0]
+        self.trunk_dim = encoder.patch_embed.proj.out_channels
+        self.decoder_dim = model.mask_decoder.transformer_dim
+        self.num_blocks = len(encoder.blocks)
+        self.mask_threshold = model.mask_threshold
+        self.transform = ResizeLongestSide(self.image_size)
+
+    # --- frames ----------------------------------------------------------------------------------
+    def resize(self, image: np.ndarray) -> np.ndarray:
+        return self.transform.apply_image(image)
+
+    def normalize(self, resized: np.ndarray | torch.Tensor) -> torch.Tensor:
+        x = torch.as_tensor(resized, device=self.device).permute(2, 0, 1).contiguous()[None].float()  # (1, 3, h', w')
+        return self.model.preprocess(x)  # normalise + pad to (1, 3, S, S)
+
+    def apply_coords(self, coords: np.ndarray, original_size: tuple[int, int]) -> np.ndarray:
+        return self.transform.apply_coords(coords, original_size)
+
+    def apply_boxes(self, boxes: np.ndarray, original_size: tuple[int, int]) -> np.ndarray:
+        return self.transform.apply_boxes(boxes, original_size)
+
+    def to_model_frame(self, masks: torch.Tensor, input_size: tuple[int, int]) -> torch.Tensor:
+        masks = F.interpolate(masks, size=input_size, mode="bilinear", align_corners=False)  # the resized frame
+        return F.pad(masks, (0, self.image_size - input_size[1], 0, self.image_size - input_size[0]))  # pad bottom/right
+
+    def postprocess_masks(self, masks: torch.Tensor, input_size: tuple[int, int],
+                          original_size: tuple[int, int]) -> torch.Tensor:
+        return self.model.postprocess_masks(masks, input_size, original_size)
+
+    # --- the encoder split -----------------------------------------------------------------------
+    def embed_trunk(self, images: torch.Tensor, tail_blocks: int) -> torch.Tensor:
+        encoder: ImageEncoderViT = self.model.image_encoder
+        x = encoder.patch_embed(images)  # (B, h, w, C)
+        if encoder.pos_embed is not None:
+            x = x + encoder.pos_embed
+        for block in encoder.blocks[: self.num_blocks - tail_blocks]:
+            x = block(x)
+        return x
+
+    def embed_tail(self, trunk_features: torch.Tensor, tail_blocks: int) -> torch.Tensor:
+        encoder: ImageEncoderViT = self.model.image_encoder
+        x = trunk_features
+        for block in encoder.blocks[self.num_blocks - tail_blocks :]:
+            x = block(x)
+        return encoder.neck(x.permute(0, 3, 1, 2))  # (P, C', h, w)
+
+    def trunk_state(self, tail_blocks: int) -> tuple[str, dict[str, torch.Tensor]]:
+        trunk_blocks = self.num_blocks - tail_blocks
+        state = {}
+        for name, tensor in self.model.image_encoder.state_dict().items():
+            name = name.replace(".base_layer.", ".")
+            parts = name.split(".")
+            if parts[0] == "blocks" and int(parts[1]) >= trunk_blocks:
+                continue
+            if parts[0] == "neck" and tail_blocks > 0:
+                continue
+            state[name] = tensor
+        return f"blocks<{trunk_blocks};tail={tail_blocks};img={self.image_size}", state
+
+    # --- the decoder, one image embedding per row ------------------------------------------------
+    def encode_prompts(self, point_coords, point_labels, boxes):
+        points = (point_coords, point_labels) if point_coords is not None else None
+        return self.model.prompt_encoder(points=points, boxes=boxes, masks=None)
+
+    def decode_rows(self, image_embeddings: torch.Tensor, sparse: torch.Tensor, dense: torch.Tensor):
+        """MaskDecoder.predict_masks with one image embedding per row instead of one per call.
+
+        SAM repeat-interleaves a single image embedding over the prompt rows; with an adapted tail
+        (or a batch of images in pretraining) every row has its own embedding, so this takes P of
+        them. It reuses the decoder's own modules and is tested equal to MaskDecoder.forward row by row."""
+        decoder = self.model.mask_decoder
+        P, C, h, w = image_embeddings.shape
+        sparse = sparse.expand(P, -1, -1)  # (P, n', C); batch 1 when the row has no prompt
+        dense = dense.expand(P, -1, -1, -1)  # (P, C, h, w)
+        output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)  # (1+M, C)
+        tokens = torch.cat([output_tokens.unsqueeze(0).expand(P, -1, -1), sparse], dim=1)  # (P, 1+M+n', C)
+        src = image_embeddings + dense  # (P, C, h, w)
+        pos_src = self.model.prompt_encoder.get_dense_pe().expand(P, -1, -1, -1)  # (P, C, h, w)
+
+        hs, src = decoder.transformer(src, pos_src, tokens)  # (P, 1+M+n', C), (P, h*w, C)
+        iou_token_out = hs[:, 0, :]  # (P, C)
+        mask_tokens_out = hs[:, 1 : 1 + decoder.num_mask_tokens, :]  # (P, M, C)
+
+        upscaled = decoder.output_upscaling(src.transpose(1, 2).reshape(P, C, h, w))  # (P, C/8, 4h, 4w)
+        hyper_in = torch.stack(
+            [mlp(mask_tokens_out[:, i, :]) for i, mlp in enumerate(decoder.output_hypernetworks_mlps)], dim=1
+        )  # (P, M, C/8)
+        _, c8, H, W = upscaled.shape
+        masks = (hyper_in @ upscaled.view(P, c8, H * W)).view(P, -1, H, W)  # (P, M, 4h, 4w)
+        iou_pred = decoder.iou_prediction_head(iou_token_out)  # (P, M)
+        return masks, iou_pred, iou_token_out
+
+    # --- LoRA targets ----------------------------------------------------------------------------
+    def find_targets(self, lora: LoraConfig, tail_blocks: int) -> list[LoraTarget]:
+        num_layers = len(self.model.mask_decoder.transformer.layers)
+        first_tail = self.num_blocks - tail_blocks
+        heads_depth = tail_blocks + num_layers + 1  # after the decoder's final attention
+        patterns = set(lora.target_patterns)
+        targets = []
+        for name, module in self.model.named_modules():
+            linear = module.base_layer if isinstance(module, LoraLinear) else module
+            if not isinstance(linear, nn.Linear) or name.endswith(".base_layer"):
+                continue
+            leaf = name.rsplit(".", 1)[-1]
+            found: tuple[str, int, str] | None = None
+            if m := _ENCODER_BLOCK.match(name):
+                block = int(m[1])
+                if lora.image_encoder and block >= first_tail and leaf in patterns:
+                    found = ("image_encoder", block - first_tail, "encoder." + m[2])
+            elif m := _DECODER_LAYER.match(name):
+                if lora.mask_decoder and leaf in patterns:
+                    found = ("mask_decoder", tail_blocks + int(m[1]), "decoder." + m[2])
+            elif m := _DECODER_FINAL.match(name):
+                if lora.mask_decoder and leaf in patterns:
+                    found = ("mask_decoder", tail_blocks + num_layers, "decoder." + m[1])
+            elif m := _OUTPUT_MLP.match(name):
+                if lora.output_mlps:
+                    found = ("output_mlps", heads_depth, "decoder." + m[1])
+            elif m := _IOU_HEAD.match(name):
+                if lora.iou_head:
+                    found = ("iou_head", heads_depth, "decoder." + m[1])
+            if found:
+                component, depth, module_type = found
+                targets.append(LoraTarget(name, linear.in_features, linear.out_features, component, depth, module_type))
+        return targets

@@ -1,0 +1,89 @@
+"""The backbone seam: every registered variant answers the contract the rest of talora relies on."""
+
+import numpy as np
+import pytest
+import torch
+
+from talora.backbones import SAM_TYPES, VARIANTS, build_backbone, detect_variant, get_variant, image_resizer
+from talora.config import LoraConfig, default_config
+
+BUILDABLE_HERE = ("vit_tiny", "vit_b")  # vit_l / vit_h build too, but take GBs of memory on a CPU
+
+
+@pytest.fixture(scope="module")
+def backbones():
+    torch.manual_seed(0)
+    return {name: build_backbone(name) for name in BUILDABLE_HERE}
+
+
+def test_every_variant_is_registered_with_its_frame_and_default_tail():
+    assert SAM_TYPES == tuple(VARIANTS) and {"vit_tiny", "vit_b", "vit_l", "vit_h"} <= set(SAM_TYPES)
+    image = np.zeros((30, 60, 3), np.uint8)
+    for name in SAM_TYPES:
+        variant = get_variant(name)
+        resized = image_resizer(name)(image)  # the CPU stage: no model is built
+        assert max(resized.shape[:2]) == variant.image_size and resized.shape[2] == 3
+        assert default_config(name).tail_blocks == variant.tail_blocks >= 1
+    with pytest.raises(ValueError, match="unknown SAM variant 'vit_x'"):
+        get_variant("vit_x")
+
+
+@pytest.mark.parametrize("name", BUILDABLE_HERE)
+def test_a_built_variant_is_frozen_and_its_weights_name_it(backbones, name):
+    backbone = backbones[name]
+    assert backbone.variant.name == name and backbone.image_size == get_variant(name).image_size
+    assert not any(p.requires_grad for p in backbone.model.parameters()) and not backbone.model.training
+    assert detect_variant(backbone.base_state_dict()) == name
+    assert backbone.lowres_size == 4 * backbone.embedding_size
+
+
+@pytest.mark.parametrize("name", BUILDABLE_HERE)
+def test_trunk_then_tail_is_the_whole_encoder_at_every_split(backbones, name):
+    backbone = backbones[name]
+    x, input_size = backbone.preprocess(np.random.default_rng(0).integers(0, 255, (48, 64, 3), dtype=np.uint8))
+    assert x.shape == (3, backbone.image_size, backbone.image_size)
+    with torch.no_grad():
+        whole = backbone.model.image_encoder(x[None])
+        for k in (0, 1, get_variant(name).tail_blocks):
+            trunk = backbone.embed_trunk(x[None], k)
+            assert trunk.shape[1:] == (backbone.embedding_size, backbone.embedding_size, backbone.trunk_dim)
+            torch.testing.assert_close(backbone.embed_tail(trunk, k), whole, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", BUILDABLE_HERE)
+def test_targets_cover_the_tail_blocks_and_the_decoder_only(backbones, name):
+    backbone = backbones[name]
+    k = get_variant(name).tail_blocks
+    targets = backbone.find_targets(LoraConfig(), k)
+    tail = {f"image_encoder.blocks.{b}." for b in range(backbone.num_blocks - k, backbone.num_blocks)}
+    encoder = [t for t in targets if t.component == "image_encoder"]
+    assert encoder and all(any(t.name.startswith(p) for p in tail) for t in encoder)
+    assert {t.component for t in targets} == {"image_encoder", "mask_decoder"}
+    assert len({(t.depth, t.module_type) for t in targets}) == len(targets)  # the hypernet tells them apart
+    assert not backbone.find_targets(LoraConfig(image_encoder=False, mask_decoder=False), k)
+
+
+def test_the_trunk_digest_follows_exactly_the_trunk_weights(backbones):
+    backbone = build_backbone("vit_tiny", backbones["vit_tiny"].base_state_dict())
+    before = backbone.trunk_digest(1)
+    assert backbone.trunk_digest(2) != before  # another split caches other features
+    with torch.no_grad():
+        backbone.model.image_encoder.blocks[-1].mlp.lin1.weight.add_(1.0)  # a tail weight
+        backbone.model.mask_decoder.iou_token.weight.add_(1.0)
+    assert backbone.trunk_digest(1) == before
+    with torch.no_grad():
+        backbone.model.image_encoder.blocks[0].attn.qkv.weight.add_(1.0)  # a trunk weight
+    assert backbone.trunk_digest(1) != before
+
+
+def test_frames_map_points_boxes_and_masks_where_the_image_went(backbones):
+    backbone = backbones["vit_tiny"]
+    original = (64, 128)  # H, W: resized to 128 x 256, padded to 256 x 256 at the bottom
+    assert np.allclose(backbone.apply_coords(np.array([[128.0, 32.0]]), original), [[256.0, 64.0]])
+    assert np.allclose(backbone.apply_boxes(np.array([[0.0, 0.0, 64.0, 32.0]]), original), [[0, 0, 128, 64]])
+    mask = np.zeros(original, bool)
+    mask[:32] = True  # the top half of the image
+    target = backbone.lowres_target(mask, (128, 256))  # (L, L) = (64, 64)
+    assert target.shape == (64, 64)
+    # the image fills rows 0-127 of 256, so its top half is rows 0-63: low-res rows 0-15 (one row blurred)
+    assert target[:15].min() == 1.0 and 0 < target[15].min() < 1 and target[17:].max() == 0.0
