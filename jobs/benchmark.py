@@ -16,7 +16,7 @@ import sys
 
 import torch
 
-from talora.backbones import SAM_TYPES
+from talora.variants import SAM_TYPES
 from talora.bench.speed import print_report, run_speed, speed_config
 
 

@@ -15,7 +15,7 @@ import argparse
 import json
 import sys
 
-from talora.backbones import SAM_TYPES
+from talora.variants import SAM_TYPES
 from talora.jobs_common import add_storage_flags, init_ray, run_main, storage_from_args
 
 

@@ -18,7 +18,7 @@ import sys
 
 import torch
 
-from talora.backbones import SAM_TYPES
+from talora.variants import SAM_TYPES
 from talora.config import ModelConfig, default_config, load_config
 from talora.jobs_common import add_storage_flags, storage_from_args
 from talora.storage import StorageOptions, redact

@@ -16,12 +16,12 @@ from typing import Any, TypeVar
 
 import yaml
 
-from talora.backbones import SAM_TYPES, get_variant
+from talora.variants import SAM_TYPES, get_variant
 
 
 @dataclass(frozen=True)
 class SamConfig:
-    sam_type: str = "vit_tiny"  # a variant of talora.backbones (vit_tiny | vit_b | vit_l | vit_h)
+    sam_type: str = "vit_tiny"  # a variant of talora.variants (vit_tiny | vit_b | vit_l | vit_h)
     checkpoint: str | None = None  # local path or any fsspec URI; None = random init
 
     def __post_init__(self) -> None:
@@ -42,7 +42,7 @@ class LoraConfig:
     # Adapt the encoder tail: decoder-only LoRA was measured to fail, because the frozen image
     # embedding does not carry what tasks name (docs/design.md).
     image_encoder: bool = True
-    tail_blocks: int | None = None  # k; None = the variant's default (talora.backbones)
+    tail_blocks: int | None = None  # k; None = the variant's default (talora.variants)
     mask_decoder: bool = True  # decoder transformer attention + MLP blocks
     output_mlps: bool = False  # decoder output_hypernetworks_mlps
     iou_head: bool = False  # decoder iou_prediction_head

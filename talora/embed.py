@@ -145,7 +145,7 @@ def run_embed_job(config: EmbedConfig) -> dict:
     """Encodes every uncommitted shard; returns (and writes) the run summary."""
     import torch
 
-    from talora.backbones import get_variant
+    from talora.variants import get_variant
     from talora.loading import load_backbone
 
     require_shared(config.output, "--output")

@@ -1,49 +1,21 @@
-"""The registry of SAM variants: every place that needs a SAM asks here.
+"""Building the registered SAM variants (talora.variants): one module per family, behind `Backbone`.
 
-A variant names its family (one module under ``talora.backbones`` with a `Backbone` subclass and a
-builder per variant), its square input side, and how many encoder blocks its adapted tail has by
-default. Adding a family = one new module + its entries below; nothing else changes.
-
-This module imports no model code (argument parsers and configs read it); a family module is
-imported the first time one of its variants is built.
+A family module is imported the first time one of its variants is built, so importing this
+package costs nothing.
 """
 
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
+
+from talora.variants import VARIANTS, get_variant
 
 if TYPE_CHECKING:
     import numpy as np
     import torch
 
     from talora.backbones.base import Backbone
-
-
-@dataclass(frozen=True)
-class Variant:
-    name: str  # what --sam-type takes
-    family: str  # module under talora.backbones
-    image_size: int  # the encoder's square input side (S)
-    tail_blocks: int  # default k: encoder blocks adapted per prompt (about an eighth of the trunk, >= 1)
-    cpu_preset: bool = False  # a tiny model for CPU tests and the demo: it gets a small hypernet
-
-
-VARIANTS: dict[str, Variant] = {v.name: v for v in (
-    Variant("vit_tiny", "sam1", 256, 1, cpu_preset=True),
-    Variant("vit_b", "sam1", 1024, 2),
-    Variant("vit_l", "sam1", 1024, 3),
-    Variant("vit_h", "sam1", 1024, 4),
-)}
-
-SAM_TYPES = tuple(VARIANTS)
-
-
-def get_variant(name: str) -> Variant:
-    if name not in VARIANTS:
-        raise ValueError(f"unknown SAM variant {name!r}; expected one of {SAM_TYPES}")
-    return VARIANTS[name]
 
 
 def family_module(family: str):

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 if TYPE_CHECKING:
-    from talora.backbones import Variant
+    from talora.variants import Variant
     from talora.config import LoraConfig
     from talora.lora import LoraTarget
 

@@ -43,7 +43,7 @@ def median_seconds(fn, min_run_time: float) -> tuple[float, int]:
 
 def run_speed(config: SpeedConfig) -> dict:
     """Times every hot path; returns the report (printed and saved by the job)."""
-    from talora.backbones import get_variant
+    from talora.variants import get_variant
     from talora.data.coco import CocoDataset
     from talora.data.synthetic import write_demo_dataset
 

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from talora.backbones import SAM_TYPES, VARIANTS, build_backbone, detect_variant, get_variant, image_resizer
+from talora.backbones import build_backbone, detect_variant, image_resizer
+from talora.variants import SAM_TYPES, VARIANTS, get_variant
 from talora.config import LoraConfig, default_config
 
 BUILDABLE_HERE = ("vit_tiny", "vit_b")  # vit_l / vit_h build too, but take GBs of memory on a CPU

@@ -17,7 +17,7 @@ from talora.lora import (
     use_adapter,
 )
 from talora.config import LoraConfig
-from talora.backbones import VARIANTS
+from talora.variants import VARIANTS
 from talora.backbones.sam1 import Backbone, _build_sam_tiny, build_sam_vit_tiny
 
 ATOL = 1e-8

@@ -30,8 +30,11 @@ def test_empty_prompts_are_errors(prompts, match):
         validate_prompts(prompts)
 
 
-def test_model_adapters_are_cached_by_prompt_only_at_inference(tiny_model, text_encoder):
-    tiny_model.text_encoder = text_encoder
+def test_model_adapters_are_cached_by_prompt_only_at_inference(tiny_config, text_encoder):
+    from talora.loading import build_task_aware_sam
+
+    torch.manual_seed(0)
+    tiny_model = build_task_aware_sam(tiny_config, text_encoder)  # its parts passed in
     tiny_model.eval()
     with torch.no_grad():
         a = tiny_model.adapters(["segment vehicles", "segment fruit"])
