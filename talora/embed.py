@@ -78,14 +78,14 @@ def list_items(config: EmbedConfig) -> list[Item]:
 class TrunkEncoder(ShardWriter):
     """Ray Data actor: one frozen SAM encoder; a batch of image bytes in, one cache row per image."""
 
-    def __init__(self, sam_type: str, sam_checkpoint: str | None, tail_blocks: int, out: str, key: str,
+    def __init__(self, sam_type: str, sam_checkpoint: str | None, tail_blocks: int, run: RunOutput,
                  storage: StorageOptions) -> None:
         import torch
 
         from talora.loading import load_backbone
         from talora.storage import local_copy
 
-        super().__init__(out, key, storage)
+        super().__init__(run)
         self.torch = torch
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         checkpoint = local_copy(sam_checkpoint, storage) if sam_checkpoint else None
@@ -163,7 +163,7 @@ def run_embed_job(config: EmbedConfig) -> dict:
 
     counts = run_sharded(items, run, TrunkEncoder,
                          {"sam_type": config.sam_type, "sam_checkpoint": config.sam_checkpoint, "tail_blocks": tail,
-                          "out": config.output, "key": key, "storage": config.storage},
+                          "run": run, "storage": config.storage},
                          config.storage, config.batch_size, config.num_actors, config.cpus_per_actor,
                          config.gpus_per_actor, log=lambda m: print(f"embed: {m}", flush=True))
     summary = {

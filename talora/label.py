@@ -106,12 +106,12 @@ class LabelActor(ShardWriter):
     """Ray Data actor: one frozen SAM + text encoder + hypernet, adapters made once per prompt."""
 
     def __init__(self, spec: ModelSpec, prompts: list[str], predict: PredictConfig, task: str | None, model: str,
-                 out: str, key: str, storage: StorageOptions) -> None:
+                 run: RunOutput, storage: StorageOptions) -> None:
         import torch
 
         from talora.predictor import TaskAwarePredictor
 
-        super().__init__(out, key, storage, SCHEMA)
+        super().__init__(run, SCHEMA)
         self.torch = torch
         sam_model = load_model(spec, storage)
         if torch.cuda.is_available():
@@ -191,7 +191,7 @@ def run_label_job(config: LabelConfig) -> dict:
     counts = run_sharded(
         items, run, LabelActor,
         {"spec": spec, "prompts": prompts, "predict": config.predict, "task": config.task, "model": model,
-         "out": config.output, "key": key, "storage": config.storage},
+         "run": run, "storage": config.storage},
         config.storage, config.batch_size, config.num_actors, config.cpus_per_actor, config.gpus_per_actor,
         cpu_stage=decode_stage, cpu_stage_kwargs={"max_pixels": config.max_pixels, "sam_type": spec.sam_type},
         log=lambda m: print(f"label: {m}", flush=True),

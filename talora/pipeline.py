@@ -18,7 +18,6 @@ from typing import Any, Callable
 import pyarrow as pa
 
 from talora.commit import RunOutput, ShardTracker
-from talora.predictions import PARQUET
 from talora.storage import StorageOptions, read_bytes
 
 META_KEYS = ("shard", "item", "rows", "part", "error", "node")
@@ -49,8 +48,8 @@ class ShardWriter:
     """Base of the actors: subclasses turn a batch into per-item (rows, error); this writes the
     rows of each shard in the batch as one part file and returns the metadata rows."""
 
-    def __init__(self, out: str, key: str, storage: StorageOptions, schema: pa.Schema | None = None) -> None:
-        self.run = RunOutput(out, key, storage, PARQUET)
+    def __init__(self, run: RunOutput, schema: pa.Schema | None = None) -> None:
+        self.run = run  # where parts go, in the run's part format
         self.schema = schema
 
     def process(self, batch: dict) -> list[tuple[list[dict], str]]:

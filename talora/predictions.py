@@ -6,7 +6,7 @@ it when read (`validate_table`).
 
 Writing goes through the commit protocol (`talora.commit`) with a part format: `ParquetParts`
 here. A second output format is one more class with the same three members (`suffix`, `encode`,
-`decode`). Reading a run (`read_run`) takes only manifest-listed parts, so an interrupted job's
+`decode`) and its entry in `PART_FORMATS`; the job that writes it opens its run with it. Reading a run (`read_run`) takes only manifest-listed parts, so an interrupted job's
 stale parts are never seen; `coco_results` turns rows into COCO results for pycocotools.
 """
 
@@ -98,11 +98,22 @@ class ParquetParts:
 
 PARQUET = ParquetParts()
 
+# Every part format by file suffix: readers decode each part by its name, so runs written in any of
+# them read the same way.
+PART_FORMATS = {f.suffix: f for f in (PARQUET,)}
 
-def open_run(run_uri: str, storage: StorageOptions | None = None) -> RunOutput:
+
+def part_format_of(uri: str):
+    for suffix, part_format in PART_FORMATS.items():
+        if uri.endswith(suffix):
+            return part_format
+    raise ValueError(f"{uri}: not a part file of a known format ({sorted(PART_FORMATS)})")
+
+
+def open_run(run_uri: str, storage: StorageOptions | None = None, part_format=PARQUET) -> RunOutput:
     """The run at ``OUT/<run_key>`` (what a job's summary calls its output)."""
     out, key = run_uri.rstrip("/").rsplit("/", 1)
-    return RunOutput(out, key, storage, PARQUET)
+    return RunOutput(out, key, storage, part_format)
 
 
 # --- reading a run ---------------------------------------------------------------------------------
@@ -123,7 +134,7 @@ def read_run(run_uri: str, storage: StorageOptions | None = None, schema: pa.Sch
         raise ValueError(f"{run_uri} has no committed shard (no _manifests/*.json)")
     tables = []
     for uri in run.committed_part_uris():
-        table = PARQUET.decode(read_bytes(uri, storage))
+        table = part_format_of(uri).decode(read_bytes(uri, storage))
         tables.append(validate_table(table, uri) if schema is SCHEMA else table)
     if tables:
         table = pa.concat_tables(tables)

@@ -90,3 +90,20 @@ def test_coco_results_keep_instances_of_known_images_and_categories_only():
             row("instance", "unknown.jpg", "cars"), row("instance", "a.jpg", "unmapped prompt")]
     results = coco_results(rows, lambda r: {"a.jpg": 7}.get(r["image_uri"]), lambda r: {"cars": 3}.get(r["prompt"]))
     assert results == [{"image_id": 7, "category_id": 3, "score": 0.9, "segmentation": {"size": [4, 4], "counts": "04L4"}}]
+
+
+def test_a_run_written_in_another_part_format_reads_back_through_the_one_reader(tmp_path, monkeypatch):
+    from talora.commit import RunOutput, ShardTracker
+    from talora.predictions import PART_FORMATS, read_run
+    from tests.unit.test_commit import JsonLinesParts
+
+    jsonl = JsonLinesParts()
+    monkeypatch.setitem(PART_FORMATS, jsonl.suffix, jsonl)
+    run = RunOutput(str(tmp_path), "k", None, jsonl)
+    detection = encode_mask(np.eye(4, dtype=bool), "instance", 0.7)
+    rows = detection_rows("s/a.jpg", 1, "s", 4, 4, {"cars": [detection]}, None, "m")
+    ShardTracker(run, {"s": ["s/a.jpg"]}).add("s", "s/a.jpg", 1, run.write_part("s", 0, rows, SCHEMA))
+    got = read_run(run.root)
+    assert got.processed == ["s/a.jpg"] and got.table.schema == SCHEMA
+    (row,) = got.table.to_pylist()  # cast to the schema: the score is float32
+    assert row["segmentation"] == detection.rle and abs(row["score"] - 0.7) < 1e-6 and row["kind"] == "instance"
