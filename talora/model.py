@@ -71,6 +71,11 @@ class TaskAwareSam(nn.Module):
 
     # --- modes and bookkeeping ------------------------------------------------------------------
 
+    def forget_adapters(self) -> None:
+        """Drops the adapters cached per prompt (the next `adapters` call runs the text encoder and
+        the hypernet again)."""
+        self._adapter_cache.clear()
+
     def train(self, mode: bool = True) -> TaskAwareSam:
         """Trains the hypernet and presence head only; the frozen SAM stays in eval mode."""
         super().train(mode)

@@ -1,38 +1,63 @@
-"""Speed of the hot paths, measured side by side in one run (`jobs/benchmark.py`).
+"""The speed suite (`jobs/benchmark.py --suite speed`): the labelling and training hot paths,
+measured side by side in one run, on the same model and the same images.
 
-- label: per-image latency of TaskAwarePredictor (2 prompts, semantic + instance masks) on
-  demo-domain images: the shipped demo models on vit_tiny; random weights of the real
-  architecture otherwise (official checkpoints cannot be fetched offline; speed does not depend on
-  the values);
-- train: one hypernet training step (adapters -> encoder tail -> decoder -> losses -> AdamW) on
-  cached trunk features, batch_images x tasks_per_image rows, fp32 and, on CUDA, fp16 and bf16 AMP;
-- pretrain (CPU presets only): one step of the whole SAM (configs/demo_pretrain.yaml's batch).
+- floor: `TaskAwarePredictor` on decoded, resized arrays (no I/O), K prompts: what the labelling
+  job cannot beat at the same threads;
+- naive: the loop a first implementation writes — per image and prompt, encode the text, generate
+  the adapter, run the whole encoder, decode — and `speedup` = naive ÷ floor seconds;
+- prompts: K = 1, 2, 4, 8 on the floor path, seconds per image and the ratio to K = 1;
+- train: one hypernet step from cached trunk features vs the same step encoding its images on the
+  fly (fp32; on CUDA also fp16 and bf16 AMP, with peak memory), and a pretraining step on CPU presets;
+- eval: COCOeval through pycocotools and faster-coco-eval on the same predictions, stats equal;
+- memory: the benchmark process's peak RSS (and peak GPU memory on CUDA).
 
-Timing is `torch.utils.benchmark.Timer.blocked_autorange` (warm-up, CUDA synchronised, median of
-the timed blocks). Numbers belong to the machine they were taken on: the report records it.
+Models: the shipped demo models on vit_tiny; random weights of the real architecture otherwise
+(official checkpoints cannot be fetched offline; speed does not depend on the values). Timing is
+`torch.utils.benchmark.Timer.blocked_autorange` (warm-up, CUDA synchronised, median of timed
+blocks). Numbers belong to the machine they were taken on: the results record it.
 """
 
 from __future__ import annotations
 
+import os
 import platform
+import resource
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from torch.utils.benchmark import Timer
 
 from talora.config import ModelConfig
+from talora.storage import StorageOptions
+
+# Prompts of the demo domain, the first K of which the floor labels (any text works: these have tasks).
+PROMPTS = ("segment vehicles", "segment red objects", "segment all circles", "segment fruit", "segment blue objects",
+           "segment cars", "segment green objects", "segment shapes")
+PROMPT_COUNTS = (1, 2, 4, 8)
 
 
 @dataclass(frozen=True)
 class SpeedConfig:
-    model: ModelConfig  # the variant and the hypernet size of the train step (random weights)
+    model: ModelConfig  # the variant, and the hypernet of the train step (random weights)
     device: str = "cpu"
-    batch_images: int = 8
+    images: str | None = None  # an image prefix; None = demo images generated in a temporary folder
+    num_images: int = 1000  # images listed (or generated); the model paths time the first `timed_images`
+    timed_images: int = 16
+    prompts: int = 2  # K of the floor and naive paths
+    points_per_side: int = 16  # the instance grid, as the labelling job's --points-per-side
+    batch_images: int = 8  # train step
     tasks_per_image: int = 2
     min_run_time: float = 2.0  # seconds of timed runs per path (at least one run)
-    label: bool = True
+    storage: StorageOptions = field(default_factory=StorageOptions)
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.prompts <= len(PROMPTS):
+            raise ValueError(f"--prompts must be in [1, {len(PROMPTS)}], got {self.prompts}")
+        for name in ("num_images", "timed_images", "points_per_side", "batch_images", "tasks_per_image"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
 
 
 def median_seconds(fn, min_run_time: float) -> tuple[float, int]:
@@ -42,61 +67,107 @@ def median_seconds(fn, min_run_time: float) -> tuple[float, int]:
 
 
 def run_speed(config: SpeedConfig) -> dict:
-    """Times every hot path; returns the report (printed and saved by the job)."""
+    """Every speed measurement; returns {"machine", "config", "speed"} (results.json)."""
+    from talora.loading import load_model, model_spec
+    from talora.predictor import PredictConfig, TaskAwarePredictor
     from talora.variants import get_variant
-    from talora.data.coco import CocoDataset
-    from talora.data.synthetic import write_demo_dataset
 
     device = torch.device(config.device)
     sam_type = config.model.sam.sam_type
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    speed: dict = {}
     with tempfile.TemporaryDirectory(prefix="talora-bench-") as tmp:
-        dataset = CocoDataset.load(write_demo_dataset(tmp, num_train=8, num_val=1, seed=21)["train"])
-        images = {i: dataset.load_image(i) for i in dataset.image_ids}
-        memo = pretrain_memo(dataset, sam_type) if get_variant(sam_type).cpu_preset else None  # reads the images too
-    results: dict[str, float] = {}
-    runs: dict[str, int] = {}
-    peaks: dict[str, float] = {}
-    overflowed: list[str] = []
+        dataset, images = bench_images(config, tmp)  # a bad prefix fails here, before any model is built
+        model = load_model(model_spec(sam_type, untrained=sam_type != "vit_tiny")).to(device)
+        predictor = TaskAwarePredictor(model, PredictConfig(points_per_side=config.points_per_side))
+        resized = [(predictor.resize(image), image.shape[:2]) for image in images]
+        prompts = list(PROMPTS[: config.prompts])
 
-    def bench(name: str, fn) -> None:
-        results[name], runs[name] = median_seconds(fn, config.min_run_time)
-
-    if config.label:
-        bench("label_image_s", label_step(sam_type, images, device))
-    for amp_dtype in (None, "float16", "bfloat16") if device.type == "cuda" else (None,):
-        name = f"train_step_{amp_dtype or 'fp32'}"
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        try:
-            bench(f"{name}_s", train_step(config, dataset, images, device, amp_dtype))
-        except FloatingPointError as e:  # fp16 on random weights can overflow (a real base need not): record it
-            print(f"{name}: {e}")
-            overflowed.append(amp_dtype or "fp32")
-            continue
-        if device.type == "cuda":  # the frozen SAM, the trainable modules, optimiser state and one step's activations
-            peaks[f"{name}_peak_gb"] = torch.cuda.max_memory_allocated() / 2**30
-    if memo is not None:
-        bench("pretrain_step_s", pretrain_step(memo, dataset, device))
-
-    machine = torch.cuda.get_device_name() if device.type == "cuda" else f"{platform.processor() or 'cpu'}"
-    return {"device": device.type, "machine": machine, "sam_type": sam_type, "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__, "batch_images": config.batch_images, "tasks_per_image": config.tasks_per_image,
-            "median_s": results, "timed_runs": runs, "peak_memory_gb": peaks, "train_overflowed": overflowed}
+        floor = per_image(lambda i: predictor.predict_resized(*resized[i], prompts), len(resized), config)
+        speed["floor"] = {"s_per_image": floor, "prompts": config.prompts, "images": len(resized)}
+        naive = per_image(lambda i: naive_image(predictor, *resized[i], prompts), len(resized), config)
+        speed["naive"] = {"s_per_image": naive, "speedup": naive / floor}
+        speed["prompts"] = {}
+        for k in PROMPT_COUNTS:
+            seconds = per_image(lambda i: predictor.predict_resized(*resized[i], list(PROMPTS[:k])), len(resized), config)
+            speed["prompts"][str(k)] = {"s_per_image": seconds}
+        for k, entry in speed["prompts"].items():
+            entry["vs_one"] = entry["s_per_image"] / speed["prompts"]["1"]["s_per_image"]
+        speed["eval"] = eval_backends(predictor, dataset, images, prompts, config) if dataset else {
+            "absent": "--images has no annotations to score against"}
+        speed["train"] = train_speed(config, images, device)
+        if get_variant(sam_type).cpu_preset and dataset is not None:
+            speed["train"]["pretrain_step_s"] = median_seconds(pretrain_step(dataset, sam_type, device),
+                                                               config.min_run_time)[0]
+    speed["memory"] = {"process_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if device.type == "cuda":
+        speed["memory"]["gpu_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return {"machine": machine(device), "config": describe(config), "speed": speed}
 
 
-def label_step(sam_type: str, images: dict, device: torch.device):
-    """Per-image labelling: the shipped demo models on vit_tiny, random weights otherwise."""
-    from talora.loading import load_model, model_spec
-    from talora.predictor import PredictConfig, TaskAwarePredictor
+def bench_images(config: SpeedConfig, tmp: str):
+    """(the COCO dataset of the images, or None; the first `timed_images` decoded images)."""
+    from talora.data.coco import CocoDataset, decode_image
+    from talora.data.synthetic import write_demo_dataset
+    from talora.storage import list_shards, read_bytes
 
-    model = load_model(model_spec(sam_type, untrained=sam_type != "vit_tiny")).to(device)
-    predictor = TaskAwarePredictor(model, PredictConfig())
-    cycle = iter(np.resize(list(images), 1_000_000))
-    return lambda: predictor.predict(images[next(cycle)], ["segment vehicles", "segment red objects"])
+    if config.images is None:
+        written = write_demo_dataset(tmp, num_train=0, num_val=config.num_images, seed=21)
+        dataset = CocoDataset.load(written["val"])
+        ids = dataset.image_ids[: config.timed_images]
+        dataset.images = {i: dataset.images[i] for i in ids}
+        return dataset, [dataset.load_image(i) for i in ids]
+    uris = [u for s in list_shards(config.images, options=config.storage) for u in s.uris][: config.timed_images]
+    if not uris:
+        raise ValueError(f"no images under {config.images}")
+    return None, [decode_image(read_bytes(u, config.storage)) for u in uris]
 
 
-def train_step(config: SpeedConfig, dataset, images: dict, device: torch.device, amp_dtype: str | None):
-    """One hypernet step on cached trunk features (batch_images x tasks_per_image rows)."""
+def per_image(fn, count: int, config: SpeedConfig) -> float:
+    """Seconds per image of `fn(i)` over images i = 0 .. count-1: the median of timed passes over all of
+    them, so every path is measured on the same images (the instance pass's cost varies per image)."""
+    return median_seconds(lambda: [fn(i) for i in range(count)], config.min_run_time)[0] / count
+
+
+def naive_image(predictor, resized: np.ndarray, size: tuple[int, int], prompts: list[str]) -> None:
+    """Per prompt: text encoder, hypernet, the whole encoder and the decoder, nothing shared or cached."""
+    for prompt in prompts:
+        predictor.model.forget_adapters()
+        predictor.predict_resized(resized, size, [prompt])
+
+
+def eval_backends(predictor, dataset, images: list[np.ndarray], prompts: list[str], config: SpeedConfig) -> dict:
+    """COCOeval seconds through each backend on the floor's own predictions, and whether the stats agree."""
+    from talora.evaluate import coco_stats
+    from talora.tasks import TaskSet, task_ground_truth
+
+    tasks = TaskSet.from_dataset(dataset)
+    mapped = {p: tasks.for_prompt(p) for p in prompts if tasks.for_prompt(p) is not None}
+    if not mapped:
+        return {"absent": "no prompt maps to a task of these images"}
+    gt = task_ground_truth(dataset, TaskSet(list({t.id: t for t in mapped.values()}.values())))
+    category = {c["name"]: c["id"] for c in gt["categories"]}
+    results = []
+    for image_id, image in zip(dataset.image_ids, images):
+        for prompt, detections in predictor.predict(image, list(mapped)).items():
+            results += [{"image_id": image_id, "category_id": category[mapped[prompt].id], "score": d.score,
+                         "segmentation": d.rle} for d in detections if d.kind == "instance"]
+    try:
+        stats = {b: coco_stats(gt, results, None, b) for b in ("pycocotools", "faster-coco-eval")}
+    except ValueError as e:  # faster-coco-eval is a dev dependency
+        return {"absent": str(e)}
+    out = {f"{b.replace('-', '_')}_s": median_seconds(lambda b=b: coco_stats(gt, results, None, b),
+                                                      config.min_run_time)[0] for b in stats}
+    out["equal"] = all(abs(stats["pycocotools"][k] - stats["faster-coco-eval"][k]) < 1e-6 for k in stats["pycocotools"])
+    out["results"] = len(results)
+    return out
+
+
+def train_speed(config: SpeedConfig, images: list[np.ndarray], device: torch.device) -> dict:
+    """Steps/s of one hypernet step from cached trunk features vs encoding its images on the fly."""
+    from talora.data.coco import CocoDataset
+    from talora.data.synthetic import write_demo_dataset
     from talora.loading import build_task_aware_sam
     from talora.tasks import TaskSet
     from talora.train.batches import build_batch
@@ -104,80 +175,163 @@ def train_step(config: SpeedConfig, dataset, images: dict, device: torch.device,
     from talora.train.optim import autocast, backward_and_step, grad_scaler
     from talora.train.step import TrainStep
 
+    with tempfile.TemporaryDirectory(prefix="talora-bench-train-") as tmp:  # annotated images for the batch
+        dataset = CocoDataset.load(write_demo_dataset(tmp, num_train=config.batch_images, num_val=1, seed=21)["train"])
+        pixels = {i: dataset.load_image(i) for i in dataset.image_ids}
     torch.manual_seed(0)
     model = build_task_aware_sam(config.model).to(device)
     records = [dataset.images[i] for i in dataset.image_ids[: config.batch_images]]
-    inputs = [model.preprocess(images[r.id]) for r in records]
-    with torch.no_grad():  # one image at a time, as the embedding cache computes it
-        trunk = torch.cat([model.embed_trunk(x[None].to(device)) for x, _ in inputs])
+    inputs = torch.stack([model.preprocess(pixels[r.id])[0] for r in records]).to(device)
+    sizes = [model.preprocess(pixels[r.id])[1] for r in records]
+    with torch.no_grad():
+        trunk = model.embed_trunk(inputs)
     tasks = [t for t in TaskSet.from_dataset(dataset) if not t.heldout]
-    batch = build_batch(records, trunk, [s for _, s in inputs], dataset, tasks, {t.id: t.train_prompts for t in tasks},
+    batch = build_batch(records, trunk, sizes, dataset, tasks, {t.id: t.train_prompts for t in tasks},
                         np.random.default_rng(0), model.backbone, config.tasks_per_image, 1).to(device)
     step = TrainStep(model, model.hypernet)
     text = torch.randn(len(batch.prompts), config.model.hypernet.text_dim, device=device)
-    train = TrainConfig(train_annotations="x", amp=amp_dtype is not None, amp_dtype=amp_dtype or "float16")
-    optimiser = torch.optim.AdamW(step.parameters(), lr=1e-4)
-    scaler = grad_scaler(train, device)
+    out: dict = {}
+    for amp_dtype in (None, "float16", "bfloat16") if device.type == "cuda" else (None,):
+        name = amp_dtype or "fp32"
+        train = TrainConfig(train_annotations="x", amp=amp_dtype is not None, amp_dtype=amp_dtype or "float16")
+        optimiser = torch.optim.AdamW(step.parameters(), lr=1e-4)
+        scaler = grad_scaler(train, device)
 
-    def run() -> None:
-        with autocast(train, device):
-            loss = step(batch, text, train)["loss"]
-        backward_and_step(loss, scaler, optimiser, step.parameters(), 1.0)
+        def cached(train=train, optimiser=optimiser, scaler=scaler) -> None:
+            with autocast(train, device):
+                loss = step(batch, text, train)["loss"]
+            backward_and_step(loss, scaler, optimiser, step.parameters(), 1.0)
 
-    return run
+        def on_the_fly() -> None:
+            with torch.no_grad():
+                batch.trunk = model.embed_trunk(inputs)  # what a step without the cache computes first
+            cached()
+
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        try:
+            seconds = median_seconds(cached, config.min_run_time)[0]
+        except FloatingPointError as e:  # fp16 on random weights can overflow (a real base need not): record it
+            out[f"step_{name}_overflowed"] = str(e)
+            continue
+        out[f"step_{name}_s"] = seconds
+        if device.type == "cuda":  # the frozen SAM, the trainable modules, optimiser state, one step's activations
+            out[f"step_{name}_peak_gb"] = torch.cuda.max_memory_allocated() / 2**30
+        if amp_dtype is None:
+            out["cached_steps_per_s"] = 1.0 / seconds
+            out["on_the_fly_steps_per_s"] = 1.0 / median_seconds(on_the_fly, config.min_run_time)[0]
+            out["cache_speedup"] = out["cached_steps_per_s"] / out["on_the_fly_steps_per_s"]
+    return out
 
 
-def pretrain_memo(dataset, sam_type: str):
-    """A random base and its per-image pretraining tensors (built while the images exist)."""
+def pretrain_step(dataset, sam_type: str, device: torch.device):
+    """One step of the whole SAM: 8 images x 4 prompts (configs/demo_pretrain.yaml's batch)."""
     from talora.loading import load_backbone
-    from talora.train.pretrain import ImageMemo, label_vocab
-
-    memo = ImageMemo(load_backbone(sam_type), dataset, label_vocab(dataset), None)
-    for image_id in dataset.image_ids:
-        memo(image_id)
-    return memo
-
-
-def pretrain_step(memo, dataset, device: torch.device):
-    """The whole SAM, 8 images x 4 prompts (configs/demo_pretrain.yaml's batch)."""
     from talora.train.config import TrainConfig
     from talora.train.optim import backward_and_step
-    from talora.train.pretrain import PretrainStep, build_pretrain_batch
+    from talora.train.pretrain import ImageMemo, PretrainStep, build_pretrain_batch, label_vocab
 
-    backbone = memo.backbone
+    backbone = load_backbone(sam_type)
+    vocab = label_vocab(dataset)
+    memo = ImageMemo(backbone, dataset, vocab, None)
     batch = build_pretrain_batch([memo(i) for i in dataset.image_ids[:8]], np.random.default_rng(0), 4, 0.5,
                                  backbone.image_size).to(device)
     backbone.model.requires_grad_(True)
-    step = PretrainStep(backbone, 1, memo.vocab).to(device)
+    step = PretrainStep(backbone, 1, vocab).to(device)
     config = TrainConfig(train_annotations="x", mode="pretrain", aux_weight=10.0)
     optimiser = torch.optim.AdamW(step.parameters(), lr=1e-4)
     scaler = torch.amp.GradScaler(device.type, enabled=False)
     return lambda: backward_and_step(step(batch, config)["loss"], scaler, optimiser, step.parameters(), 1.0)
 
 
-def speed_config(sam_type: str, device: str, preset: str | None = None, batch_images: int | None = None,
-                 tasks_per_image: int | None = None, min_run_time: float = 2.0, label: bool = True) -> SpeedConfig:
-    """The model and batch of a training preset (`preset`: YAML text) or the variant's defaults;
-    a preset for another variant is refused before any work."""
+def speed_config(sam_type: str, device: str, preset: str | None = None, **kwargs) -> SpeedConfig:
+    """The model and train batch of a training preset (`preset`: YAML text) or the variant's defaults;
+    a preset for another variant is refused before any work. `kwargs`: SpeedConfig fields (None = default)."""
     import dataclasses
 
     from talora.config import default_config
     from talora.train.config import load_run_spec
 
+    kwargs = {k: v for k, v in kwargs.items() if v is not None}
     if not preset:
-        return SpeedConfig(default_config(sam_type), device, batch_images or 8, tasks_per_image or 2, min_run_time,
-                           label)
+        return SpeedConfig(default_config(sam_type), device, **kwargs)
     spec = load_run_spec(preset)
     if spec.model.sam.sam_type != sam_type:
         raise ValueError(f"the preset is for {spec.model.sam.sam_type}; pass --sam-type {spec.model.sam.sam_type}")
     model = dataclasses.replace(spec.model, sam=dataclasses.replace(spec.model.sam, checkpoint=None))
-    return SpeedConfig(model, device, batch_images or spec.train.batch_images,
-                       tasks_per_image or spec.train.tasks_per_image, min_run_time, label)
+    return SpeedConfig(model, device, **{"batch_images": spec.train.batch_images,
+                                         "tasks_per_image": spec.train.tasks_per_image, **kwargs})
 
 
-def print_report(report: dict) -> None:
-    for name, seconds in report["median_s"].items():
-        print(f"{name:<22} {seconds * 1e3:8.1f} ms  ({report['timed_runs'][name]} runs)")
-    for name, gb in report["peak_memory_gb"].items():
-        print(f"{name:<30} {gb:6.2f} GB")
-    print(f"({report['sam_type']}, {report['machine']}, {report['device']}, {report['torch_threads']} threads, median)")
+def machine(device: torch.device) -> dict:
+    import ray
+
+    return {"device": device.type, "name": torch.cuda.get_device_name() if device.type == "cuda" else
+            (platform.processor() or platform.machine()), "cores": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(), "torch": torch.__version__, "ray": ray.__version__,
+            "python": platform.python_version()}
+
+
+def describe(config: SpeedConfig) -> dict:
+    return {"sam_type": config.model.sam.sam_type, "images": config.images or "demo (generated)",
+            "num_images": config.num_images, "timed_images": config.timed_images, "prompts": config.prompts,
+            "points_per_side": config.points_per_side,
+            "batch_images": config.batch_images, "tasks_per_image": config.tasks_per_image,
+            "min_run_time": config.min_run_time}
+
+
+def markdown(results: dict) -> str:
+    """results.md: every number with its key, and the machine."""
+    from talora.markdown import table
+
+    rows = []
+
+    def walk(prefix: str, value) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix}.{k}", v)
+        else:
+            rows.append([prefix, value])
+
+    walk("speed", results["speed"])
+    m, c = results["machine"], results["config"]
+    head = [f"# Speed suite: {c['sam_type']} on {m['name']} ({m['device']}, {m['torch_threads']} threads, "
+            f"torch {m['torch']}, Ray {m['ray']})", "",
+            f"{c['prompts']} prompts, {c['points_per_side']}x{c['points_per_side']} instance grid, "
+            f"{c['timed_images']} timed images of {c['images']}; medians of "
+            f"`torch.utils.benchmark` blocks.", ""]
+    return "\n".join(head + table(["key", "value"], rows)) + "\n"
+
+
+def plot_prompts(results: dict) -> bytes:
+    """Seconds per image against the number of prompts (floor path), as PNG bytes."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ks = sorted(results["speed"]["prompts"], key=int)
+    fig, ax = plt.subplots(figsize=(4.5, 3.2))
+    ax.plot([int(k) for k in ks], [results["speed"]["prompts"][k]["s_per_image"] * 1e3 for k in ks], marker="o")
+    ax.set(xlabel="prompts per image", ylabel="ms per image", title=f"floor, {results['config']['sam_type']}",
+           xticks=[int(k) for k in ks])
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def write_results(results: dict, out: str, storage: StorageOptions | None = None) -> list[str]:
+    """results.json, results.md and prompts.png under `out`; returns the files."""
+    import json
+
+    from talora.storage import join, write_bytes
+
+    files = {"results.json": json.dumps(results, indent=1).encode(), "results.md": markdown(results).encode(),
+             "prompts.png": plot_prompts(results)}
+    for name, data in files.items():
+        write_bytes(join(out, name), data, storage)
+    return [join(out, name) for name in files]

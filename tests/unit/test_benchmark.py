@@ -1,5 +1,5 @@
-"""The speed benchmark runs on the CPU and saves one positive median per hot path (its numbers are
-reported, never asserted against a target: speed lives in benchmarks, not in timed tests)."""
+"""The speed suite's plumbing on tiny inputs: every stable key, positive numbers, files written. Its
+numbers are reported, never asserted against a target: speed lives in benchmarks, not in timed tests."""
 
 import json
 import subprocess
@@ -8,16 +8,38 @@ from pathlib import Path
 
 import pytest
 
-from talora.bench.speed import median_seconds, run_speed, speed_config
+from talora.bench.speed import PROMPT_COUNTS, median_seconds, run_speed, speed_config, write_results
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-def test_the_speed_suite_reports_a_positive_median_per_hot_path():
-    report = run_speed(speed_config("vit_tiny", "cpu", batch_images=2, min_run_time=0.01))
-    assert report["device"] == "cpu" and report["sam_type"] == "vit_tiny" and report["batch_images"] == 2
-    assert set(report["median_s"]) == {"label_image_s", "train_step_fp32_s", "pretrain_step_s"}
-    assert all(v > 0 for v in report["median_s"].values()) and all(n >= 1 for n in report["timed_runs"].values())
+@pytest.fixture(scope="module")
+def results():
+    config = speed_config("vit_tiny", "cpu", num_images=3, timed_images=2, batch_images=2, min_run_time=0.01)
+    return run_speed(config)
+
+
+def test_the_speed_suite_reports_every_stable_key(results):
+    speed = results["speed"]
+    assert speed["floor"]["s_per_image"] > 0 and speed["floor"]["prompts"] == 2
+    assert speed["naive"]["s_per_image"] > 0
+    assert speed["naive"]["speedup"] == pytest.approx(speed["naive"]["s_per_image"] / speed["floor"]["s_per_image"])
+    assert set(speed["prompts"]) == {str(k) for k in PROMPT_COUNTS} and speed["prompts"]["1"]["vs_one"] == 1.0
+    assert all(v["s_per_image"] > 0 for v in speed["prompts"].values())
+    assert speed["eval"]["pycocotools_s"] > 0 and speed["eval"]["faster_coco_eval_s"] > 0
+    assert speed["eval"]["equal"] is True
+    train = speed["train"]
+    assert train["cached_steps_per_s"] > 0 and train["on_the_fly_steps_per_s"] > 0 and train["pretrain_step_s"] > 0
+    assert speed["memory"]["process_peak_rss_mb"] > 0
+    assert results["machine"]["cores"] >= 1 and results["machine"]["ray"] and results["config"]["sam_type"] == "vit_tiny"
+
+
+def test_results_are_written_as_json_markdown_and_a_plot(results, tmp_path):
+    files = write_results(results, str(tmp_path / "bench"))
+    assert json.loads((tmp_path / "bench" / "results.json").read_text())["speed"] == results["speed"]
+    text = (tmp_path / "bench" / "results.md").read_text()
+    assert "| speed.floor.s_per_image |" in text and "| speed.naive.speedup |" in text
+    assert (tmp_path / "bench" / "prompts.png").read_bytes()[:4] == b"\x89PNG" and len(files) == 3
 
 
 def test_median_seconds_times_what_it_is_given():
@@ -26,22 +48,17 @@ def test_median_seconds_times_what_it_is_given():
     assert runs >= 1 and len(calls) >= runs and 0 < seconds < 0.01
 
 
-def test_a_preset_for_another_variant_is_refused_before_any_work(tmp_path):
+def test_bad_settings_are_refused_before_any_work(tmp_path):
     preset = (REPO / "configs" / "t4_vit_h.yaml").read_text()
     with pytest.raises(ValueError, match="is for vit_h; pass --sam-type vit_h"):
         speed_config("vit_tiny", "cpu", preset)
-    out = tmp_path / "b.json"
-    done = subprocess.run([sys.executable, str(REPO / "jobs" / "benchmark.py"), "--device", "cpu", "--config",
-                           str(REPO / "configs" / "t4_vit_h.yaml"), "--out", str(out)], capture_output=True, text=True)
-    assert done.returncode == 2 and "pass --sam-type vit_h" in done.stderr and not out.exists()
-
-
-def test_the_benchmark_job_prints_and_saves_its_report(tmp_path):
-    out = tmp_path / "bench.json"
-    done = subprocess.run([sys.executable, str(REPO / "jobs" / "benchmark.py"), "--device", "cpu", "--skip-label",
-                           "--batch-images", "2", "--min-run-time", "0.01", "--out", str(out)],
-                          capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-2000:]
-    report = json.loads(out.read_text())
-    assert set(report["median_s"]) == {"train_step_fp32_s", "pretrain_step_s"}
-    assert "train_step_fp32_s" in done.stdout and f"wrote {out}" in done.stdout
+    with pytest.raises(ValueError, match="--prompts must be in"):
+        speed_config("vit_tiny", "cpu", prompts=9)
+    out = tmp_path / "b"
+    for argv, message in ((["--config", str(REPO / "configs" / "t4_vit_h.yaml")], "pass --sam-type vit_h"),
+                          (["--num-images", "0"], "--num-images must be >= 1"),
+                          (["--images", str(tmp_path / "missing")], "no such image prefix")):
+        done = subprocess.run([sys.executable, str(REPO / "jobs" / "benchmark.py"), *argv, "--out", str(out)],
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 2 and message in done.stderr, (argv, done.stderr[-1000:])
+    assert not out.exists()
