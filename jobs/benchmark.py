@@ -34,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-images", type=int, default=None, help="train step: images (default 8, or the preset's)")
     p.add_argument("--tasks-per-image", type=int, default=None, help="train step: tasks per image (default 2)")
     p.add_argument("--min-run-time", type=float, default=None, help="seconds of timed runs per path (default 2)")
+    p.add_argument("--skip-job", action="store_true", help="no labelling job end to end (no Ray)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--out", default="runs/bench", help="output folder (path or URI)")
     add_storage_flags(p)
@@ -49,7 +50,8 @@ def main(argv: list[str] | None = None) -> int:
         config = speed_config(args.sam_type, args.device, preset, images=args.images, num_images=args.num_images,
                               timed_images=args.timed_images, prompts=args.prompts,
                               points_per_side=args.points_per_side, batch_images=args.batch_images,
-                              tasks_per_image=args.tasks_per_image, min_run_time=args.min_run_time, storage=storage)
+                              tasks_per_image=args.tasks_per_image, min_run_time=args.min_run_time,
+                              job=not args.skip_job, storage=storage)
         if args.threads:
             torch.set_num_threads(args.threads)
         results = run_speed(config)

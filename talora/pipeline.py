@@ -20,7 +20,7 @@ import pyarrow as pa
 from talora.commit import RunOutput, ShardTracker
 from talora.storage import StorageOptions, read_bytes
 
-META_KEYS = ("shard", "item", "rows", "part", "error", "node")
+META_KEYS = ("shard", "item", "rows", "part", "error", "node", "rss_mb", "threads")
 
 
 @dataclass(frozen=True)
@@ -65,12 +65,19 @@ class ShardWriter:
             first_index[shard] = min(first_index.get(shard, int(index)), int(index))
         parts = {shard: self.run.write_part(shard, first_index[shard], rows, self.schema)
                  for shard, rows in by_shard.items() if rows}
-        import ray
+        import resource
 
-        node = ray.get_runtime_context().get_node_id()  # where the work ran, for the job's summary
+        import ray
+        import torch
+
+        # Where the work ran, the actor's peak memory and its torch threads: for the job's summary.
+        node = ray.get_runtime_context().get_node_id()
+        rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        threads = torch.get_num_threads()
         meta: dict[str, list[Any]] = {k: [] for k in META_KEYS}
         for uri, shard, (rows, error) in zip(batch["uri"], batch["shard"], results):
-            for key, value in zip(META_KEYS, (shard, uri, len(rows), parts.get(shard, "") if rows else "", error, node)):
+            part = parts.get(shard, "") if rows else ""
+            for key, value in zip(META_KEYS, (shard, uri, len(rows), part, error, node, rss_mb, threads)):
                 meta[key].append(value)
         return meta
 
@@ -106,6 +113,7 @@ def run_sharded(
         f"committed, {len(expected)} to do -> {run.root}")
     counts = {"images": len(todo), "rows": 0, "errors": 0, "shards_skipped": sorted(committed)}
     nodes: set[str] = set()
+    rss_mb, threads, first_commit, after_first = 0.0, 0, None, 0
     if todo:
         ds = ray.data.from_items([{"uri": i.uri, "image_id": i.image_id, "shard": i.shard, "index": i.index}
                                   for i in todo])
@@ -127,16 +135,27 @@ def run_sharded(
             counts["rows"] += int(row["rows"])
             counts["errors"] += bool(row["error"])
             nodes.add(row["node"])
+            rss_mb, threads = max(rss_mb, float(row["rss_mb"])), max(threads, int(row["threads"]))
+            after_first += first_commit is not None
             if tracker.add(row["shard"], row["item"], int(row["rows"]), row["part"] or None, row["error"] or None):
                 log(f"committed shard {row['shard']}")
+                first_commit = first_commit or time.perf_counter()
     missing = tracker.pending()
     if missing:  # every item must have come back; a silently dropped shard is a failure
         raise RuntimeError(f"shards not committed after the run: {missing}")
     counts["shards_committed"] = tracker.committed
     counts["worker_nodes"] = sorted(nodes)
-    seconds = time.perf_counter() - start
+    end = time.perf_counter()
+    seconds = end - start
     counts["seconds"] = round(seconds, 3)
     counts["images_per_second"] = round(counts["images"] / seconds, 3) if counts["images"] and seconds > 0 else None
+    # Steady state: the images that came back after the first commit (start-up and the pipeline
+    # filling up are behind it), over the time since.
+    counts["first_commit_seconds"] = round(first_commit - start, 3) if first_commit else None
+    counts["steady_images_per_second"] = (round(after_first / (end - first_commit), 3)
+                                          if first_commit and after_first and end > first_commit else None)
+    counts["actor_peak_rss_mb"] = round(rss_mb, 1) if todo else None
+    counts["actor_threads"] = threads or None
     return counts
 
 

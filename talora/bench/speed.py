@@ -3,6 +3,9 @@ measured side by side in one run, on the same model and the same images.
 
 - floor: `TaskAwarePredictor` on decoded, resized arrays (no I/O), K prompts: what the labelling
   job cannot beat at the same threads;
+- job: the labelling job end to end on a local Ray over every image (the same model, prompts and
+  grid): wall seconds, time to the first committed shard, steady-state images/s (after the first
+  commit) and `vs_floor` = job images/s ÷ floor images/s at the job's total torch threads;
 - naive: the loop a first implementation writes — per image and prompt, encode the text, generate
   the adapter, run the whole encoder, decode — and `speedup` = naive ÷ floor seconds;
 - prompts: K = 1, 2, 4, 8 on the floor path, seconds per image and the ratio to K = 1;
@@ -50,6 +53,7 @@ class SpeedConfig:
     batch_images: int = 8  # train step
     tasks_per_image: int = 2
     min_run_time: float = 2.0  # seconds of timed runs per path (at least one run)
+    job: bool = True  # run the labelling job end to end (needs Ray)
     storage: StorageOptions = field(default_factory=StorageOptions)
 
     def __post_init__(self) -> None:
@@ -100,7 +104,13 @@ def run_speed(config: SpeedConfig) -> dict:
         if get_variant(sam_type).cpu_preset and dataset is not None:
             speed["train"]["pretrain_step_s"] = median_seconds(pretrain_step(dataset, sam_type, device),
                                                                config.min_run_time)[0]
+        if config.job:
+            speed["job"] = job_speed(config, tmp, prompts,
+                                     lambda: per_image(lambda i: predictor.predict_resized(*resized[i], prompts),
+                                                       len(resized), config))
     speed["memory"] = {"process_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if config.job:
+        speed["memory"]["actor_peak_rss_mb"] = speed["job"].pop("actor_peak_rss_mb")
     if device.type == "cuda":
         speed["memory"]["gpu_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
     return {"machine": machine(device), "config": describe(config), "speed": speed}
@@ -112,8 +122,9 @@ def bench_images(config: SpeedConfig, tmp: str):
     from talora.data.synthetic import write_demo_dataset
     from talora.storage import list_shards, read_bytes
 
-    if config.images is None:
-        written = write_demo_dataset(tmp, num_train=0, num_val=config.num_images, seed=21)
+    if config.images is None:  # in shard folders, as a bucket is laid out
+        written = write_demo_dataset(tmp, num_train=0, num_val=config.num_images, seed=21,
+                                     shard_size=max(1, min(100, config.num_images // 4)))
         dataset = CocoDataset.load(written["val"])
         ids = dataset.image_ids[: config.timed_images]
         dataset.images = {i: dataset.images[i] for i in ids}
@@ -128,6 +139,44 @@ def per_image(fn, count: int, config: SpeedConfig) -> float:
     """Seconds per image of `fn(i)` over images i = 0 .. count-1: the median of timed passes over all of
     them, so every path is measured on the same images (the instance pass's cost varies per image)."""
     return median_seconds(lambda: [fn(i) for i in range(count)], config.min_run_time)[0] / count
+
+
+def job_speed(config: SpeedConfig, tmp: str, prompts: list[str], floor) -> dict:
+    """The labelling job in this process's Ray over the suite's images; `floor()` re-measures the floor
+    at the job's total torch threads (Ray gives an actor as many threads as whole CPUs it asks for)."""
+    import os
+    import time
+
+    from talora.jobs_common import init_ray
+    from talora.label import LabelConfig, run_label_job
+    from talora.loading import model_spec
+    from talora.predictor import PredictConfig
+
+    sam_type = config.model.sam.sam_type
+    generated = config.images is None
+    started = time.perf_counter()
+    init_ray()
+    ray_start = time.perf_counter() - started
+    label = LabelConfig(prompts=tuple(prompts), images=os.path.join(tmp, "val", "images") if generated else config.images,
+                        output=os.path.join(tmp, "labels"), model=model_spec(sam_type, untrained=sam_type != "vit_tiny"),
+                        predict=PredictConfig(points_per_side=config.points_per_side),
+                        annotations=os.path.join(tmp, "val", "instances.json") if generated else None,
+                        max_images=None if generated else config.num_images, storage=config.storage)
+    started = time.perf_counter()
+    summary = run_label_job(label)
+    wall = time.perf_counter() - started
+    threads = summary["actor_threads"]
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        floor_s = floor()
+    finally:
+        torch.set_num_threads(before)
+    rate = summary["steady_images_per_second"]
+    return {"wall_s": wall, "first_commit_s": summary["first_commit_seconds"], "images_per_s": rate,
+            "vs_floor": rate * floor_s if rate else None, "images": summary["images"], "errors": summary["errors"],
+            "actors": label.num_actors, "threads": threads, "floor_s_per_image_at_job_threads": floor_s,
+            "ray_start_s": ray_start, "actor_peak_rss_mb": summary["actor_peak_rss_mb"]}
 
 
 def naive_image(predictor, resized: np.ndarray, size: tuple[int, int], prompts: list[str]) -> None:
@@ -277,7 +326,7 @@ def describe(config: SpeedConfig) -> dict:
             "num_images": config.num_images, "timed_images": config.timed_images, "prompts": config.prompts,
             "points_per_side": config.points_per_side,
             "batch_images": config.batch_images, "tasks_per_image": config.tasks_per_image,
-            "min_run_time": config.min_run_time}
+            "min_run_time": config.min_run_time, "job": config.job}
 
 
 def markdown(results: dict) -> str:

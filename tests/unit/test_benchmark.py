@@ -15,7 +15,8 @@ REPO = Path(__file__).resolve().parents[2]
 
 @pytest.fixture(scope="module")
 def results():
-    config = speed_config("vit_tiny", "cpu", num_images=3, timed_images=2, batch_images=2, min_run_time=0.01)
+    config = speed_config("vit_tiny", "cpu", num_images=3, timed_images=2, batch_images=2, min_run_time=0.01,
+                          job=False)  # the job part needs Ray: tests/integration/test_benchmark_job.py
     return run_speed(config)
 
 
