@@ -113,31 +113,45 @@ class TaskAwarePredictor:
 
     @torch.no_grad()
     def predict_resized(self, resized: np.ndarray, original_size: tuple[int, int], prompts: list[str]):
-        model, backbone, cfg = self.model, self.backbone, self.config
+        """A resized HWC image (the job's CPU stage did `resize`) -> {prompt: detections}."""
+        cfg = self.config
         input_size = tuple(resized.shape[:2])
-        x = backbone.normalize(resized)  # (1, 3, S, S)
-        adapter = model.adapters(prompts)  # P rows, cached per prompt
-        P = len(prompts)
-        trunk = model.embed_trunk(x)  # (1, h, w, C): once per image
-        embeddings = model.embed_tail(trunk.expand(P, -1, -1, -1), adapter)  # (P, C', h, w)
-
-        semantic = model.decode(embeddings, adapter, multimask_output=False)
-        presence = torch.sigmoid(semantic.presence_logits.float())  # (P,)
-        logits = backbone.postprocess_masks(semantic.masks.float(), input_size, original_size)[:, 0]  # (P, H, W)
+        adapter = self.model.adapters(prompts)  # P rows, cached per prompt
+        embeddings = self.tail(self.trunk(resized), adapter)  # (P, C', h, w)
+        presence, logits = self.semantic(embeddings, adapter, input_size, original_size)  # (P,), (P, H, W)
         results: dict[str, list[Detection]] = {}
         for p, prompt in enumerate(prompts):
             present = bool(presence[p] >= cfg.presence_thresh)
-            region = (logits[p] > backbone.mask_threshold) & present  # (H, W)
+            region = (logits[p] > self.backbone.mask_threshold) & present  # (H, W)
             detections = []
             if cfg.mode in ("semantic", "both") and region.any():
                 detections.append(encode_mask(region.cpu().numpy(), "semantic", float(presence[p])))
             if cfg.mode in ("instance", "both") and region.any():
-                detections += self._instances(embeddings[p : p + 1], adapter.row(p), region, input_size, original_size)
+                candidates = self.instance_candidates(embeddings[p : p + 1], adapter.row(p), region, original_size)
+                detections += self.keep_instances(candidates, input_size, original_size)
             results[prompt] = detections
         return results
 
-    def _instances(self, embedding, adapter, region: torch.Tensor, input_size, original_size) -> list[Detection]:
-        """Grid points inside the (dilated) task region -> filtered, de-duplicated instance masks."""
+    # --- the stages of predict_resized (the benchmark times each) ------------------------------------
+
+    def trunk(self, resized: np.ndarray) -> torch.Tensor:
+        """A resized HWC image -> (1, h, w, C) trunk features: once per image, shared by every prompt."""
+        return self.model.embed_trunk(self.backbone.normalize(resized))
+
+    def tail(self, trunk: torch.Tensor, adapter) -> torch.Tensor:
+        """(1, h, w, C) trunk features + P adapter rows -> (P, C', h, w) image embeddings."""
+        return self.model.embed_tail(trunk.expand(adapter.num_rows or 1, -1, -1, -1), adapter)
+
+    def semantic(self, embeddings: torch.Tensor, adapter, input_size, original_size):
+        """The prompt-free decoder row per prompt -> (presence probabilities (P,), mask logits (P, H, W))."""
+        semantic = self.model.decode(embeddings, adapter, multimask_output=False)
+        presence = torch.sigmoid(semantic.presence_logits.float())  # (P,)
+        logits = self.backbone.postprocess_masks(semantic.masks.float(), input_size, original_size)[:, 0]
+        return presence, logits
+
+    def instance_candidates(self, embedding, adapter, region: torch.Tensor, original_size) -> list[tuple]:
+        """Grid points inside the (dilated) task region -> raw decoder outputs per batch of
+        points_per_batch rows: [(low-res logits (n, 3, L, L), predicted IoUs (n, 3))]."""
         model, backbone, cfg = self.model, self.backbone, self.config
         H, W = original_size
         radius = max(1, int(cfg.dilation * max(H, W)))
@@ -146,10 +160,7 @@ class TaskAwarePredictor:
         xs = np.clip(points[:, 0].astype(int), 0, W - 1)
         ys = np.clip(points[:, 1].astype(int), 0, H - 1)
         points = points[dilated.cpu().numpy()[ys, xs]]
-        if not len(points):
-            return []
-
-        parts = []
+        candidates = []
         for start in range(0, len(points), cfg.points_per_batch):
             batch = points[start : start + cfg.points_per_batch]
             coords = torch.as_tensor(backbone.apply_coords(batch, original_size), dtype=torch.float32,
@@ -157,7 +168,16 @@ class TaskAwarePredictor:
             labels = torch.ones(len(batch), 1, dtype=torch.int, device=self.device)
             n = len(batch)
             out = model.decode(embedding.expand(n, -1, -1, -1), adapter, coords, labels, multimask_output=True)
-            parts.append(filter_masks(out.masks.float(), out.iou_predictions.float(), cfg, backbone.mask_threshold))
+            candidates.append((out.masks.float(), out.iou_predictions.float()))
+        return candidates
+
+    def keep_instances(self, candidates: list[tuple], input_size, original_size) -> list[Detection]:
+        """SAM's filters per decoder batch, box NMS over all of them, then only the kept masks are
+        upsampled to the image and RLE-encoded."""
+        backbone, cfg = self.backbone, self.config
+        if not candidates:
+            return []
+        parts = [filter_masks(masks, ious, cfg, backbone.mask_threshold) for masks, ious in candidates]
         data = parts[0]
         for part in parts[1:]:
             data.cat(part)

@@ -9,6 +9,9 @@ measured side by side in one run, on the same model and the same images.
 - naive: the loop a first implementation writes — per image and prompt, encode the text, generate
   the adapter, run the whole encoder, decode — and `speedup` = naive ÷ floor seconds;
 - prompts: K = 1, 2, 4, 8 on the floor path, seconds per image and the ratio to K = 1;
+- breakdown: seconds per image of each stage — decode/resize, trunk, tail, semantic decode,
+  instance decode, filtering + NMS + upsampling + RLE, writing the rows (a Parquet part) — each
+  timed on the same images from the stage before's saved outputs;
 - train: one hypernet step from cached trunk features vs the same step encoding its images on the
   fly (fp32; on CUDA also fp16 and bf16 AMP, with peak memory), and a pretraining step on CPU presets;
 - eval: COCOeval through pycocotools and faster-coco-eval on the same predictions, stats equal;
@@ -98,6 +101,7 @@ def run_speed(config: SpeedConfig) -> dict:
             speed["prompts"][str(k)] = {"s_per_image": seconds}
         for k, entry in speed["prompts"].items():
             entry["vs_one"] = entry["s_per_image"] / speed["prompts"]["1"]["s_per_image"]
+        speed["breakdown"] = breakdown(predictor, dataset, images, prompts, config)
         speed["eval"] = eval_backends(predictor, dataset, images, prompts, config) if dataset else {
             "absent": "--images has no annotations to score against"}
         speed["train"] = train_speed(config, images, device)
@@ -177,6 +181,67 @@ def job_speed(config: SpeedConfig, tmp: str, prompts: list[str], floor) -> dict:
             "vs_floor": rate * floor_s if rate else None, "images": summary["images"], "errors": summary["errors"],
             "actors": label.num_actors, "threads": threads, "floor_s_per_image_at_job_threads": floor_s,
             "ray_start_s": ray_start, "actor_peak_rss_mb": summary["actor_peak_rss_mb"]}
+
+
+def breakdown(predictor, dataset, images: list[np.ndarray], prompts: list[str], config: SpeedConfig) -> dict:
+    """Seconds per image of each stage of `TaskAwarePredictor.predict_resized` (and around it)."""
+    from talora.data.coco import decode_image
+    from talora.predictions import PARQUET, SCHEMA, detection_rows
+    from talora.predictor import encode_mask
+
+    n = len(images)
+    adapter = predictor.model.adapters(prompts)
+    with torch.no_grad():
+        resized = [predictor.resize(image) for image in images]
+        sizes = [(tuple(r.shape[:2]), tuple(image.shape[:2])) for r, image in zip(resized, images)]
+        trunks = [predictor.trunk(r) for r in resized]
+        embeddings = [predictor.tail(t, adapter) for t in trunks]
+        semantic = [predictor.semantic(e, adapter, *size) for e, size in zip(embeddings, sizes)]
+        regions = [[(logits[p] > predictor.backbone.mask_threshold) & bool(presence[p] >= predictor.config.presence_thresh)
+                    for p in range(len(prompts))] for presence, logits in semantic]
+        candidates = [[predictor.instance_candidates(e[p : p + 1], adapter.row(p), region, size[1]) if region.any() else []
+                       for p, region in enumerate(image_regions)]
+                      for e, image_regions, size in zip(embeddings, regions, sizes)]
+        predictions = [predictor.predict_resized(r, size[1], prompts) for r, size in zip(resized, sizes)]
+    encoded = [image_bytes(image) for image in images]
+
+    def finish(i: int) -> None:
+        for p, region in enumerate(regions[i]):
+            if region.any():
+                encode_mask(region.cpu().numpy(), "semantic", 1.0)
+            predictor.keep_instances(candidates[i][p], *sizes[i])
+
+    def write(i: int) -> None:
+        h, w = sizes[i][1]
+        PARQUET.encode(detection_rows(f"image-{i}", i, "s", w, h, predictions[i], None, "bench"), SCHEMA)
+
+    stages = {
+        "decode_resize": lambda i: predictor.resize(decode_image(encoded[i])),
+        "trunk": lambda i: predictor.trunk(resized[i]),
+        "tail": lambda i: predictor.tail(trunks[i], adapter),
+        "semantic_decode": lambda i: predictor.semantic(embeddings[i], adapter, *sizes[i]),
+        "instance_decode": lambda i: [predictor.instance_candidates(embeddings[i][p : p + 1], adapter.row(p), r, sizes[i][1])
+                                      for p, r in enumerate(regions[i]) if r.any()],
+        "filter_nms_rle": finish,
+        "writing": write,
+    }
+    out = {}
+    with torch.no_grad():
+        for name, fn in stages.items():
+            out[f"{name}_s"] = per_image(fn, n, config)
+    out["sum_s"] = sum(out.values())
+    return out
+
+
+def image_bytes(image: np.ndarray) -> bytes:
+    """An image as the JPEG bytes a bucket would hold (what the decode stage reads)."""
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="JPEG", quality=95)
+    return buffer.getvalue()
 
 
 def naive_image(predictor, resized: np.ndarray, size: tuple[int, int], prompts: list[str]) -> None:
@@ -340,7 +405,7 @@ def markdown(results: dict) -> str:
             for k, v in value.items():
                 walk(f"{prefix}.{k}", v)
         else:
-            rows.append([prefix, value])
+            rows.append([prefix, f"{value:.4g}" if isinstance(value, float) else value])
 
     walk("speed", results["speed"])
     m, c = results["machine"], results["config"]

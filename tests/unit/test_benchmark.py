@@ -27,6 +27,10 @@ def test_the_speed_suite_reports_every_stable_key(results):
     assert speed["naive"]["speedup"] == pytest.approx(speed["naive"]["s_per_image"] / speed["floor"]["s_per_image"])
     assert set(speed["prompts"]) == {str(k) for k in PROMPT_COUNTS} and speed["prompts"]["1"]["vs_one"] == 1.0
     assert all(v["s_per_image"] > 0 for v in speed["prompts"].values())
+    stages = {"decode_resize", "trunk", "tail", "semantic_decode", "instance_decode", "filter_nms_rle", "writing"}
+    assert set(speed["breakdown"]) == {f"{s}_s" for s in stages} | {"sum_s"}
+    assert all(v > 0 for v in speed["breakdown"].values())
+    assert speed["breakdown"]["sum_s"] == pytest.approx(sum(v for k, v in speed["breakdown"].items() if k != "sum_s"))
     assert speed["eval"]["pycocotools_s"] > 0 and speed["eval"]["faster_coco_eval_s"] > 0
     assert speed["eval"]["equal"] is True
     train = speed["train"]
