@@ -27,7 +27,7 @@ import pyarrow as pa
 
 from talora.commit import RunOutput, run_key
 from talora.pipeline import Item, ShardWriter, number_items, run_sharded
-from talora.predictions import PARQUET, open_run, read_run, write_summary
+from talora.predictions import PARQUET, open_run, write_summary
 from talora.storage import StorageOptions, join, list_shards, read_bytes, require_shared, write_bytes
 
 CACHE_FORMAT = "talora.embedding-cache/1"
@@ -183,10 +183,10 @@ def run_embed_job(config: EmbedConfig) -> dict:
 
 def read_cache(cache_uri: str, storage: StorageOptions | None = None) -> pa.Table:
     """All committed cache rows (small caches and tests; training streams parts through Ray Data)."""
-    try:
-        return read_run(cache_uri, storage, schema=None).table
-    except ValueError as e:
-        raise ValueError(f"embedding cache {cache_uri} has no committed shard") from e
+    table = open_run(cache_uri, storage).read_table()
+    if table is None:
+        raise ValueError(f"embedding cache {cache_uri} has no committed shard")
+    return table
 
 
 def cache_dataset(cache_uri: str, storage: StorageOptions | None = None):

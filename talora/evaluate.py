@@ -8,6 +8,7 @@ file name. Only manifest-listed parts are read, each validated against the row s
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import json
 from dataclasses import dataclass, field
@@ -107,6 +108,7 @@ def evaluate(config: EvalConfig) -> dict:
         by_name[record.file_name] = record
         by_name.setdefault(record.file_name.rsplit("/", 1)[-1], record)
 
+    @functools.lru_cache(maxsize=None)  # every row asks, twice (rows and COCO results)
     def record_of(uri: str):
         parts = uri.split("/")
         for n in range(len(parts), 0, -1):  # the longest matching suffix: "shard-00000/000003.jpg", then "000003.jpg"

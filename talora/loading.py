@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from talora.backbones import build_backbone
+from talora.backbones import build_backbone, check_variant
 from talora.backbones.base import Backbone
 from talora.config import ModelConfig, default_config, dump_config, load_config
 from talora.hypernet import TaskAwareHyperNet
@@ -65,13 +65,7 @@ def load_backbone(sam_type: str, checkpoint: str | None = None, storage: Storage
 
 def check_checkpoint(uri: str, sam_type: str, storage: StorageOptions | None = None) -> None:
     """Fails (naming `uri`) unless it holds weights of `sam_type`; builds nothing."""
-    from talora.backbones import detect_variant
-
-    found = detect_variant(read_state_dict(uri, storage))
-    if found is None:
-        raise ValueError(f"checkpoint {uri} holds no SAM image encoder weights (expected a {sam_type} checkpoint)")
-    if found != sam_type:
-        raise ValueError(f"checkpoint {uri} has keys for {found}, but --sam-type {sam_type} was given")
+    check_variant(read_state_dict(uri, storage), sam_type, uri)
 
 
 def save_backbone(backbone: Backbone, uri: str, storage: StorageOptions | None = None) -> None:

@@ -80,7 +80,7 @@ class TaskAwareSam(nn.Module):
         """Trains the hypernet and presence head only; the frozen SAM stays in eval mode."""
         super().train(mode)
         self.backbone.freeze()
-        self._adapter_cache.clear()  # hypernet weights are about to change
+        self.forget_adapters()  # hypernet weights are about to change
         return self
 
     def trainable_modules(self) -> nn.ModuleDict:
@@ -168,7 +168,7 @@ class TaskAwareSam(nn.Module):
             self.trainable_modules().load_state_dict(state, strict=True)
         except RuntimeError as e:
             raise ValueError(f"hypernet {uri} does not fit this model: {e}") from e
-        self._adapter_cache.clear()
+        self.forget_adapters()
 
 
 class MLP(nn.Module):

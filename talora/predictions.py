@@ -126,20 +126,15 @@ class CommittedRun:
     shard_of: dict[str, str]  # image URI -> shard, for every item of every manifest
 
 
-def read_run(run_uri: str, storage: StorageOptions | None = None, schema: pa.Schema | None = SCHEMA) -> CommittedRun:
-    """The committed rows of a run; `schema` None reads another job's parts (the embedding cache) unchecked."""
+def read_run(run_uri: str, storage: StorageOptions | None = None) -> CommittedRun:
+    """The committed rows of a labelling run, every part checked against `SCHEMA`."""
     run = open_run(run_uri, storage)
     manifests = run.manifests()
     if not manifests:
         raise ValueError(f"{run_uri} has no committed shard (no _manifests/*.json)")
-    tables = []
-    for uri in run.committed_part_uris():
-        table = part_format_of(uri).decode(read_bytes(uri, storage))
-        tables.append(validate_table(table, uri) if schema is SCHEMA else table)
-    if tables:
-        table = pa.concat_tables(tables)
-    else:
-        table = pa.Table.from_pylist([], schema=schema or pa.schema([]))
+    tables = [validate_table(part_format_of(uri).decode(read_bytes(uri, storage)), uri)
+              for uri in run.committed_part_uris()]
+    table = pa.concat_tables(tables) if tables else pa.Table.from_pylist([], schema=SCHEMA)
     processed = [item for m in manifests.values() for item in m.items if item not in m.errors]
     shard_of = {item: shard for shard, m in manifests.items() for item in m.items}
     return CommittedRun(table, processed, shard_of)

@@ -120,9 +120,7 @@ class TaskAwarePredictor:
         embeddings = self.tail(self.trunk(resized), adapter)  # (P, C', h, w)
         presence, logits = self.semantic(embeddings, adapter, input_size, original_size)  # (P,), (P, H, W)
         results: dict[str, list[Detection]] = {}
-        for p, prompt in enumerate(prompts):
-            present = bool(presence[p] >= cfg.presence_thresh)
-            region = (logits[p] > self.backbone.mask_threshold) & present  # (H, W)
+        for p, (prompt, region) in enumerate(zip(prompts, self.task_regions(presence, logits))):
             detections = []
             if cfg.mode in ("semantic", "both") and region.any():
                 detections.append(encode_mask(region.cpu().numpy(), "semantic", float(presence[p])))
@@ -148,6 +146,11 @@ class TaskAwarePredictor:
         presence = torch.sigmoid(semantic.presence_logits.float())  # (P,)
         logits = self.backbone.postprocess_masks(semantic.masks.float(), input_size, original_size)[:, 0]
         return presence, logits
+
+    def task_regions(self, presence: torch.Tensor, logits: torch.Tensor) -> list[torch.Tensor]:
+        """Each prompt's semantic mask (H, W), empty where presence says the task is absent."""
+        present = presence >= self.config.presence_thresh  # (P,)
+        return [(logits[p] > self.backbone.mask_threshold) & bool(present[p]) for p in range(len(presence))]
 
     def instance_candidates(self, embedding, adapter, region: torch.Tensor, original_size) -> list[tuple]:
         """Grid points inside the (dilated) task region -> raw decoder outputs per batch of

@@ -95,11 +95,11 @@ def protocol_of(uri: str) -> str:
     return uri.split("://", 1)[0] if "://" in uri else "file"
 
 
-def filesystem(uri: str, options: StorageOptions | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
-    """The filesystem for `uri` and the path inside it (no scheme)."""
+def filesystem(uri: str, options: StorageOptions | None = None, **fs_kwargs: Any) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The filesystem for `uri` and the path inside it (no scheme); `fs_kwargs` go to the filesystem."""
     options = options or StorageOptions()
     uri = resolve(uri)
-    fs, path = url_to_fs(uri, **options.fsspec_kwargs(protocol_of(uri)))
+    fs, path = url_to_fs(uri, **options.fsspec_kwargs(protocol_of(uri)), **fs_kwargs)
     return fs, path
 
 
@@ -149,12 +149,9 @@ def pyarrow_filesystem(uri: str, options: StorageOptions | None = None):
     fsspec filesystem as every other read (endpoint, profile, keys), wrapped by pyarrow's FSSpecHandler."""
     import pyarrow.fs as pafs
 
-    options = options or StorageOptions()
-    uri = resolve(uri)
-    protocol = protocol_of(uri)
     # Its own instance, without a listing cache: Ray Train lists checkpoints that other workers wrote.
-    fresh = {} if protocol == "file" else {"skip_instance_cache": True, "use_listings_cache": False}
-    fs, path = url_to_fs(uri, **options.fsspec_kwargs(protocol), **fresh)
+    fresh = {} if protocol_of(uri) == "file" else {"skip_instance_cache": True, "use_listings_cache": False}
+    fs, path = filesystem(uri, options, **fresh)
     return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path
 
 

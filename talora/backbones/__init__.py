@@ -29,11 +29,7 @@ def build_backbone(sam_type: str, state_dict: dict[str, torch.Tensor] | None = N
     before the (possibly 2.5 GB) model is built."""
     variant = get_variant(sam_type)
     if state_dict is not None:
-        found = detect_variant(state_dict)
-        if found is None:
-            raise ValueError(f"checkpoint {source} holds no SAM image encoder weights (expected a {sam_type} checkpoint)")
-        if found != sam_type:
-            raise ValueError(f"checkpoint {source} has keys for {found}, but --sam-type {sam_type} was given")
+        check_variant(state_dict, sam_type, source)
     module = family_module(variant.family)
     backbone = module.Backbone(variant, module.build_model(sam_type))
     if state_dict is not None:
@@ -45,6 +41,15 @@ def image_resizer(sam_type: str) -> Callable[[np.ndarray], np.ndarray]:
     """HWC uint8 -> the variant's resized input frame, without building a model (CPU stages)."""
     variant = get_variant(sam_type)
     return family_module(variant.family).image_resizer(variant.image_size)
+
+
+def check_variant(state_dict: dict[str, torch.Tensor], sam_type: str, source: str) -> None:
+    """Refuses weights that are no SAM, or another variant's, naming `source` and both variants."""
+    found = detect_variant(state_dict)
+    if found is None:
+        raise ValueError(f"checkpoint {source} holds no SAM image encoder weights (expected a {sam_type} checkpoint)")
+    if found != sam_type:
+        raise ValueError(f"checkpoint {source} has keys for {found}, but --sam-type {sam_type} was given")
 
 
 def detect_variant(state_dict: dict[str, torch.Tensor]) -> str | None:

@@ -104,7 +104,7 @@ def run_speed(config: SpeedConfig) -> dict:
         speed["breakdown"] = breakdown(predictor, dataset, images, prompts, config)
         speed["eval"] = eval_backends(predictor, dataset, images, prompts, config) if dataset else {
             "absent": "--images has no annotations to score against"}
-        speed["train"] = train_speed(config, images, device)
+        speed["train"] = train_speed(config, device)
         if get_variant(sam_type).cpu_preset and dataset is not None:
             speed["train"]["pretrain_step_s"] = median_seconds(pretrain_step(dataset, sam_type, device),
                                                                config.min_run_time)[0]
@@ -197,8 +197,7 @@ def breakdown(predictor, dataset, images: list[np.ndarray], prompts: list[str], 
         trunks = [predictor.trunk(r) for r in resized]
         embeddings = [predictor.tail(t, adapter) for t in trunks]
         semantic = [predictor.semantic(e, adapter, *size) for e, size in zip(embeddings, sizes)]
-        regions = [[(logits[p] > predictor.backbone.mask_threshold) & bool(presence[p] >= predictor.config.presence_thresh)
-                    for p in range(len(prompts))] for presence, logits in semantic]
+        regions = [predictor.task_regions(presence, logits) for presence, logits in semantic]
         candidates = [[predictor.instance_candidates(e[p : p + 1], adapter.row(p), region, size[1]) if region.any() else []
                        for p, region in enumerate(image_regions)]
                       for e, image_regions, size in zip(embeddings, regions, sizes)]
@@ -278,7 +277,7 @@ def eval_backends(predictor, dataset, images: list[np.ndarray], prompts: list[st
     return out
 
 
-def train_speed(config: SpeedConfig, images: list[np.ndarray], device: torch.device) -> dict:
+def train_speed(config: SpeedConfig, device: torch.device) -> dict:
     """Steps/s of one hypernet step from cached trunk features vs encoding its images on the fly."""
     from talora.data.coco import CocoDataset
     from talora.data.synthetic import write_demo_dataset
@@ -295,8 +294,9 @@ def train_speed(config: SpeedConfig, images: list[np.ndarray], device: torch.dev
     torch.manual_seed(0)
     model = build_task_aware_sam(config.model).to(device)
     records = [dataset.images[i] for i in dataset.image_ids[: config.batch_images]]
-    inputs = torch.stack([model.preprocess(pixels[r.id])[0] for r in records]).to(device)
-    sizes = [model.preprocess(pixels[r.id])[1] for r in records]
+    preprocessed = [model.preprocess(pixels[r.id]) for r in records]
+    inputs = torch.stack([x for x, _ in preprocessed]).to(device)
+    sizes = [size for _, size in preprocessed]
     with torch.no_grad():
         trunk = model.embed_trunk(inputs)
     tasks = [t for t in TaskSet.from_dataset(dataset) if not t.heldout]

@@ -63,7 +63,7 @@ class TaskMode:
             self.text_embeddings = dict(zip(prompts, encoder.encode(prompts).to(device)))
             del encoder
         memo_bytes = int(cfg.memo_gb * 2**30)
-        self.train_trunk = TrunkMemo(model, self.train_set, storage, device, memo_bytes)
+        self.memo = TrunkMemo(model, self.train_set, storage, device, memo_bytes)  # the training images' trunk features
         self.mine = own_share(self.train_set.image_ids, rank, world)
         self.rank = rank
         if cfg.val_annotations:
@@ -73,7 +73,6 @@ class TaskMode:
         self.cache_batches = None
         if cfg.embeddings:
             self.cache_batches = cache_batches(ray.train.get_dataset_shard("train"), cfg.batch_images, device)
-        self.memo = self.train_trunk
 
     def batch(self, step: int, rng: np.random.Generator):
         cfg = self.cfg
@@ -83,7 +82,7 @@ class TaskMode:
         else:
             records = [self.train_set.images[i] for i in epoch_images(self.mine, step, cfg.batch_images,
                                                                       (cfg.seed, self.rank))]
-            entries = [self.train_trunk(r.id) for r in records]
+            entries = [self.memo(r.id) for r in records]
             trunk = torch.stack([e[0] for e in entries])
             input_sizes = [e[1] for e in entries]
         return build_batch(records, trunk, input_sizes, self.train_set, self.train_tasks, self.prompts_of, rng,
@@ -127,7 +126,7 @@ class TaskMode:
         save_adapter(os.path.join(directory, "adapter.safetensors"), self.source(), header)
 
     def memo_note(self) -> str:
-        return (self.train_trunk.full_message("trunk-feature")
+        return (self.memo.full_message("trunk-feature")
                 + "; for a dataset this size precompute them once (jobs/embed_images.py, --embeddings)")
 
 

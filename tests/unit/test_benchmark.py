@@ -67,3 +67,38 @@ def test_bad_settings_are_refused_before_any_work(tmp_path):
                               capture_output=True, text=True, timeout=300)
         assert done.returncode == 2 and message in done.stderr, (argv, done.stderr[-1000:])
     assert not out.exists()
+
+
+def test_the_naive_loop_shares_and_caches_nothing_across_prompts(text_encoder):
+    import numpy as np
+    import torch
+
+    from talora.bench.speed import naive_image
+    from talora.config import default_config
+    from talora.loading import build_task_aware_sam
+    from talora.predictor import PredictConfig, TaskAwarePredictor
+
+    torch.manual_seed(0)
+    model = build_task_aware_sam(default_config("vit_tiny"), text_encoder)
+    predictor = TaskAwarePredictor(model, PredictConfig(points_per_side=2))
+    calls = {"text": 0, "trunk": 0}
+    encode, embed_trunk = text_encoder.encode, model.embed_trunk
+
+    def counted(name, fn):
+        def call(*args):
+            calls[name] += 1
+            return fn(*args)
+        return call
+
+    text_encoder.encode, model.embed_trunk = counted("text", encode), counted("trunk", embed_trunk)
+    try:
+        image = np.zeros((32, 48, 3), np.uint8)
+        for _ in range(2):  # two images
+            naive_image(predictor, predictor.resize(image), image.shape[:2], ["segment cars", "segment fruit"])
+        assert calls == {"text": 4, "trunk": 4}  # per image and prompt: the text encoder and the whole encoder
+        predictor.predict(image, ["segment cars", "segment fruit"])
+        calls.update(text=0, trunk=0)
+        predictor.predict(image, ["segment cars", "segment fruit"])  # the floor: one trunk pass, adapters cached
+        assert calls == {"text": 0, "trunk": 1}
+    finally:
+        text_encoder.encode = encode
