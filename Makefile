@@ -9,7 +9,7 @@ OFFLINE    := HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 RAY_USAGE_STATS_ENABLED=0
 PYTEST_ARGS ?=
 DEMO_PROMPT ?= segment vehicles
 
-.PHONY: setup test test-unit test-integration demo demo-models demo-compare clean
+.PHONY: setup test test-unit test-integration demo bench bench-other demo-models demo-compare clean
 
 setup: $(VENV)/.installed
 
@@ -45,6 +45,30 @@ demo: setup
 		--out runs/demo/overlays --max-images 6
 	@echo "demo outputs: $(DEMO_DATA)/ (COCO train/val), runs/demo/labels/ (Parquet predictions),"
 	@echo "              runs/demo/eval/report.md (+ report.json, per_task_ap.png), runs/demo/overlays/*.png"
+
+# Both benchmark suites on the demo domain with the shipped models (never part of `make test`): the
+# speed suite (1000 generated images, the job end to end) and the quality suite (its 6 static-LoRA
+# oracles are the only training; a finished oracle of the same config is reused on a rerun).
+BENCH_OUT ?= runs/bench
+bench: setup
+	$(OFFLINE) $(PY) jobs/benchmark.py --suite speed --out $(BENCH_OUT)/speed
+	$(OFFLINE) $(PY) jobs/benchmark.py --suite quality --out $(BENCH_OUT)/quality
+
+# The quality suite on a domain the shipped models never saw (other colours, checker backgrounds,
+# smaller objects): a vit_tiny base pretrained on it (2000 steps), then a hypernet trained by the
+# suite itself (--hypernet-steps) and its oracles.
+OTHER_DATA ?= data/other
+OTHER_RUNS ?= runs/other
+bench-other: setup
+	test -f $(OTHER_DATA)/val/instances.json || $(OFFLINE) $(VENV)/bin/talora demo-data --out $(OTHER_DATA) \
+		--num-images 6000 --num-val 100 --seed 1 --palette other --background checker --min-size 40 --max-size 120
+	$(OFFLINE) $(PY) jobs/train_hypernet.py --config configs/demo_pretrain.yaml --max-steps 2000 --val-every 2000 \
+		--train-annotations $(OTHER_DATA)/train/instances.json --val-annotations $(OTHER_DATA)/val/instances.json \
+		--storage-path $(OTHER_RUNS) --name pretrain
+	$(OFFLINE) $(PY) jobs/benchmark.py --suite quality --train-annotations $(OTHER_DATA)/train/instances.json \
+		--val-annotations $(OTHER_DATA)/val/instances.json --hypernet-steps 1500 --oracle-tasks 4 --oracle-steps 750 \
+		--sam-checkpoint $$($(VENV)/bin/talora checkpoint $(OTHER_RUNS)/pretrain --file sam.safetensors) \
+		--out $(BENCH_OUT)/quality-other
 
 # The shipped demo models from scratch, on this 2-core CPU (never part of `make test`): demo data ->
 # pretrain the vit_tiny base -> train the hypernet on it -> the report (docs/results.md) -> install

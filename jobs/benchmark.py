@@ -1,11 +1,17 @@
-"""Benchmarks: the speed suite (the labelling and training hot paths, side by side in one run).
+"""Benchmarks: quality against the alternatives a user would pick, speed against the compute floor.
 
     python jobs/benchmark.py --suite speed [--images URI] [--num-images N] [--prompts K] \\
         [--device cpu|cuda] [--sam-type vit_tiny|vit_h] [--config PRESET] --out DIR
+    python jobs/benchmark.py --suite quality --train-annotations URI --val-annotations URI \\
+        [--sam-checkpoint URI] [--hypernet URI | --hypernet-steps S] \\
+        [--oracle-tasks N | --oracle-task ID ...] [--oracle-steps S] [--val-images N] [--ablations] --out DIR
 
-With no data flags it runs on generated demo images with the shipped models (random weights of the
-real architecture for other variants). Writes DIR/results.json, DIR/results.md and DIR/prompts.png,
-with the machine recorded; prints the Markdown. See talora.bench.speed for what is measured.
+With no data flags both suites run on the demo domain with the shipped models (the speed suite
+uses random weights of the real architecture for other variants). The quality suite trains its
+oracles (and, given data but no --hypernet, a hypernet) with --config's training preset on a
+local Ray, under DIR/train (a finished run of the same config is reused). Each writes
+DIR/results.json, DIR/results.md and a plot, with the machine recorded; prints the Markdown. See
+talora.bench.speed and talora.bench.quality for what is measured.
 """
 
 from __future__ import annotations
@@ -15,14 +21,15 @@ import sys
 
 import torch
 
-from talora.bench.speed import markdown, run_speed, speed_config, write_results
+from talora.bench import quality, speed
 from talora.jobs_common import add_storage_flags, run_main, storage_from_args
+from talora.storage import join, read_bytes
 from talora.variants import SAM_TYPES
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--suite", choices=("speed",), default="speed")
+    p.add_argument("--suite", choices=("speed", "quality"), default="speed")
     p.add_argument("--images", default=None, help="image prefix (default: demo images, generated)")
     p.add_argument("--num-images", type=int, default=None, help="images generated or listed (default 1000)")
     p.add_argument("--timed-images", type=int, default=None, help="images the model paths cycle through (default 16)")
@@ -30,12 +37,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--points-per-side", type=int, default=None, help="instance grid (default 16, as the job's)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--sam-type", default="vit_tiny", choices=SAM_TYPES)
-    p.add_argument("--config", help="a training preset: its model (random weights) and batch for the train step")
+    p.add_argument("--config", help="a training preset. speed: its model (random weights) and batch for the train "
+                   "step; quality: how oracles and hypernets are trained (default configs/demo_cpu.yaml)")
     p.add_argument("--batch-images", type=int, default=None, help="train step: images (default 8, or the preset's)")
     p.add_argument("--tasks-per-image", type=int, default=None, help="train step: tasks per image (default 2)")
     p.add_argument("--min-run-time", type=float, default=None, help="seconds of timed runs per path (default 2)")
     p.add_argument("--skip-job", action="store_true", help="no labelling job end to end (no Ray)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    q = p.add_argument_group("quality suite")
+    q.add_argument("--train-annotations", help="COCO JSON the tasks (and any training) come from (default: demo)")
+    q.add_argument("--val-annotations", help="COCO JSON everything is scored on")
+    q.add_argument("--sam-checkpoint", help="the frozen base (default: the one the hypernet names)")
+    q.add_argument("--hypernet", help="the hypernet scored (default: shipped on the demo domain, else trained)")
+    q.add_argument("--hypernet-steps", type=int, help="train the hypernet for S steps (default 3000 when trained)")
+    q.add_argument("--oracle-tasks", type=int, default=6, help="static-LoRA oracles, drawn across task kinds")
+    q.add_argument("--oracle-task", action="append", default=[], help="an oracle task id (repeatable)")
+    q.add_argument("--oracle-steps", type=int, default=1000, help="training steps per oracle")
+    q.add_argument("--oracle-lr", type=float, default=1e-3, help="oracle learning rate (0: the preset's)")
+    q.add_argument("--val-images", type=int, default=40, help="validation images scored")
+    q.add_argument("--ablations", action="store_true", help="also train and score the ablation hypernets")
+    q.add_argument("--ablation-steps", type=int, help="steps per ablation hypernet (default --hypernet-steps or 1000)")
+    q.add_argument("--seed", type=int, default=0, help="oracle draw and random-text pairing")
     p.add_argument("--out", default="runs/bench", help="output folder (path or URI)")
     add_storage_flags(p)
     return p
@@ -46,17 +68,27 @@ def main(argv: list[str] | None = None) -> int:
     storage = storage_from_args(args)
 
     def job() -> int:
-        preset = open(args.config).read() if args.config else None
-        config = speed_config(args.sam_type, args.device, preset, images=args.images, num_images=args.num_images,
-                              timed_images=args.timed_images, prompts=args.prompts,
-                              points_per_side=args.points_per_side, batch_images=args.batch_images,
-                              tasks_per_image=args.tasks_per_image, min_run_time=args.min_run_time,
-                              job=not args.skip_job, storage=storage)
         if args.threads:
             torch.set_num_threads(args.threads)
-        results = run_speed(config)
-        files = write_results(results, args.out, storage)
-        print(markdown(results))
+        if args.suite == "quality":
+            preset = read_bytes(args.config or "configs/demo_cpu.yaml", storage).decode()
+            config = quality.QualityConfig(
+                preset, args.train_annotations, args.val_annotations, args.sam_checkpoint, args.hypernet,
+                args.hypernet_steps, args.oracle_tasks, tuple(args.oracle_task), args.oracle_steps,
+                oracle_lr=args.oracle_lr or None, val_images=args.val_images, points_per_side=args.points_per_side or 16,
+                ablations=args.ablations, ablation_steps=args.ablation_steps, seed=args.seed,
+                workdir=join(args.out, "train"), storage=storage)
+            suite, results = quality, quality.run_quality(config)
+        else:
+            preset = read_bytes(args.config, storage).decode() if args.config else None
+            config = speed.speed_config(
+                args.sam_type, args.device, preset, images=args.images, num_images=args.num_images,
+                timed_images=args.timed_images, prompts=args.prompts, points_per_side=args.points_per_side,
+                batch_images=args.batch_images, tasks_per_image=args.tasks_per_image, min_run_time=args.min_run_time,
+                job=not args.skip_job, storage=storage)
+            suite, results = speed, speed.run_speed(config)
+        files = suite.write_results(results, args.out, storage)
+        print(suite.markdown(results))
         print("wrote " + ", ".join(files))
         return 0
 

@@ -150,7 +150,8 @@ def cmd_demo_data(args: argparse.Namespace) -> int:
     from talora.data.synthetic import SyntheticConfig, write_demo_dataset
 
     start = time.perf_counter()
-    config = SyntheticConfig(image_size=args.image_size, image_format=args.format)
+    config = SyntheticConfig(image_size=args.image_size, image_format=args.format, palette=args.palette,
+                             background=args.background, min_size=args.min_size, max_size=args.max_size)
     written = write_demo_dataset(args.out, args.num_images, args.num_val, args.seed, config, args.shard_size, _storage(args))
     seconds = time.perf_counter() - start
     total = args.num_images + args.num_val
@@ -318,6 +319,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=int, default=256)
     p.add_argument("--shard-size", type=int, default=None, help="write images into shard-XXXXX/ sub-folders of this size")
     p.add_argument("--format", choices=("jpg", "png"), default="jpg")
+    p.add_argument("--palette", choices=("demo", "other"), default="demo", help="colour values (other: none of the demo's)")
+    p.add_argument("--background", choices=("textured", "checker"), default="textured")
+    p.add_argument("--min-size", type=int, default=64, help="smallest object extent (px)")
+    p.add_argument("--max-size", type=int, default=160, help="largest object extent (px)")
     _add_storage_args(p)
     p.set_defaults(func=cmd_demo_data)
 

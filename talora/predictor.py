@@ -114,23 +114,35 @@ class TaskAwarePredictor:
     @torch.no_grad()
     def predict_resized(self, resized: np.ndarray, original_size: tuple[int, int], prompts: list[str]):
         """A resized HWC image (the job's CPU stage did `resize`) -> {prompt: detections}."""
-        cfg = self.config
-        input_size = tuple(resized.shape[:2])
         adapter = self.model.adapters(prompts)  # P rows, cached per prompt
-        embeddings = self.tail(self.trunk(resized), adapter)  # (P, C', h, w)
+        rows = self.predict_rows(self.trunk(resized), adapter, tuple(resized.shape[:2]), original_size)
+        return dict(zip(prompts, rows))
+
+    @torch.no_grad()
+    def predict_rows(self, trunk: torch.Tensor, adapter, input_size: tuple[int, int], original_size: tuple[int, int],
+                     regions: list[torch.Tensor] | None = None) -> list[list[Detection]]:
+        """(1, h, w, C) trunk features + a per-row adapter (P rows) -> detections per row.
+
+        `regions` (P masks of H x W) replaces the predicted task regions in the instance pass (the
+        quality benchmark's ground-truth ceiling); the semantic detection is always the predicted one."""
+        cfg = self.config
+        embeddings = self.tail(trunk, adapter)  # (P, C', h, w)
         presence, logits = self.semantic(embeddings, adapter, input_size, original_size)  # (P,), (P, H, W)
-        results: dict[str, list[Detection]] = {}
-        for p, (prompt, region) in enumerate(zip(prompts, self.task_regions(presence, logits))):
+        predicted = self.task_regions(presence, logits)
+        results = []
+        for p, region in enumerate(predicted):
             detections = []
             if cfg.mode in ("semantic", "both") and region.any():
                 detections.append(encode_mask(region.cpu().numpy(), "semantic", float(presence[p])))
-            if cfg.mode in ("instance", "both") and region.any():
-                candidates = self.instance_candidates(embeddings[p : p + 1], adapter.row(p), region, original_size)
+            instance_region = region if regions is None else regions[p]
+            if cfg.mode in ("instance", "both") and instance_region.any():
+                candidates = self.instance_candidates(embeddings[p : p + 1], adapter.row(p), instance_region,
+                                                      original_size)
                 detections += self.keep_instances(candidates, input_size, original_size)
-            results[prompt] = detections
+            results.append(detections)
         return results
 
-    # --- the stages of predict_resized (the benchmark times each) ------------------------------------
+    # --- the stages of predict_rows (the benchmark times each) ------------------------------------
 
     def trunk(self, resized: np.ndarray) -> torch.Tensor:
         """A resized HWC image -> (1, h, w, C) trunk features: once per image, shared by every prompt."""

@@ -25,8 +25,6 @@ blocks). Numbers belong to the machine they were taken on: the results record it
 
 from __future__ import annotations
 
-import os
-import platform
 import resource
 import tempfile
 from dataclasses import dataclass, field
@@ -35,6 +33,7 @@ import numpy as np
 import torch
 from torch.utils.benchmark import Timer
 
+from talora.bench.report import machine, png_bytes, verdicts, write_files
 from talora.config import ModelConfig
 from talora.storage import StorageOptions
 
@@ -117,7 +116,20 @@ def run_speed(config: SpeedConfig) -> dict:
         speed["memory"]["actor_peak_rss_mb"] = speed["job"].pop("actor_peak_rss_mb")
     if device.type == "cuda":
         speed["memory"]["gpu_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    speed["targets"] = targets(speed)
     return {"machine": machine(device), "config": describe(config), "speed": speed}
+
+
+def targets(speed: dict) -> dict:
+    """The suite's targets (not assertions): each measured value, its target and whether it is met."""
+    train, job, evaluation = speed["train"], speed.get("job") or {}, speed["eval"]
+    measured = {
+        "job_vs_floor": (job.get("vs_floor"), 0.85),
+        "cache_vs_on_the_fly": (train["cached_steps_per_s"] / train["on_the_fly_steps_per_s"], 5.0),
+        "eval_vs_pycocotools": (evaluation["pycocotools_s"] / evaluation["faster_coco_eval_s"]
+                                if evaluation.get("faster_coco_eval_s") else None, 3.0),
+    }
+    return verdicts(measured)
 
 
 def bench_images(config: SpeedConfig, tmp: str):
@@ -377,15 +389,6 @@ def speed_config(sam_type: str, device: str, preset: str | None = None, **kwargs
                                          "tasks_per_image": spec.train.tasks_per_image, **kwargs})
 
 
-def machine(device: torch.device) -> dict:
-    import ray
-
-    return {"device": device.type, "name": torch.cuda.get_device_name() if device.type == "cuda" else
-            (platform.processor() or platform.machine()), "cores": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(), "torch": torch.__version__, "ray": ray.__version__,
-            "python": platform.python_version()}
-
-
 def describe(config: SpeedConfig) -> dict:
     return {"sam_type": config.model.sam.sam_type, "images": config.images or "demo (generated)",
             "num_images": config.num_images, "timed_images": config.timed_images, "prompts": config.prompts,
@@ -419,8 +422,6 @@ def markdown(results: dict) -> str:
 
 def plot_prompts(results: dict) -> bytes:
     """Seconds per image against the number of prompts (floor path), as PNG bytes."""
-    import io
-
     import matplotlib
 
     matplotlib.use("Agg")
@@ -431,21 +432,12 @@ def plot_prompts(results: dict) -> bytes:
     ax.plot([int(k) for k in ks], [results["speed"]["prompts"][k]["s_per_image"] * 1e3 for k in ks], marker="o")
     ax.set(xlabel="prompts per image", ylabel="ms per image", title=f"floor, {results['config']['sam_type']}",
            xticks=[int(k) for k in ks])
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100)
-    plt.close(fig)
-    return buffer.getvalue()
+    return png_bytes(fig)
 
 
 def write_results(results: dict, out: str, storage: StorageOptions | None = None) -> list[str]:
     """results.json, results.md and prompts.png under `out`; returns the files."""
     import json
 
-    from talora.storage import join, write_bytes
-
-    files = {"results.json": json.dumps(results, indent=1).encode(), "results.md": markdown(results).encode(),
-             "prompts.png": plot_prompts(results)}
-    for name, data in files.items():
-        write_bytes(join(out, name), data, storage)
-    return [join(out, name) for name in files]
+    return write_files({"results.json": json.dumps(results, indent=1).encode(), "results.md": markdown(results).encode(),
+                        "prompts.png": plot_prompts(results)}, out, storage)

@@ -44,6 +44,20 @@ COLORS = {
     "yellow": (235, 215, 40),
     "purple": (150, 60, 190),
 }
+# Another domain for the same generator (a dataset the shipped models never saw): other colour
+# names and values, none of the demo's.
+PALETTES = {
+    "demo": COLORS,
+    "other": {
+        "orange": (240, 130, 20),
+        "cyan": (30, 200, 210),
+        "pink": (240, 120, 180),
+        "white": (240, 240, 235),
+        "brown": (120, 70, 30),
+        "black": (25, 25, 30),
+    },
+}
+BACKGROUNDS = ("textured", "checker")
 
 
 @dataclass(frozen=True)
@@ -55,6 +69,16 @@ class SyntheticConfig:
     max_size: int = 160
     min_visible: float = 0.35  # an object less visible than this after occlusion is dropped
     image_format: str = "jpg"  # jpg (q95: 0.4 ms, 34 KB an image) or png (lossless: 4.5 ms, 100 KB)
+    palette: str = "demo"  # a key of PALETTES: the colour attribute's values
+    background: str = "textured"  # textured (muted low-frequency colour + stripes) | checker (grey tiles)
+
+    def __post_init__(self) -> None:
+        if self.palette not in PALETTES:
+            raise ValueError(f"palette must be one of {sorted(PALETTES)}, got {self.palette!r}")
+        if self.background not in BACKGROUNDS:
+            raise ValueError(f"background must be one of {BACKGROUNDS}, got {self.background!r}")
+        if not 1 <= self.min_size <= self.max_size:
+            raise ValueError(f"object sizes need 1 <= min_size <= max_size, got {self.min_size}, {self.max_size}")
 
 
 # --- silhouettes: polygons in a unit box [0, 1]^2 (x right, y down) ----------------------------
@@ -100,8 +124,14 @@ def _silhouette(name: str) -> list[list[tuple[float, float]]]:
 _ASPECT = {"car": 0.55, "bus": 0.5, "truck": 0.6, "banana": 0.6}  # height / width; others square
 
 
-def _background(rng: np.random.Generator, size: int) -> np.ndarray:
-    """Muted, low-frequency colour texture plus stripes and pixel noise: (size, size, 3) float32."""
+def _background(rng: np.random.Generator, size: int, style: str = "textured") -> np.ndarray:
+    """Muted, low-frequency colour texture plus stripes (`textured`), or grey tiles of a random
+    size and contrast (`checker`): (size, size, 3) float32."""
+    if style == "checker":
+        tile = int(rng.integers(12, 40))
+        light, dark = rng.uniform(150, 210), rng.uniform(60, 120)
+        ij = np.add.outer(np.arange(size) // tile, np.arange(size) // tile) % 2
+        return np.repeat(np.where(ij == 0, light, dark).astype(np.float32)[:, :, None], 3, axis=2)
     coarse = rng.uniform(70, 170, size=(5, 5, 3)).astype(np.float32)
     grey = coarse.mean(axis=2, keepdims=True)
     coarse = grey + 0.35 * (coarse - grey)  # desaturated, so object colours stand out
@@ -113,12 +143,13 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
 def render_image(rng: np.random.Generator, config: SyntheticConfig = SyntheticConfig()):
     """One image (H, W, 3) uint8 and its objects [(category, color, visible mask (H, W) bool)]."""
     S = config.image_size
-    canvas = _background(rng, S)
+    canvas = _background(rng, S, config.background)
+    colors = PALETTES[config.palette]
     noise = rng.standard_normal((S, S, 1), dtype=np.float32)  # pixel noise, shared by background and objects
     drawn = []  # (category, color, full mask) in z-order, bottom first
     for _ in range(int(rng.integers(config.min_objects, config.max_objects + 1))):
         category = CATEGORIES[int(rng.integers(len(CATEGORIES)))]
-        color_name = list(COLORS)[int(rng.integers(len(COLORS)))]
+        color_name = list(colors)[int(rng.integers(len(colors)))]
         extent = float(rng.uniform(config.min_size, config.max_size))
         w, h = extent, extent * _ASPECT.get(category["name"], 1.0)
         x0, y0 = rng.uniform(-0.1 * w, S - 0.9 * w), rng.uniform(-0.1 * h, S - 0.9 * h)
@@ -131,7 +162,7 @@ def render_image(rng: np.random.Generator, config: SyntheticConfig = SyntheticCo
         full = pixels > 0
         if not full.any():
             continue
-        rgb = np.array(COLORS[color_name], np.float32) + rng.normal(0, 12, size=3).astype(np.float32)
+        rgb = np.array(colors[color_name], np.float32) + rng.normal(0, 12, size=3).astype(np.float32)
         canvas[full] = rgb
         canvas[pixels == 2] *= 0.55  # a darker outline keeps touching same-colour objects apart
         drawn.append((category, color_name, full))

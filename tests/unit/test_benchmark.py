@@ -36,6 +36,11 @@ def test_the_speed_suite_reports_every_stable_key(results):
     train = speed["train"]
     assert train["cached_steps_per_s"] > 0 and train["on_the_fly_steps_per_s"] > 0 and train["pretrain_step_s"] > 0
     assert speed["memory"]["process_peak_rss_mb"] > 0
+    targets = speed["targets"]
+    assert targets["job_vs_floor"] == {"value": None, "target": 0.85, "met": None}  # no job in this run
+    cache = targets["cache_vs_on_the_fly"]
+    assert cache["value"] == pytest.approx(train["cached_steps_per_s"] / train["on_the_fly_steps_per_s"])
+    assert cache["met"] == (cache["value"] >= 5.0)
     assert results["machine"]["cores"] >= 1 and results["machine"]["ray"] and results["config"]["sam_type"] == "vit_tiny"
 
 

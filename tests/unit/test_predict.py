@@ -107,3 +107,28 @@ def test_a_run_written_in_another_part_format_reads_back_through_the_one_reader(
     assert got.processed == ["s/a.jpg"] and got.table.schema == SCHEMA
     (row,) = got.table.to_pylist()  # cast to the schema: the score is float32
     assert row["segmentation"] == detection.rle and abs(row["score"] - 0.7) < 1e-6 and row["kind"] == "instance"
+
+
+def test_given_regions_replace_the_predicted_ones_in_the_instance_pass_only(tiny_config, text_encoder):
+    from talora.loading import build_task_aware_sam
+    from talora.predictor import TaskAwarePredictor
+
+    torch.manual_seed(0)
+    model = build_task_aware_sam(tiny_config, text_encoder)
+    predictor = TaskAwarePredictor(model, PredictConfig(score_thresh=0.0, stability_thresh=0.0, points_per_side=4))
+    image = (np.random.default_rng(1).random((64, 96, 3)) * 255).astype(np.uint8)
+    resized = predictor.resize(image)
+    with torch.no_grad():
+        model.presence_head.layers[-1].bias.fill_(20.0)  # present: the predicted region is the semantic mask
+        trunk = predictor.trunk(resized)
+        adapter = model.adapters(["segment vehicles"])
+        own = predictor.predict_rows(trunk, adapter, resized.shape[:2], (64, 96))
+        nowhere = predictor.predict_rows(trunk, adapter, resized.shape[:2], (64, 96), [torch.zeros(64, 96, dtype=torch.bool)])
+        left = torch.zeros(64, 96, dtype=torch.bool)
+        left[:, :20] = True
+        inside = predictor.predict_rows(trunk, adapter, resized.shape[:2], (64, 96), [left])
+    assert own == list(predictor.predict(image, ["segment vehicles"]).values())
+    semantic = [d for d in own[0] if d.kind == "semantic"]
+    assert [d for d in nowhere[0]] == semantic  # no region: no instance, the semantic mask stays
+    assert [d for d in inside[0] if d.kind == "semantic"] == semantic
+    assert any(d.kind == "instance" for d in inside[0])

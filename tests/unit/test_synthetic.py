@@ -52,3 +52,18 @@ def test_shard_sub_folders(tmp_path):
     write_demo_dataset(str(tmp_path), num_train=5, num_val=1, seed=0, shard_size=2)
     names = sorted(p.name for p in (tmp_path / "train" / "images").iterdir())
     assert names == ["shard-00000", "shard-00001", "shard-00002"]
+
+
+def test_the_other_domain_has_none_of_the_demo_colours_its_own_backgrounds_and_sizes():
+    import pytest
+
+    from talora.data.synthetic import PALETTES, SyntheticConfig
+
+    config = SyntheticConfig(palette="other", background="checker", min_size=32, max_size=64)
+    coco, _ = make_split(30, seed=4, config=config)
+    colours = {a["attributes"]["color"] for a in coco["annotations"]}
+    assert colours <= set(PALETTES["other"]) and len(colours) >= 4 and not colours & set(COLORS)
+    assert max(max(a["bbox"][2:]) for a in coco["annotations"]) <= 64 + 2  # the outline adds a pixel per side
+    assert make_split(30, seed=4)[0]["annotations"] != coco["annotations"]
+    with pytest.raises(ValueError, match="palette must be one of"):
+        SyntheticConfig(palette="sepia")
