@@ -23,6 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from pycocotools import mask as mask_utils
+from scipy import ndimage
 from segment_anything.utils.amg import MaskData, batched_mask_to_box, build_point_grid, calculate_stability_score
 from torchvision.ops.boxes import batched_nms
 
@@ -43,13 +44,20 @@ class PredictConfig:
     presence_thresh: float = 0.5  # presence probability below which a task is absent
     dilation: float = 0.03  # grid points kept within this fraction of the image's long side of the task
     max_instances: int = 100  # per prompt, by score
+    mask_nms_thresh: float = 0.5  # after box NMS: no two kept masks of a prompt overlap with mask IoU above this
+    # A connected part of the task region that no kept mask matches (IoU <= 0.5) is an instance too,
+    # scored presence x part_score (below a confident point mask); parts under min_part_area of the image are noise.
+    region_parts: bool = True
+    part_score: float = 0.5
+    min_part_area: float = 0.001
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"--mode must be one of {MODES}, got {self.mode!r}")
         if self.points_per_side < 1 or self.points_per_batch < 1:
             raise ValueError("--points-per-side and --points-per-batch must be >= 1")
-        for name in ("score_thresh", "stability_thresh", "nms_thresh", "presence_thresh"):
+        for name in ("score_thresh", "stability_thresh", "nms_thresh", "presence_thresh", "mask_nms_thresh",
+                     "part_score", "min_part_area"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(self, name)}")
 
@@ -83,12 +91,28 @@ def filter_masks(lowres: torch.Tensor, iou_preds: torch.Tensor, cfg: PredictConf
     return data
 
 
-def deduplicate(data: MaskData, cfg: PredictConfig) -> MaskData:
-    """Box NMS over every kept candidate of a prompt, best first, at most max_instances."""
+def deduplicate(data: MaskData, cfg: PredictConfig, mask_threshold: float = 0.0) -> MaskData:
+    """Box NMS over every kept candidate of a prompt, best first, at most max_instances; then, if
+    mask_nms_thresh < 1, greedy mask-IoU NMS on the low-res masks (boxes miss a part nested in its whole)."""
     keep = batched_nms(data["boxes"].float(), data["iou_preds"], torch.zeros_like(data["iou_preds"]),
                        cfg.nms_thresh)[: cfg.max_instances]
     data.filter(keep)
+    if cfg.mask_nms_thresh < 1.0 and len(data["iou_preds"]) > 1:
+        data.filter(mask_nms(data["masks"] > mask_threshold, cfg.mask_nms_thresh))
     return data
+
+
+def mask_nms(masks: torch.Tensor, thresh: float) -> torch.Tensor:
+    """Indices kept by greedy NMS on mask IoU; masks (k, L, L) bool, already sorted best first."""
+    flat = masks.flatten(1).float()  # (k, L*L)
+    inter = flat @ flat.T  # (k, k)
+    area = flat.sum(1)
+    iou = inter / (area[:, None] + area[None, :] - inter).clamp(min=1)
+    keep: list[int] = []
+    for i in range(len(masks)):
+        if all(iou[i, j] <= thresh for j in keep):
+            keep.append(i)
+    return torch.as_tensor(keep, dtype=torch.long, device=masks.device)
 
 
 class TaskAwarePredictor:
@@ -138,7 +162,8 @@ class TaskAwarePredictor:
             if cfg.mode in ("instance", "both") and instance_region.any():
                 candidates = self.instance_candidates(embeddings[p : p + 1], adapter.row(p), instance_region,
                                                       original_size)
-                detections += self.keep_instances(candidates, input_size, original_size)
+                detections += self.keep_instances(candidates, input_size, original_size, instance_region,
+                                                  float(presence[p]))
             results.append(detections)
         return results
 
@@ -186,20 +211,40 @@ class TaskAwarePredictor:
             candidates.append((out.masks.float(), out.iou_predictions.float()))
         return candidates
 
-    def keep_instances(self, candidates: list[tuple], input_size, original_size) -> list[Detection]:
-        """SAM's filters per decoder batch, box NMS over all of them, then only the kept masks are
-        upsampled to the image and RLE-encoded."""
+    def keep_instances(self, candidates: list[tuple], input_size, original_size, region: torch.Tensor | None = None,
+                       presence: float = 1.0) -> list[Detection]:
+        """SAM's filters per decoder batch, box then mask NMS over all of them, then only the kept
+        masks are upsampled to the image and RLE-encoded; with `region` (H x W, the task region the
+        points came from), every connected part of it that no kept mask matches becomes an instance too."""
         backbone, cfg = self.backbone, self.config
-        if not candidates:
-            return []
-        parts = [filter_masks(masks, ious, cfg, backbone.mask_threshold) for masks, ious in candidates]
-        data = parts[0]
-        for part in parts[1:]:
-            data.cat(part)
-        if len(data["masks"]) == 0:
-            return []
+        masks, scores = np.zeros((0, *original_size), dtype=bool), []
+        parts = [filter_masks(lowres, ious, cfg, backbone.mask_threshold) for lowres, ious in candidates]
+        if parts:
+            data = parts[0]
+            for part in parts[1:]:
+                data.cat(part)
+            if len(data["masks"]):
+                data = deduplicate(data, cfg, backbone.mask_threshold)  # low-res boxes overlap as in the original
+                upsampled = backbone.postprocess_masks(data["masks"][:, None], input_size, original_size)[:, 0]
+                masks = (upsampled > backbone.mask_threshold).cpu().numpy()  # (k, H, W)
+                scores = data["iou_preds"].tolist()
+        found = [(m, s) for m, s in zip(masks, scores) if m.any()]
+        if region is not None and cfg.region_parts:
+            found += unmatched_parts(region.cpu().numpy(), masks, presence * cfg.part_score, cfg.min_part_area)
+        return [encode_mask(m, "instance", float(s)) for m, s in found]
 
-        data = deduplicate(data, cfg)  # boxes in the low-res frame overlap as they do in the original
-        masks = backbone.postprocess_masks(data["masks"][:, None], input_size, original_size)[:, 0]  # (k, H, W)
-        masks = (masks > backbone.mask_threshold).cpu().numpy()
-        return [encode_mask(m, "instance", float(s)) for m, s in zip(masks, data["iou_preds"].tolist()) if m.any()]
+
+def unmatched_parts(region: np.ndarray, masks: np.ndarray, score: float, min_area: float) -> list[tuple]:
+    """Connected parts of `region` (H x W bool) of at least `min_area` of the image that no mask of
+    `masks` (k x H x W) overlaps with IoU > 0.5: [(part mask, score)]. The point prompts miss such a
+    part (no grid point passed SAM's filters there), yet the semantic mask says an object is there."""
+    labels, count = ndimage.label(region)  # (H, W) int: 0 = outside, 1..count = parts
+    if count == 0:
+        return []
+    part_area = np.bincount(labels.ravel(), minlength=count + 1)
+    matched = np.zeros(count + 1, dtype=bool)
+    for mask in masks:  # intersections of this mask with every part in one pass
+        inter = np.bincount(labels[mask], minlength=count + 1)
+        matched |= inter / np.maximum(part_area + mask.sum() - inter, 1) > 0.5
+    least = min_area * region.size
+    return [(labels == c, score) for c in range(1, count + 1) if not matched[c] and part_area[c] >= least]

@@ -11,10 +11,9 @@ mIoU (its semantic masks) and mask AP / AP50 (its instances; COCOeval with the t
 - hypernet: the given (or shipped, or freshly trained) hypernet;
 - random_text: the same hypernet fed another task's prompt (seeded): does the text matter?
 - gt_region: the hypernet's instance pass inside the ground-truth task region instead of its own:
-  how much AP is lost to the predicted region (mIoU: n/a). The adapted decoder also gates its
-  point masks by the task, so this is close to `hypernet`;
-- gt_region_base: the base's instance pass (Delta W = 0) inside the ground-truth task region:
-  perfect recognition with class-agnostic SAM instances, the ceiling of the instance stage;
+  the instance stage's ceiling under perfect recognition (mIoU: n/a);
+- gt_region_base: the base's instance pass (Delta W = 0) inside the ground-truth task region: what
+  the adapter adds to the point masks;
 - oracles: one static LoRA per drawn task, trained for `oracle_steps` on the same base, beside the
   hypernet's mIoU on the same task (seen prompt) and their ratio;
 - references from the ground truth: every object, attribute only, category only (task mIoU);
@@ -71,9 +70,9 @@ class QualityConfig:
     storage: StorageOptions = field(default_factory=StorageOptions)
 
     def __post_init__(self) -> None:
-        for name in ("oracle_tasks", "oracle_steps", "val_images", "points_per_side"):
-            if getattr(self, name) < (0 if name == "oracle_tasks" else 1):
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        for name, least in (("oracle_tasks", 0), ("oracle_steps", 1), ("val_images", 1), ("points_per_side", 1)):
+            if getattr(self, name) < least:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= {least}, got {getattr(self, name)}")
         for name in ("hypernet_steps", "ablation_steps"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
@@ -384,7 +383,8 @@ def run_quality(config: QualityConfig) -> dict:
         timings[f"{name}_s"] = time.perf_counter() - t0
     groups: dict = {g: {} for g in GROUPS}
     for name, scores in methods.items():
-        for group, value in scores.summary(gt, category_of, rows, config.backend, semantic=not name.startswith("gt_region")).items():
+        semantic = not name.startswith("gt_region")  # their region is the truth: no mIoU of their own
+        for group, value in scores.summary(gt, category_of, rows, config.backend, semantic).items():
             groups[group][name] = value
     groups = {g: (None if all(v is None for v in m.values()) else m) for g, m in groups.items()}
     hyper_per_task = methods["hypernet"].per_task()
@@ -427,7 +427,8 @@ def run_quality(config: QualityConfig) -> dict:
     describe = {"train_annotations": train_uri, "val_annotations": val_uri, "val_images": len(image_ids),
                 "hypernet": hypernet, "sam_checkpoint": base, "tasks": len(tasks),
                 "attributes": any(t.kind == "attribute" for t in tasks), "points_per_side": config.points_per_side,
-                "oracle_steps": config.oracle_steps, "oracle_lr": config.oracle_lr, "hypernet_steps": config.hypernet_steps, "seed": config.seed}
+                "oracle_steps": config.oracle_steps, "oracle_lr": config.oracle_lr,
+                "hypernet_steps": config.hypernet_steps, "seed": config.seed}
     return {"machine": machine(torch.device("cpu")), "config": describe, "quality": quality}
 
 

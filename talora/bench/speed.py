@@ -217,10 +217,11 @@ def breakdown(predictor, dataset, images: list[np.ndarray], prompts: list[str], 
     encoded = [image_bytes(image) for image in images]
 
     def finish(i: int) -> None:
+        presence = semantic[i][0]
         for p, region in enumerate(regions[i]):
             if region.any():
-                encode_mask(region.cpu().numpy(), "semantic", 1.0)
-            predictor.keep_instances(candidates[i][p], *sizes[i])
+                encode_mask(region.cpu().numpy(), "semantic", float(presence[p]))
+                predictor.keep_instances(candidates[i][p], *sizes[i], region, float(presence[p]))
 
     def write(i: int) -> None:
         h, w = sizes[i][1]

@@ -132,3 +132,39 @@ def test_given_regions_replace_the_predicted_ones_in_the_instance_pass_only(tiny
     assert [d for d in nowhere[0]] == semantic  # no region: no instance, the semantic mask stays
     assert [d for d in inside[0] if d.kind == "semantic"] == semantic
     assert any(d.kind == "instance" for d in inside[0])
+
+
+def test_mask_nms_drops_a_part_nested_in_its_whole_that_box_nms_keeps():
+    from segment_anything.utils.amg import MaskData, batched_mask_to_box
+
+    whole = torch.zeros(32, 32, dtype=torch.bool)
+    whole[4:28, 4:28] = True
+    nested = torch.zeros_like(whole)
+    nested[4:28, 4:24] = True  # box IoU and mask IoU with the whole: 0.83
+    other = torch.zeros_like(whole)
+    other[8:20, 8:20] = True  # inside the whole, mask IoU 0.25: a separate object on top of it
+    masks = torch.stack([whole, nested, other]).float() * 20 - 10  # logits
+    data = MaskData(masks=masks, iou_preds=torch.tensor([0.9, 0.8, 0.7]))
+    data["boxes"] = batched_mask_to_box(masks > 0)
+    only_boxes = deduplicate(MaskData(**{k: v.clone() for k, v in data.items()}),
+                             PredictConfig(nms_thresh=0.9, mask_nms_thresh=1.0))  # box NMS at 0.9 keeps all three
+    assert only_boxes["iou_preds"].tolist() == pytest.approx([0.9, 0.8, 0.7])
+    both = deduplicate(data, PredictConfig(nms_thresh=0.9, mask_nms_thresh=0.5))
+    assert both["iou_preds"].tolist() == pytest.approx([0.9, 0.7])  # the nested near-copy goes, the object stays
+
+
+def test_a_part_of_the_task_region_no_instance_matches_becomes_an_instance():
+    from talora.predictor import unmatched_parts
+
+    region = np.zeros((40, 60), dtype=bool)
+    region[2:12, 2:12] = True  # covered by a kept instance below
+    region[20:35, 30:50] = True  # no instance: the point prompts missed it
+    region[38, 0] = True  # one pixel: noise, under min_area
+    instance = np.zeros_like(region)
+    instance[2:12, 2:13] = True  # IoU 100/110 with the first part
+    parts = unmatched_parts(region, instance[None], score=0.4, min_area=0.001)
+    assert len(parts) == 1
+    part, score = parts[0]
+    assert score == 0.4 and part.sum() == 15 * 20 and part[20:35, 30:50].all()
+    assert len(unmatched_parts(region, np.zeros((0, 40, 60), bool), 0.4, 0.001)) == 2
+    assert unmatched_parts(np.zeros((40, 60), bool), instance[None], 0.4, 0.001) == []
