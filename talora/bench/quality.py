@@ -208,12 +208,6 @@ class MethodScores:
                           "ap": stats["AP"], "ap50": stats["AP50"], "tasks": len(task_ids)}
         return out
 
-    def per_task(self) -> dict[str, dict[str, float]]:
-        out: dict = {}
-        for (task_id, group), value in self.ious.per_key().items():
-            out.setdefault(group, {})[task_id] = value
-        return out
-
 
 def decode_rle(rle: dict) -> np.ndarray:
     return mask_utils.decode({"size": rle["size"], "counts": rle["counts"].encode()}).astype(bool)
@@ -269,7 +263,7 @@ def score_amg(model, predict_config, images: list[Prepared], rows, category_of) 
     talora's adapter contexts), with the instance pass's grid and filters."""
     from segment_anything import SamAutomaticMaskGenerator
 
-    from talora.predictor import Detection
+    from talora.predictor import Detection, encode_mask
 
     generator = SamAutomaticMaskGenerator(
         model.sam, points_per_side=predict_config.points_per_side, points_per_batch=predict_config.points_per_batch,
@@ -285,8 +279,6 @@ def score_amg(model, predict_config, images: list[Prepared], rows, category_of) 
         for m in masks:
             union |= decode_rle(m["segmentation"])
         if union.any():
-            from talora.predictor import encode_mask
-
             found.append(encode_mask(union, "semantic", 1.0))
         for task, group, _ in rows:
             scores.add(task.id, group, category_of[task.id], image, found)
@@ -321,7 +313,7 @@ def run_quality(config: QualityConfig) -> dict:
     from talora.static import StaticLora
     from talora.tasks import TaskSet, task_ground_truth
     from talora.text import TextEncoder
-    from talora.train.validate import validation_rows
+    from talora.train.validate import per_task, validation_rows
 
     storage = config.storage
     train_uri, val_uri = ((config.train_annotations, config.val_annotations) if config.train_annotations
@@ -387,7 +379,7 @@ def run_quality(config: QualityConfig) -> dict:
         for group, value in scores.summary(gt, category_of, rows, config.backend, semantic).items():
             groups[group][name] = value
     groups = {g: (None if all(v is None for v in m.values()) else m) for g, m in groups.items()}
-    hyper_per_task = methods["hypernet"].per_task()
+    hyper_per_task = per_task(methods["hypernet"].ious)
     references = reference_scores(val, tasks, image_ids)
     references = {g: (references[g] if groups[g] is not None else None) for g in GROUPS}
 
