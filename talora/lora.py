@@ -5,7 +5,9 @@ tail), r = rank, in/out = a target Linear's features, N = everything between the
 feature axis (tokens, windows, pixels).
 
 A wrapped Linear computes ``base(x) + s * (x A^T) B^T``. Its adapter is either shared (A: (r, in),
-B: (out, r)) or one per row (A: (P, r, in), B: (P, out, r)), so one batch can mix tasks. Adapters
+B: (out, r)) or one per row (A: (P, r, in), B: (P, out, r)), so one batch can mix tasks. A per-row
+adapter can also be grouped: P adapters over n >= P rows in P runs (many point prompts of a few
+tasks); each run's delta is then added in place, without a copy of A and B per row. Adapters
 are set only inside `use_adapter(...)` and cleared when it exits: no state outlives a call. A
 shared adapter can instead be merged into the weights (W += s B A) and unmerged exactly.
 """
@@ -38,6 +40,8 @@ class Adapter:
 
     weights: dict[str, tuple[torch.Tensor, torch.Tensor]]
     scale: float  # alpha / rank
+    # Grouped: rows groups[p]:groups[p + 1] of a batch use row p (P + 1 bounds); None = row i is row i.
+    groups: tuple[int, ...] | None = None
 
     @property
     def num_rows(self) -> int | None:
@@ -58,6 +62,15 @@ class Adapter:
         """Rows `index` of a per-row adapter (a row may repeat): (P, ...) -> (len(index), ...)."""
         index = torch.as_tensor(index, dtype=torch.long)
         return Adapter({n: (a[index], b[index]) for n, (a, b) in self.weights.items()}, self.scale)
+
+    def grouped(self, rows: torch.Tensor) -> Adapter:
+        """This per-row adapter for a batch whose row i uses adapter row rows[i], `rows` sorted: the
+        same outputs as select(rows), without a copy per row (inference only: no LoRA dropout)."""
+        rows = torch.as_tensor(rows, dtype=torch.long).cpu()
+        if len(rows) > 1 and bool((rows[1:] < rows[:-1]).any()):
+            raise ValueError("grouped() needs sorted rows; use select()")
+        bounds = torch.searchsorted(rows, torch.arange(self.num_rows + 1)).tolist()
+        return Adapter(self.weights, self.scale, tuple(bounds))
 
     def expand(self, num_rows: int) -> Adapter:
         """A shared adapter as `num_rows` identical rows (views, no copy)."""
@@ -101,6 +114,7 @@ class LoraLinear(nn.Module):
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.lora_A: torch.Tensor | None = None  # set only inside use_adapter
         self.lora_B: torch.Tensor | None = None
+        self.lora_groups: tuple[int, ...] | None = None
         self.scale = 1.0
         self.merged_delta: torch.Tensor | None = None  # what merge() added, for an exact unmerge
 
@@ -109,6 +123,8 @@ class LoraLinear(nn.Module):
         if self.lora_A is None:
             return out
         A, B = self.lora_A.to(x.dtype), self.lora_B.to(x.dtype)
+        if self.lora_groups is not None:
+            return self.grouped_forward(x, A, B, self.lora_groups)
         x = self.lora_dropout(x)
         if A.dim() == 2:  # shared: (r, in), (out, r)
             return out + self.scale * ((x @ A.T) @ B.T)
@@ -120,6 +136,22 @@ class LoraLinear(nn.Module):
         xr = x.reshape(num_rows, -1, self.in_features)  # (P, N, in)
         delta = torch.bmm(torch.bmm(xr, A.transpose(1, 2)), B.transpose(1, 2))  # (P, N, r) -> (P, N, out)
         return out + self.scale * delta.reshape(*out.shape)
+
+    def grouped_forward(self, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, groups: tuple[int, ...]) -> torch.Tensor:
+        """The base Linear on every row, then each run of rows groups[p]:groups[p + 1] (times the
+        P-major fold, as above) gets s (x A_p^T) B_p^T added in place: no per-row copy of A or B."""
+        if self.training:
+            raise RuntimeError("a grouped adapter is for inference (it has no LoRA dropout)")
+        if x.shape[0] % groups[-1]:
+            raise ValueError(f"batch of {x.shape[0]} does not split into the adapter's {groups[-1]} grouped rows")
+        out = self.base_layer(x)
+        flat_x, flat_out = x.reshape(-1, self.in_features), out.view(-1, self.out_features)
+        per_row = flat_x.shape[0] // groups[-1]  # flattened positions per batch row
+        for p, (start, end) in enumerate(zip(groups[:-1], groups[1:])):
+            if end > start:
+                rows = slice(start * per_row, end * per_row)
+                flat_out[rows].addmm_(flat_x[rows] @ A[p].T, B[p].T, alpha=self.scale)
+        return out
 
     def merge(self, delta: torch.Tensor, safe_merge: bool = True) -> None:
         """W += delta (out, in). With `safe_merge`, a non-finite result is refused before W changes."""
@@ -185,11 +217,11 @@ def use_adapter(sam: nn.Module, adapter: Adapter | None) -> Iterator[None]:
                     f"adapter target {name}: A {tuple(a.shape)}, B {tuple(b.shape)} do not fit "
                     f"Linear({layer.in_features}, {layer.out_features})"
                 )
-            layer.lora_A, layer.lora_B, layer.scale = a, b, adapter.scale
+            layer.lora_A, layer.lora_B, layer.scale, layer.lora_groups = a, b, adapter.scale, adapter.groups
         yield
     finally:
         for layer in layers.values():
-            layer.lora_A = layer.lora_B = None
+            layer.lora_A = layer.lora_B = layer.lora_groups = None
 
 
 def merge_adapter(sam: nn.Module, adapter: Adapter, safe_merge: bool = True) -> None:

@@ -140,6 +140,7 @@ class TaskAwareSam(nn.Module):
         point_labels: torch.Tensor | None = None,
         boxes: torch.Tensor | None = None,
         multimask_output: bool = True,
+        rows: torch.Tensor | None = None,
     ) -> DecoderOutput:
         """
         Arguments:
@@ -149,14 +150,20 @@ class TaskAwareSam(nn.Module):
           point_labels: P x n (1 foreground, 0 background), or None.
           boxes: P x 4 (x0, y0, x1, y1) in the input frame, or None. With no points and no
             boxes the row is a semantic query: "where is the task".
+          rows: None, or n indices into the P embeddings and adapter rows: decoder row i decodes
+            image_embeddings[rows[i]] with adapter row rows[i] (the prompts then have n rows). Many
+            point prompts of a few image embeddings, without a copy of an embedding per row.
 
         Returns:
           DecoderOutput with low-res mask logits (P x M x 4h x 4w), IoU predictions (P x M) and
           presence logits (P).
         """
         sparse, dense = self.backbone.encode_prompts(point_coords, point_labels, boxes)
+        if rows is not None and adapter is not None and adapter.num_rows is not None:
+            sorted_rows = len(rows) < 2 or bool((rows[1:] >= rows[:-1]).all())
+            adapter = adapter.grouped(rows) if sorted_rows and not self.training else adapter.select(rows)
         with use_adapter(self.sam, adapter):
-            masks, iou_pred, iou_token = self.backbone.decode_rows(image_embeddings, sparse, dense)
+            masks, iou_pred, iou_token = self.backbone.decode_rows(image_embeddings, sparse, dense, rows)
         presence = self.presence_head(iou_token).squeeze(-1)  # (P,)
         chosen = slice(1, None) if multimask_output else slice(0, 1)
         return DecoderOutput(masks[:, chosen], iou_pred[:, chosen], presence)

@@ -5,10 +5,12 @@ benchmark. Per image: one trunk pass; per prompt the adapted encoder tail, then
 
 - the semantic pass: no point prompt, one mask per prompt, gated by the presence probability
   (an absent task gives no mask);
-- the instance pass: a points_per_side x points_per_side grid, keeping only points where a
-  dilation of the semantic mask says the task is, decoded in batches of points_per_batch rows
-  (each row carries its own copy of the image embedding: 4 MB for vit_h); SAM's filters from
-  segment_anything.utils.amg (predicted IoU, stability score, box NMS), then COCO RLE.
+- the instance pass: a points_per_side x points_per_side grid, keeping only points near the
+  prompt's semantic mask. The points of every prompt go through the decoder together, in batches
+  of points_per_batch rows, each row pointing at its prompt's image embedding and adapter row
+  (`TaskAwareSam.decode(rows=)`); SAM's filters from segment_anything.utils.amg (predicted IoU,
+  stability score) run on the whole batch, box NMS on all prompts at once (per prompt, through
+  torchvision's batched_nms), mask NMS per prompt, then COCO RLE once per kept mask.
 
 Shapes: P = prompts, n = grid points in a batch, L = low-res mask grid (4h), H x W = the image.
 Filtering runs on the low-res logits (L x L, 256 x 256 for vit_h) and only kept masks are
@@ -78,10 +80,15 @@ def encode_mask(mask: np.ndarray, kind: str, score: float) -> Detection:
                      [float(v) for v in mask_utils.toBbox(rle)], float(mask_utils.area(rle)), float(score))
 
 
-def filter_masks(lowres: torch.Tensor, iou_preds: torch.Tensor, cfg: PredictConfig, mask_threshold: float) -> MaskData:
+def filter_masks(lowres: torch.Tensor, iou_preds: torch.Tensor, cfg: PredictConfig, mask_threshold: float,
+                 owner: torch.Tensor | None = None) -> MaskData:
     """SAM's automatic-mask filters on n x 3 candidate low-res masks: predicted IoU, stability
-    score, then boxes for NMS. lowres (n, 3, L, L) logits, iou_preds (n, 3)."""
-    data = MaskData(masks=lowres.flatten(0, 1), iou_preds=iou_preds.flatten(0, 1))  # (n*3, L, L), (n*3,)
+    score, then boxes for NMS. lowres (n, 3, L, L) logits, iou_preds (n, 3), owner (n,) the prompt
+    of each row (None: one prompt)."""
+    if owner is None:
+        owner = torch.zeros(len(lowres), dtype=torch.long, device=lowres.device)
+    data = MaskData(masks=lowres.flatten(0, 1), iou_preds=iou_preds.flatten(0, 1),  # (n*3, L, L), (n*3,)
+                    owner=owner.repeat_interleave(lowres.shape[1]))
     if cfg.score_thresh > 0:  # as SAM's generator: a zero threshold filters nothing
         data.filter(data["iou_preds"] > cfg.score_thresh)
     data["stability_score"] = calculate_stability_score(data["masks"], mask_threshold, cfg.stability_offset)
@@ -92,13 +99,21 @@ def filter_masks(lowres: torch.Tensor, iou_preds: torch.Tensor, cfg: PredictConf
 
 
 def deduplicate(data: MaskData, cfg: PredictConfig, mask_threshold: float = 0.0) -> MaskData:
-    """Box NMS over every kept candidate of a prompt, best first, at most max_instances; then, if
-    mask_nms_thresh < 1, greedy mask-IoU NMS on the low-res masks (boxes miss a part nested in its whole)."""
-    keep = batched_nms(data["boxes"].float(), data["iou_preds"], torch.zeros_like(data["iou_preds"]),
-                       cfg.nms_thresh)[: cfg.max_instances]
-    data.filter(keep)
+    """Per prompt (data["owner"]): box NMS over every kept candidate, best first, at most
+    max_instances; then, if mask_nms_thresh < 1, greedy mask-IoU NMS on the low-res masks (boxes
+    miss a part nested in its whole). Candidates stay best first."""
+    owner = data["owner"]
+    order = batched_nms(data["boxes"].float(), data["iou_preds"], owner, cfg.nms_thresh)  # best first
+    rank = torch.zeros_like(order)  # the position of each candidate among its prompt's
+    for p in owner[order].unique():
+        mine = owner[order] == p
+        rank[mine] = torch.arange(int(mine.sum()), device=order.device)
+    data.filter(order[rank < cfg.max_instances])
     if cfg.mask_nms_thresh < 1.0 and len(data["iou_preds"]) > 1:
-        data.filter(mask_nms(data["masks"] > mask_threshold, cfg.mask_nms_thresh))
+        owner, binary = data["owner"], data["masks"] > mask_threshold
+        keep = [torch.nonzero(owner == p)[:, 0][mask_nms(binary[owner == p], cfg.mask_nms_thresh)]
+                for p in owner.unique()]
+        data.filter(torch.cat(keep).sort().values)
     return data
 
 
@@ -107,10 +122,10 @@ def mask_nms(masks: torch.Tensor, thresh: float) -> torch.Tensor:
     flat = masks.flatten(1).float()  # (k, L*L)
     inter = flat @ flat.T  # (k, k)
     area = flat.sum(1)
-    iou = inter / (area[:, None] + area[None, :] - inter).clamp(min=1)
+    overlaps = (inter / (area[:, None] + area[None, :] - inter).clamp(min=1) > thresh).cpu().numpy()
     keep: list[int] = []
     for i in range(len(masks)):
-        if all(iou[i, j] <= thresh for j in keep):
+        if not overlaps[i, keep].any():
             keep.append(i)
     return torch.as_tensor(keep, dtype=torch.long, device=masks.device)
 
@@ -153,18 +168,14 @@ class TaskAwarePredictor:
         embeddings = self.tail(trunk, adapter)  # (P, C', h, w)
         presence, logits = self.semantic(embeddings, adapter, input_size, original_size)  # (P,), (P, H, W)
         predicted = self.task_regions(presence, logits)
-        results = []
-        for p, region in enumerate(predicted):
-            detections = []
-            if cfg.mode in ("semantic", "both") and region.any():
-                detections.append(encode_mask(region.cpu().numpy(), "semantic", float(presence[p])))
-            instance_region = region if regions is None else regions[p]
-            if cfg.mode in ("instance", "both") and instance_region.any():
-                candidates = self.instance_candidates(embeddings[p : p + 1], adapter.row(p), instance_region,
-                                                      original_size)
-                detections += self.keep_instances(candidates, input_size, original_size, instance_region,
-                                                  float(presence[p]))
-            results.append(detections)
+        results = [[encode_mask(region.cpu().numpy(), "semantic", float(presence[p]))]
+                   if cfg.mode in ("semantic", "both") and region.any() else [] for p, region in enumerate(predicted)]
+        if cfg.mode in ("instance", "both"):
+            instance_regions = predicted if regions is None else regions
+            candidates = self.instance_candidates(embeddings, adapter, instance_regions, original_size)
+            kept = self.keep_instances(candidates, input_size, original_size, instance_regions, presence.tolist())
+            for detections, instances in zip(results, kept):
+                detections += instances
         return results
 
     # --- the stages of predict_rows (the benchmark times each) ------------------------------------
@@ -189,49 +200,71 @@ class TaskAwarePredictor:
         present = presence >= self.config.presence_thresh  # (P,)
         return [(logits[p] > self.backbone.mask_threshold) & bool(present[p]) for p in range(len(presence))]
 
-    def instance_candidates(self, embedding, adapter, region: torch.Tensor, original_size) -> list[tuple]:
-        """Grid points inside the (dilated) task region -> raw decoder outputs per batch of
-        points_per_batch rows: [(low-res logits (n, 3, L, L), predicted IoUs (n, 3))]."""
-        model, backbone, cfg = self.model, self.backbone, self.config
+    def grid_points(self, regions: list[torch.Tensor], original_size) -> tuple[np.ndarray, np.ndarray]:
+        """The grid points within `dilation` of each region: (points (n, 2) x, y in pixels, their
+        prompt (n,)), prompt by prompt. A point is kept when the square of side 2r+1 around it holds a
+        pixel of the region (a max-pool dilation read at the points, from one integral image)."""
         H, W = original_size
-        radius = max(1, int(cfg.dilation * max(H, W)))
-        dilated = F.max_pool2d(region[None, None].float(), 2 * radius + 1, stride=1, padding=radius)[0, 0] > 0
-        points = self.grid * np.array([[W, H]])  # (N, 2) x, y in pixels
-        xs = np.clip(points[:, 0].astype(int), 0, W - 1)
-        ys = np.clip(points[:, 1].astype(int), 0, H - 1)
-        points = points[dilated.cpu().numpy()[ys, xs]]
+        radius = max(1, int(self.config.dilation * max(H, W)))
+        grid = self.grid * np.array([[W, H]])  # (N, 2)
+        xs = np.clip(grid[:, 0].astype(int), 0, W - 1)
+        ys = np.clip(grid[:, 1].astype(int), 0, H - 1)
+        x0, x1 = np.clip(xs - radius, 0, W), np.clip(xs + radius + 1, 0, W)
+        y0, y1 = np.clip(ys - radius, 0, H), np.clip(ys + radius + 1, 0, H)
+        points, owners = [], []
+        for p, region in enumerate(regions):
+            if not region.any():
+                continue
+            integral = F.pad(region.int().cumsum(0).cumsum(1), (1, 0, 1, 0)).cpu().numpy()  # (H+1, W+1)
+            inside = (integral[y1, x1] - integral[y0, x1] - integral[y1, x0] + integral[y0, x0]) > 0
+            points.append(grid[inside])
+            owners.append(np.full(int(inside.sum()), p))
+        if not points:
+            return np.zeros((0, 2)), np.zeros(0, dtype=int)
+        return np.concatenate(points), np.concatenate(owners)
+
+    def instance_candidates(self, embeddings: torch.Tensor, adapter, regions: list[torch.Tensor],
+                            original_size) -> list[tuple]:
+        """Grid points near each prompt's region, every prompt's in the same decoder batches of
+        points_per_batch rows -> [(prompt of each row (n,), low-res logits (n, 3, L, L), predicted
+        IoUs (n, 3))]. embeddings (P, C', h, w) and `adapter` (P rows) are indexed per row, not copied."""
+        points, owners = self.grid_points(regions, original_size)
+        coords = self.backbone.apply_coords(points, original_size)  # the input frame
         candidates = []
-        for start in range(0, len(points), cfg.points_per_batch):
-            batch = points[start : start + cfg.points_per_batch]
-            coords = torch.as_tensor(backbone.apply_coords(batch, original_size), dtype=torch.float32,
-                                     device=self.device)[:, None, :]  # (n, 1, 2) in the input frame
-            labels = torch.ones(len(batch), 1, dtype=torch.int, device=self.device)
-            n = len(batch)
-            out = model.decode(embedding.expand(n, -1, -1, -1), adapter, coords, labels, multimask_output=True)
-            candidates.append((out.masks.float(), out.iou_predictions.float()))
+        for start in range(0, len(points), self.config.points_per_batch):
+            batch = slice(start, start + self.config.points_per_batch)
+            rows = torch.as_tensor(owners[batch], device=self.device)
+            point_coords = torch.as_tensor(coords[batch], dtype=torch.float32, device=self.device)[:, None, :]
+            labels = torch.ones(len(rows), 1, dtype=torch.int, device=self.device)
+            out = self.model.decode(embeddings, adapter, point_coords, labels, multimask_output=True, rows=rows)
+            candidates.append((rows, out.masks.float(), out.iou_predictions.float()))
         return candidates
 
-    def keep_instances(self, candidates: list[tuple], input_size, original_size, region: torch.Tensor | None = None,
-                       presence: float = 1.0) -> list[Detection]:
-        """SAM's filters per decoder batch, box then mask NMS over all of them, then only the kept
-        masks are upsampled to the image and RLE-encoded; with `region` (H x W, the task region the
-        points came from), every connected part of it that no kept mask matches becomes an instance too."""
+    def keep_instances(self, candidates: list[tuple], input_size, original_size, regions: list[torch.Tensor],
+                       presence: list[float]) -> list[list[Detection]]:
+        """SAM's filters on every decoder batch, box NMS per prompt on all of them at once, mask NMS
+        per prompt; then only the kept masks are upsampled to the image and RLE-encoded. Every
+        connected part of a prompt's region (H x W, where its points came from) that no kept mask
+        matches becomes an instance too. -> detections per prompt, by score."""
         backbone, cfg = self.backbone, self.config
-        masks, scores = np.zeros((0, *original_size), dtype=bool), []
-        parts = [filter_masks(lowres, ious, cfg, backbone.mask_threshold) for lowres, ious in candidates]
-        if parts:
-            data = parts[0]
-            for part in parts[1:]:
-                data.cat(part)
-            if len(data["masks"]):
-                data = deduplicate(data, cfg, backbone.mask_threshold)  # low-res boxes overlap as in the original
-                upsampled = backbone.postprocess_masks(data["masks"][:, None], input_size, original_size)[:, 0]
+        kept = None
+        if candidates:
+            kept = filter_masks(*candidates[0][1:], cfg, backbone.mask_threshold, candidates[0][0])
+            for rows, lowres, ious in candidates[1:]:
+                kept.cat(filter_masks(lowres, ious, cfg, backbone.mask_threshold, rows))
+            kept = deduplicate(kept, cfg, backbone.mask_threshold) if len(kept["masks"]) else None
+        results = []
+        for p, region in enumerate(regions):
+            masks, scores = np.zeros((0, *original_size), dtype=bool), []
+            if kept is not None and (mine := kept["owner"] == p).any():
+                upsampled = backbone.postprocess_masks(kept["masks"][mine][:, None], input_size, original_size)[:, 0]
                 masks = (upsampled > backbone.mask_threshold).cpu().numpy()  # (k, H, W)
-                scores = data["iou_preds"].tolist()
-        found = [(m, s) for m, s in zip(masks, scores) if m.any()]
-        if region is not None and cfg.region_parts:
-            found += unmatched_parts(region.cpu().numpy(), masks, presence * cfg.part_score, cfg.min_part_area)
-        return [encode_mask(m, "instance", float(s)) for m, s in found]
+                scores = kept["iou_preds"][mine].tolist()
+            found = [(m, s) for m, s in zip(masks, scores) if m.any()]
+            if cfg.region_parts and region.any():
+                found += unmatched_parts(region.cpu().numpy(), masks, presence[p] * cfg.part_score, cfg.min_part_area)
+            results.append([encode_mask(m, "instance", float(s)) for m, s in found])
+        return results
 
 
 def unmatched_parts(region: np.ndarray, masks: np.ndarray, score: float, min_area: float) -> list[tuple]:

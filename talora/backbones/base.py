@@ -128,11 +128,12 @@ class Backbone:
         """Prompts in the input frame -> (sparse (P or 1, n', C'), dense (1 or P, C', h, w)) embeddings."""
         raise NotImplementedError
 
-    def decode_rows(self, image_embeddings: torch.Tensor, sparse: torch.Tensor, dense: torch.Tensor
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def decode_rows(self, image_embeddings: torch.Tensor, sparse: torch.Tensor, dense: torch.Tensor,
+                    rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The mask decoder with one image embedding per row: (P, C', h, w) -> low-res logits
         (P, 1+M, L, L), IoU predictions (P, 1+M) and the IoU token (P, C'); column 0 is the
-        single-mask output, the rest the multimask outputs."""
+        single-mask output, the rest the multimask outputs. With `rows` (n indices into the P
+        embeddings) there are n decoder rows, row i on image_embeddings[rows[i]]."""
         raise NotImplementedError
 
     def postprocess_masks(self, masks: torch.Tensor, input_size: tuple[int, int],

@@ -23,6 +23,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from talora.backbones import base
+from talora.backbones.sam1_fused import fuse_attention
 from talora.config import LoraConfig
 from talora.lora import LoraLinear, LoraTarget
 
@@ -127,7 +128,7 @@ class Backbone(base.Backbone):
     model: Sam
 
     def __init__(self, variant, model: Sam) -> None:
-        super().__init__(variant, model)
+        super().__init__(variant, fuse_attention(model))
         encoder = model.image_encoder
         self.image_size = encoder.img_size
         self.embedding_size = model.prompt_encoder.image_embedding_size[0]
@@ -194,19 +195,25 @@ class Backbone(base.Backbone):
         points = (point_coords, point_labels) if point_coords is not None else None
         return self.model.prompt_encoder(points=points, boxes=boxes, masks=None)
 
-    def decode_rows(self, image_embeddings: torch.Tensor, sparse: torch.Tensor, dense: torch.Tensor):
+    def decode_rows(self, image_embeddings: torch.Tensor, sparse: torch.Tensor, dense: torch.Tensor,
+                    rows: torch.Tensor | None = None):
         """MaskDecoder.predict_masks with one image embedding per row instead of one per call.
 
         SAM repeat-interleaves a single image embedding over the prompt rows; with an adapted tail
         (or a batch of images in pretraining) every row has its own embedding, so this takes P of
-        them. It reuses the decoder's own modules and is tested equal to MaskDecoder.forward row by row."""
+        them, or, with `rows`, n rows each naming its embedding. It reuses the decoder's own modules
+        and is tested equal to MaskDecoder.forward row by row."""
         decoder = self.model.mask_decoder
-        P, C, h, w = image_embeddings.shape
+        if rows is None:
+            src = image_embeddings + dense  # (P, C, h, w)
+        elif dense.shape[0] == 1:  # one add per embedding, then the row's copy the transformer updates
+            src = (image_embeddings + dense)[rows]  # (n, C, h, w)
+        else:
+            src = image_embeddings[rows] + dense
+        P, C, h, w = src.shape
         sparse = sparse.expand(P, -1, -1)  # (P, n', C); batch 1 when the row has no prompt
-        dense = dense.expand(P, -1, -1, -1)  # (P, C, h, w)
         output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)  # (1+M, C)
         tokens = torch.cat([output_tokens.unsqueeze(0).expand(P, -1, -1), sparse], dim=1)  # (P, 1+M+n', C)
-        src = image_embeddings + dense  # (P, C, h, w)
         pos_src = self.model.prompt_encoder.get_dense_pe().expand(P, -1, -1, -1)  # (P, C, h, w)
 
         hs, src = decoder.transformer(src, pos_src, tokens)  # (P, 1+M+n', C), (P, h*w, C)

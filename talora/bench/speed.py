@@ -210,8 +210,7 @@ def breakdown(predictor, dataset, images: list[np.ndarray], prompts: list[str], 
         embeddings = [predictor.tail(t, adapter) for t in trunks]
         semantic = [predictor.semantic(e, adapter, *size) for e, size in zip(embeddings, sizes)]
         regions = [predictor.task_regions(presence, logits) for presence, logits in semantic]
-        candidates = [[predictor.instance_candidates(e[p : p + 1], adapter.row(p), region, size[1]) if region.any() else []
-                       for p, region in enumerate(image_regions)]
+        candidates = [predictor.instance_candidates(e, adapter, image_regions, size[1])
                       for e, image_regions, size in zip(embeddings, regions, sizes)]
         predictions = [predictor.predict_resized(r, size[1], prompts) for r, size in zip(resized, sizes)]
     encoded = [image_bytes(image) for image in images]
@@ -221,7 +220,7 @@ def breakdown(predictor, dataset, images: list[np.ndarray], prompts: list[str], 
         for p, region in enumerate(regions[i]):
             if region.any():
                 encode_mask(region.cpu().numpy(), "semantic", float(presence[p]))
-                predictor.keep_instances(candidates[i][p], *sizes[i], region, float(presence[p]))
+        predictor.keep_instances(candidates[i], *sizes[i], regions[i], presence.tolist())
 
     def write(i: int) -> None:
         h, w = sizes[i][1]
@@ -232,8 +231,7 @@ def breakdown(predictor, dataset, images: list[np.ndarray], prompts: list[str], 
         "trunk": lambda i: predictor.trunk(resized[i]),
         "tail": lambda i: predictor.tail(trunks[i], adapter),
         "semantic_decode": lambda i: predictor.semantic(embeddings[i], adapter, *sizes[i]),
-        "instance_decode": lambda i: [predictor.instance_candidates(embeddings[i][p : p + 1], adapter.row(p), r, sizes[i][1])
-                                      for p, r in enumerate(regions[i]) if r.any()],
+        "instance_decode": lambda i: predictor.instance_candidates(embeddings[i], adapter, regions[i], sizes[i][1]),
         "filter_nms_rle": finish,
         "writing": write,
     }

@@ -171,8 +171,8 @@ def test_merge_refuses_non_finite_weights_and_leaves_the_model_unchanged(tiny_mo
 def test_inject_and_remove_leave_the_base_module_exactly_as_it_was():
     torch.manual_seed(0)
     sam = build_sam_vit_tiny()
+    targets = Backbone(VARIANTS["vit_tiny"], sam).find_targets(LoraConfig(), 1)  # the backbone as built
     reference = copy.deepcopy(sam)
-    targets = Backbone(VARIANTS["vit_tiny"], sam).find_targets(LoraConfig(), 1)
     layers = inject_lora(sam, targets)
     assert len(layers) == len(targets) and all(isinstance(m, LoraLinear) for m in layers.values())
     assert inject_lora(sam, targets).keys() == layers.keys()  # idempotent
@@ -205,3 +205,28 @@ def test_lora_linear_without_adapter_is_the_base_linear():
     base = nn.Linear(8, 5).double()
     x = torch.randn(3, 7, 8, dtype=torch.float64)
     assert torch.equal(LoraLinear(base)(x), base(x))
+
+
+def test_decoder_rows_index_embeddings_and_a_grouped_adapter_equals_the_per_row_copies(tiny_model, make_adapter):
+    # The instance pass: many point rows of a few (embedding, adapter) pairs, without copying either per row.
+    tiny_model.eval()
+    adapter = make_adapter(tiny_model.targets, rows=3)
+    embeddings = tiny_model.embed_tail(tiny_model.embed_trunk(_image()).expand(3, -1, -1, -1), adapter)
+    rows = torch.tensor([0, 0, 1, 2, 2, 2])
+    coords, labels = _points(len(rows))
+    got = tiny_model.decode(embeddings, adapter, coords, labels, rows=rows)
+    copied = tiny_model.decode(embeddings[rows], adapter.select(rows), coords, labels)
+    torch.testing.assert_close(got.masks, copied.masks, atol=ATOL, rtol=0)
+    torch.testing.assert_close(got.iou_predictions, copied.iou_predictions, atol=ATOL, rtol=0)
+    assert adapter.grouped(rows).groups == (0, 2, 3, 6)
+    assert not torch.allclose(got.masks[0], got.masks[2])  # rows of different prompts differ
+
+
+def test_a_grouped_adapter_takes_sorted_rows_for_inference_only(tiny_model, make_adapter):
+    adapter = make_adapter(tiny_model.targets, rows=2)
+    with pytest.raises(ValueError, match="sorted"):
+        adapter.grouped(torch.tensor([1, 0]))
+    layer = next(iter(lora_layers(tiny_model.sam).values()))
+    layer.train()
+    with use_adapter(tiny_model.sam, adapter.grouped(torch.tensor([0, 1]))), pytest.raises(RuntimeError, match="inference"):
+        layer(torch.zeros(2, 1, layer.in_features, dtype=torch.float64))

@@ -143,14 +143,19 @@ def test_mask_nms_drops_a_part_nested_in_its_whole_that_box_nms_keeps():
     nested[4:28, 4:24] = True  # box IoU and mask IoU with the whole: 0.83
     other = torch.zeros_like(whole)
     other[8:20, 8:20] = True  # inside the whole, mask IoU 0.25: a separate object on top of it
-    masks = torch.stack([whole, nested, other]).float() * 20 - 10  # logits
-    data = MaskData(masks=masks, iou_preds=torch.tensor([0.9, 0.8, 0.7]))
+    masks = torch.stack([whole, nested, other, nested]).float() * 20 - 10  # logits
+    # The last mask is another prompt's (owner 1): prompts never suppress each other's instances.
+    data = MaskData(masks=masks, iou_preds=torch.tensor([0.9, 0.8, 0.7, 0.6]), owner=torch.tensor([0, 0, 0, 1]))
     data["boxes"] = batched_mask_to_box(masks > 0)
     only_boxes = deduplicate(MaskData(**{k: v.clone() for k, v in data.items()}),
-                             PredictConfig(nms_thresh=0.9, mask_nms_thresh=1.0))  # box NMS at 0.9 keeps all three
-    assert only_boxes["iou_preds"].tolist() == pytest.approx([0.9, 0.8, 0.7])
+                             PredictConfig(nms_thresh=0.9, mask_nms_thresh=1.0))  # box NMS at 0.9 keeps all
+    assert only_boxes["iou_preds"].tolist() == pytest.approx([0.9, 0.8, 0.7, 0.6])
     both = deduplicate(data, PredictConfig(nms_thresh=0.9, mask_nms_thresh=0.5))
-    assert both["iou_preds"].tolist() == pytest.approx([0.9, 0.7])  # the nested near-copy goes, the object stays
+    assert both["iou_preds"].tolist() == pytest.approx([0.9, 0.7, 0.6])  # the nested near-copy goes, the object stays
+    assert both["owner"].tolist() == [0, 0, 1]
+    capped = deduplicate(MaskData(**{k: v.clone() for k, v in data.items()}),
+                         PredictConfig(nms_thresh=0.9, mask_nms_thresh=1.0, max_instances=1))
+    assert capped["iou_preds"].tolist() == pytest.approx([0.9, 0.6])  # max_instances per prompt
 
 
 def test_a_part_of_the_task_region_no_instance_matches_becomes_an_instance():
@@ -168,3 +173,31 @@ def test_a_part_of_the_task_region_no_instance_matches_becomes_an_instance():
     assert score == 0.4 and part.sum() == 15 * 20 and part[20:35, 30:50].all()
     assert len(unmatched_parts(region, np.zeros((0, 40, 60), bool), 0.4, 0.001)) == 2
     assert unmatched_parts(np.zeros((40, 60), bool), instance[None], 0.4, 0.001) == []
+
+
+def test_a_prompts_detections_do_not_depend_on_the_other_prompts_decoded_with_it(tmp_path):
+    # Every prompt's grid points share decoder batches; each prompt must still get what it gets alone.
+    from pycocotools import mask as mask_utils
+
+    from talora.data.coco import CocoDataset
+    from talora.data.synthetic import write_demo_dataset
+    from talora.loading import load_model, model_spec
+    from talora.predictor import TaskAwarePredictor
+
+    dataset = CocoDataset.load(write_demo_dataset(str(tmp_path), num_train=0, num_val=2, seed=3)["val"])
+    predictor = TaskAwarePredictor(load_model(model_spec("vit_tiny")), PredictConfig(points_per_side=8,
+                                                                                     points_per_batch=16))
+    prompts = ["segment vehicles", "segment red objects", "segment all circles"]
+    instances = 0
+    for image_id in dataset.image_ids:
+        image = dataset.load_image(image_id)
+        together = predictor.predict(image, prompts)
+        for prompt in prompts:
+            alone = predictor.predict(image, [prompt])[prompt]
+            assert [d.kind for d in together[prompt]] == [d.kind for d in alone]
+            assert [d.score for d in together[prompt]] == pytest.approx([d.score for d in alone], abs=1e-4)
+            if alone:
+                ious = mask_utils.iou([d.rle for d in together[prompt]], [d.rle for d in alone], [0] * len(alone))
+                assert ious.diagonal().min() > 0.98
+            instances += sum(d.kind == "instance" for d in alone)
+    assert instances > 0

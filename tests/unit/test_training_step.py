@@ -78,10 +78,10 @@ def test_a_few_steps_reduce_the_loss_on_a_fixed_batch(demo):
     batch = _batch(model, demo)
     text = torch.randn(len(batch.prompts), 384)
     config = TrainConfig(train_annotations="x")
-    optimiser = torch.optim.AdamW(step.parameters(), lr=3e-3)
+    optimiser = torch.optim.AdamW(step.parameters(), lr=3e-4)  # a smooth descent, not one float-exact path
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     losses = []
-    for _ in range(15):
+    for _ in range(20):
         out = step(batch, text, config)
         losses.append(out["loss"].item())
         assert backward_and_step(out["loss"], scaler, optimiser, step.parameters(), 1.0)
