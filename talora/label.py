@@ -5,8 +5,8 @@ prompts), then per prompt the adapted tail + one semantic decoder row + the inst
 (points_per_side^2 rows, only those inside the task's dilated region). Adapters are generated
 once per prompt when an actor starts. Image decoding and resizing to the model's input frame run
 in a separate CPU stage (Ray Data tasks), so actors only run the model; the remote model files
-are copied once per node. Batches are small (default 4 images): an image's instance pass
-already fills a decoder batch of points_per_batch rows.
+are copied once per node. Batches are small (default 4 images): the trunk runs on the batch at
+once, and an image's instance pass already fills a decoder batch of points_per_batch rows.
 """
 
 from __future__ import annotations
@@ -122,20 +122,27 @@ class LabelActor(ShardWriter):
             sam_model.adapters(self.prompts)  # generate (and cache) every prompt's adapter once
 
     def process(self, batch: dict) -> list[tuple[list[dict], str]]:
+        items = list(zip(batch["uri"], (int(i) for i in batch["image_id"]), batch["shard"], batch["resized"],
+                         (int(h) for h in batch["height"]), (int(w) for w in batch["width"]), batch["error"]))
+        good = [i for i, item in enumerate(items) if not item[-1]]
+        predictions: dict[int, dict | Exception] = {}
+        try:  # the batch's trunk in one pass
+            found = self.predictor.predict_batch([(np.asarray(items[i][3]), items[i][4:6]) for i in good], self.prompts)
+            predictions.update(zip(good, found))
+        except Exception:  # find the image that failed: one at a time
+            for i in good:
+                try:
+                    predictions[i] = self.predictor.predict_resized(np.asarray(items[i][3]), items[i][4:6], self.prompts)
+                except Exception as e:  # one bad image is one error row; the job goes on
+                    predictions[i] = e
         results = []
-        for uri, image_id, shard, resized, h, w, error in zip(batch["uri"], batch["image_id"], batch["shard"],
-                                                              batch["resized"], batch["height"], batch["width"],
-                                                              batch["error"]):
-            image_id = int(image_id)
-            try:
-                if error:
-                    raise ValueError(error)
-                predictions = self.predictor.predict_resized(np.asarray(resized), (int(h), int(w)), self.prompts)
-                results.append((detection_rows(uri, image_id, shard, int(w), int(h), predictions, self.task,
-                                               self.model_name), ""))
-            except Exception as e:  # one bad image is one error row; the job goes on
-                message = str(e) if isinstance(e, ValueError) and error else f"{type(e).__name__}: {e}"
+        for i, (uri, image_id, shard, _, h, w, error) in enumerate(items):
+            found = predictions.get(i, ValueError(error))
+            if isinstance(found, Exception):
+                message = error or f"{type(found).__name__}: {found}"
                 results.append(([error_row(uri, image_id, shard, message, self.model_name)], message))
+            else:
+                results.append((detection_rows(uri, image_id, shard, w, h, found, self.task, self.model_name), ""))
         return results
 
 

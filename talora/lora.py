@@ -144,8 +144,9 @@ class LoraLinear(nn.Module):
             raise RuntimeError("a grouped adapter is for inference (it has no LoRA dropout)")
         if x.shape[0] % groups[-1]:
             raise ValueError(f"batch of {x.shape[0]} does not split into the adapter's {groups[-1]} grouped rows")
-        out = self.base_layer(x)
-        flat_x, flat_out = x.reshape(-1, self.in_features), out.view(-1, self.out_features)
+        out = self.base_layer(x)  # under autocast: in the autocast dtype, which the in-place add must match
+        A, B = A.to(out.dtype), B.to(out.dtype)
+        flat_x, flat_out = x.reshape(-1, self.in_features).to(out.dtype), out.view(-1, self.out_features)
         per_row = flat_x.shape[0] // groups[-1]  # flattened positions per batch row
         for p, (start, end) in enumerate(zip(groups[:-1], groups[1:])):
             if end > start:

@@ -12,6 +12,10 @@ benchmark. Per image: one trunk pass; per prompt the adapted encoder tail, then
   stability score) run on the whole batch, box NMS on all prompts at once (per prompt, through
   torchvision's batched_nms), mask NMS per prompt, then COCO RLE once per kept mask.
 
+Images can come in batches (`predict_batch`): one trunk pass for all of them, then the per-prompt
+passes image by image. `precision` runs the model under autocast (bf16, or fp16 where the GPU has
+no bf16); filtering, upsampling and RLE always see float32 logits.
+
 Shapes: P = prompts, n = grid points in a batch, L = low-res mask grid (4h), H x W = the image.
 Filtering runs on the low-res logits (L x L, 256 x 256 for vit_h) and only kept masks are
 upsampled to H x W, so a 64-point batch never holds 64 x 3 full-resolution masks.
@@ -19,6 +23,8 @@ upsampled to H x W, so a 64-point batch never holds 64 x 3 full-resolution masks
 
 from __future__ import annotations
 
+import contextlib
+import logging
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,6 +38,9 @@ from torchvision.ops.boxes import batched_nms
 from talora.model import TaskAwareSam
 
 MODES = ("instance", "semantic", "both")
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -52,10 +61,13 @@ class PredictConfig:
     region_parts: bool = True
     part_score: float = 0.5
     min_part_area: float = 0.001
+    precision: str = "fp32"  # fp32 | bf16 | fp16: autocast of the model passes
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"--mode must be one of {MODES}, got {self.mode!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"--precision must be one of {tuple(PRECISIONS)}, got {self.precision!r}")
         if self.points_per_side < 1 or self.points_per_batch < 1:
             raise ValueError("--points-per-side and --points-per-batch must be >= 1")
         for name in ("score_thresh", "stability_thresh", "nms_thresh", "presence_thresh", "mask_nms_thresh",
@@ -136,10 +148,17 @@ class TaskAwarePredictor:
         self.backbone = model.backbone
         self.config = config
         self.grid = build_point_grid(config.points_per_side)  # (N, 2) in [0, 1]
+        self.dtype = autocast_dtype(config.precision, self.device)
 
     @property
     def device(self) -> torch.device:
         return self.backbone.device
+
+    def autocast(self):
+        """The model passes' autocast context (none in fp32)."""
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
 
     def resize(self, image: np.ndarray) -> np.ndarray:
         """HWC uint8 RGB -> the model's resized frame (the CPU stage of the labelling job)."""
@@ -153,9 +172,16 @@ class TaskAwarePredictor:
     @torch.no_grad()
     def predict_resized(self, resized: np.ndarray, original_size: tuple[int, int], prompts: list[str]):
         """A resized HWC image (the job's CPU stage did `resize`) -> {prompt: detections}."""
+        return self.predict_batch([(resized, original_size)], prompts)[0]
+
+    @torch.no_grad()
+    def predict_batch(self, images: list[tuple[np.ndarray, tuple[int, int]]], prompts: list[str]) -> list[dict]:
+        """[(resized HWC image, original (H, W))] -> [{prompt: detections}] per image: the trunk runs
+        once on the whole batch (padded to the model's square input), the rest image by image."""
         adapter = self.model.adapters(prompts)  # P rows, cached per prompt
-        rows = self.predict_rows(self.trunk(resized), adapter, tuple(resized.shape[:2]), original_size)
-        return dict(zip(prompts, rows))
+        trunks = self.trunk([resized for resized, _ in images])  # (B, h, w, C)
+        return [dict(zip(prompts, self.predict_rows(trunks[i : i + 1], adapter, tuple(resized.shape[:2]), size)))
+                for i, (resized, size) in enumerate(images)]
 
     @torch.no_grad()
     def predict_rows(self, trunk: torch.Tensor, adapter, input_size: tuple[int, int], original_size: tuple[int, int],
@@ -165,8 +191,9 @@ class TaskAwarePredictor:
         `regions` (P masks of H x W) replaces the predicted task regions in the instance pass (the
         quality benchmark's ground-truth ceiling); the semantic detection is always the predicted one."""
         cfg = self.config
-        embeddings = self.tail(trunk, adapter)  # (P, C', h, w)
-        presence, logits = self.semantic(embeddings, adapter, input_size, original_size)  # (P,), (P, H, W)
+        with self.autocast():
+            embeddings = self.tail(trunk, adapter)  # (P, C', h, w)
+            presence, logits = self.semantic(embeddings, adapter, input_size, original_size)  # (P,), (P, H, W)
         predicted = self.task_regions(presence, logits)
         results = [[encode_mask(region.cpu().numpy(), "semantic", float(presence[p]))]
                    if cfg.mode in ("semantic", "both") and region.any() else [] for p, region in enumerate(predicted)]
@@ -180,9 +207,12 @@ class TaskAwarePredictor:
 
     # --- the stages of predict_rows (the benchmark times each) ------------------------------------
 
-    def trunk(self, resized: np.ndarray) -> torch.Tensor:
-        """A resized HWC image -> (1, h, w, C) trunk features: once per image, shared by every prompt."""
-        return self.model.embed_trunk(self.backbone.normalize(resized))
+    def trunk(self, resized: np.ndarray | list[np.ndarray]) -> torch.Tensor:
+        """A resized HWC image (or a list of B) -> (1 or B, h, w, C) trunk features: once per image,
+        shared by every prompt."""
+        images = [resized] if isinstance(resized, np.ndarray) else resized
+        with self.autocast():
+            return self.model.embed_trunk(torch.cat([self.backbone.normalize(image) for image in images]))
 
     def tail(self, trunk: torch.Tensor, adapter) -> torch.Tensor:
         """(1, h, w, C) trunk features + P adapter rows -> (P, C', h, w) image embeddings."""
@@ -236,7 +266,8 @@ class TaskAwarePredictor:
             rows = torch.as_tensor(owners[batch], device=self.device)
             point_coords = torch.as_tensor(coords[batch], dtype=torch.float32, device=self.device)[:, None, :]
             labels = torch.ones(len(rows), 1, dtype=torch.int, device=self.device)
-            out = self.model.decode(embeddings, adapter, point_coords, labels, multimask_output=True, rows=rows)
+            with self.autocast():
+                out = self.model.decode(embeddings, adapter, point_coords, labels, multimask_output=True, rows=rows)
             candidates.append((rows, out.masks.float(), out.iou_predictions.float()))
         return candidates
 
@@ -265,6 +296,15 @@ class TaskAwarePredictor:
                 found += unmatched_parts(region.cpu().numpy(), masks, presence[p] * cfg.part_score, cfg.min_part_area)
             results.append([encode_mask(m, "instance", float(s)) for m, s in found])
         return results
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for `precision` on `device`: bf16 falls back to fp16 on a GPU without it."""
+    dtype = PRECISIONS[precision]
+    if dtype is torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        log.warning("this GPU has no bf16: --precision bf16 runs as fp16")
+        return torch.float16
+    return dtype
 
 
 def unmatched_parts(region: np.ndarray, masks: np.ndarray, score: float, min_area: float) -> list[tuple]:

@@ -201,3 +201,86 @@ def test_a_prompts_detections_do_not_depend_on_the_other_prompts_decoded_with_it
                 assert ious.diagonal().min() > 0.98
             instances += sum(d.kind == "instance" for d in alone)
     assert instances > 0
+
+
+def _demo_predictor(**config):
+    from talora.loading import load_model, model_spec
+    from talora.predictor import TaskAwarePredictor
+
+    return TaskAwarePredictor(load_model(model_spec("vit_tiny")), PredictConfig(points_per_side=8, **config))
+
+
+def test_a_batch_of_images_of_different_sizes_gives_what_each_gives_alone(tmp_path):
+    from talora.data.coco import CocoDataset
+    from talora.data.synthetic import write_demo_dataset
+
+    dataset = CocoDataset.load(write_demo_dataset(str(tmp_path), num_train=0, num_val=3, seed=3)["val"])
+    predictor = _demo_predictor()
+    images = [dataset.load_image(i) for i in dataset.image_ids]
+    images[1] = images[1][:, :180]  # the trunk pads each to the square input: sizes may differ in a batch
+    items = [(predictor.resize(image), image.shape[:2]) for image in images]
+    prompts = ["segment vehicles", "segment red objects"]
+    batched = predictor.predict_batch(items, prompts)
+    found = 0
+    for (resized, size), got in zip(items, batched):
+        alone = predictor.predict_resized(resized, size, prompts)
+        for prompt in prompts:
+            assert [(d.kind, d.rle["size"]) for d in got[prompt]] == [(d.kind, d.rle["size"]) for d in alone[prompt]]
+            assert [d.score for d in got[prompt]] == pytest.approx([d.score for d in alone[prompt]], abs=1e-4)
+            found += len(alone[prompt])
+    assert found > 0
+
+
+def test_bf16_autocast_gives_the_fp32_masks(tmp_path):
+    # The CPU twin of the GPU path's --precision bf16: same detections, semantic masks at IoU >= 0.98.
+    from pycocotools import mask as mask_utils
+
+    from talora.data.coco import CocoDataset
+    from talora.data.synthetic import write_demo_dataset
+
+    dataset = CocoDataset.load(write_demo_dataset(str(tmp_path), num_train=0, num_val=6, seed=3)["val"])
+    fp32, bf16 = _demo_predictor(), _demo_predictor(precision="bf16")
+    assert bf16.dtype == torch.bfloat16 and fp32.dtype is None
+    prompts = ["segment vehicles", "segment red objects"]
+    semantic, instance = [], []
+    for image_id in dataset.image_ids:
+        image = dataset.load_image(image_id)
+        a, b = fp32.predict(image, prompts), bf16.predict(image, prompts)
+        for prompt in prompts:
+            assert [d.kind for d in a[prompt]] == [d.kind for d in b[prompt]]
+            for kind, ious in (("semantic", semantic), ("instance", instance)):
+                x = [d.rle for d in a[prompt] if d.kind == kind]
+                y = [d.rle for d in b[prompt] if d.kind == kind]
+                if x:
+                    ious += list(mask_utils.iou(x, y, [0] * len(y)).max(1))
+    assert len(semantic) >= 3 and min(semantic) >= 0.98
+    assert len(instance) >= 3 and np.median(instance) >= 0.98  # a small instance's edge pixels weigh more
+
+
+def test_an_unknown_precision_is_refused():
+    with pytest.raises(ValueError, match="--precision"):
+        PredictConfig(precision="int8")
+
+
+def test_an_image_the_model_fails_on_is_an_error_row_and_the_rest_of_its_batch_is_labelled(tmp_path):
+    from talora.commit import RunOutput
+    from talora.label import LabelActor
+    from talora.loading import model_spec
+    from talora.predictions import PARQUET
+    from talora.storage import StorageOptions
+
+    actor = LabelActor(model_spec("vit_tiny"), ["segment vehicles"], PredictConfig(points_per_side=4), None, "m",
+                       RunOutput(str(tmp_path / "out"), "k", None, PARQUET), StorageOptions())
+    from talora.data.coco import CocoDataset
+    from talora.data.synthetic import write_demo_dataset
+
+    dataset = CocoDataset.load(write_demo_dataset(str(tmp_path / "demo"), num_train=0, num_val=1, seed=3)["val"])
+    good = dataset.load_image(dataset.image_ids[0])  # vehicles in it: rows come out
+    four_channels = np.zeros((256, 256, 4), np.uint8)  # decoded, yet not an RGB image: the trunk raises
+    batch = {"uri": ["s/a.jpg", "s/b.jpg", "s/c.jpg"], "image_id": [1, 2, 3], "shard": ["s"] * 3,
+             "resized": [good, four_channels, np.zeros((1, 1, 3), np.uint8)], "height": [256, 256, 0],
+             "width": [256, 256, 0], "error": ["", "", "OSError: truncated"]}
+    (rows_a, error_a), (rows_b, error_b), (rows_c, error_c) = actor.process(batch)
+    assert error_a == "" and rows_a and all(r["kind"] != "error" for r in rows_a)
+    assert error_b.startswith("RuntimeError") and [(r["image_uri"], r["kind"]) for r in rows_b] == [("s/b.jpg", "error")]
+    assert error_c == "OSError: truncated" and rows_c[0]["error"] == "OSError: truncated"
