@@ -16,7 +16,7 @@ import sys
 
 from talora.variants import SAM_TYPES
 from talora.embed import EmbedConfig, run_embed_job
-from talora.jobs_common import add_storage_flags, init_ray, run_main, storage_from_args
+from talora.jobs_common import add_layout_flags, add_storage_flags, init_ray, layout_from_args, run_main, storage_from_args
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,9 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tail-blocks", type=int, default=None, help="k adapted blocks (default per variant; 0 = decoder-only)")
     p.add_argument("--shard-size", type=int, default=1000)
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--num-actors", type=int, default=1)
-    p.add_argument("--cpus-per-actor", type=float, default=0.5)
-    p.add_argument("--gpus-per-actor", type=float, default=0.0)
+    add_layout_flags(p)
     p.add_argument("--max-images", type=int, default=None)
     p.add_argument("--ray-address", default=None, help="default: RAY_ADDRESS, else a local Ray")
     add_storage_flags(p)
@@ -47,8 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         config = EmbedConfig(
             output=args.output, images=args.images, annotations=args.annotations, image_root=args.image_root,
             sam_type=args.sam_type, sam_checkpoint=args.sam_checkpoint, tail_blocks=args.tail_blocks,
-            shard_size=args.shard_size, batch_size=args.batch_size, num_actors=args.num_actors,
-            cpus_per_actor=args.cpus_per_actor, gpus_per_actor=args.gpus_per_actor, max_images=args.max_images,
+            shard_size=args.shard_size, batch_size=args.batch_size, layout=layout_from_args(args), max_images=args.max_images,
             storage=storage,
         )
         init_ray(args.ray_address)

@@ -16,7 +16,7 @@ import json
 import sys
 
 from talora.variants import SAM_TYPES
-from talora.jobs_common import add_storage_flags, init_ray, run_main, storage_from_args
+from talora.jobs_common import add_layout_flags, add_storage_flags, init_ray, layout_from_args, run_main, storage_from_args
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,9 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
                    help="autocast of the model passes (bf16 runs as fp16 on a GPU without bf16)")
     p.add_argument("--task", default=None, help="task id to write in the task column")
-    p.add_argument("--num-actors", type=int, default=1)
-    p.add_argument("--cpus-per-actor", type=float, default=0.5)
-    p.add_argument("--gpus-per-actor", type=float, default=0.0)
+    add_layout_flags(p)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--shard-size", type=int, default=1000, help="virtual shard size for a flat folder")
     p.add_argument("--max-images", type=int, default=None)
@@ -72,8 +70,7 @@ def config_from_args(args: argparse.Namespace):
     return LabelConfig(prompts=tuple(args.prompt), images=args.images, output=args.output, model=model,
                        predict=predict, task=args.task, annotations=args.annotations, shard_size=args.shard_size,
                        max_images=args.max_images, max_shards=args.max_shards, max_pixels=args.max_pixels,
-                       batch_size=args.batch_size, num_actors=args.num_actors, cpus_per_actor=args.cpus_per_actor,
-                       gpus_per_actor=args.gpus_per_actor, storage=storage_from_args(args))
+                       batch_size=args.batch_size, layout=layout_from_args(args), storage=storage_from_args(args))
 
 
 def main(argv: list[str] | None = None) -> int:

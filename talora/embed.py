@@ -26,7 +26,7 @@ import numpy as np
 import pyarrow as pa
 
 from talora.commit import RunOutput, run_key
-from talora.pipeline import Item, ShardWriter, number_items, run_sharded
+from talora.pipeline import ActorLayout, Item, ShardWriter, number_items, run_sharded
 from talora.predictions import PARQUET, open_run, write_summary
 from talora.storage import StorageOptions, join, list_shards, read_bytes, require_shared, write_bytes
 
@@ -44,9 +44,7 @@ class EmbedConfig:
     tail_blocks: int | None = None  # None = the variant's default; 0 = cache final embeddings
     shard_size: int = 1000
     batch_size: int = 8
-    num_actors: int = 1
-    cpus_per_actor: float = 0.5  # fractional: 1-CPU actors on 2 CPUs starve Ray Data's read tasks
-    gpus_per_actor: float = 0.0
+    layout: ActorLayout = field(default_factory=ActorLayout)  # unset fields: chosen from the cluster
     max_images: int | None = None
     storage: StorageOptions = field(default_factory=StorageOptions)
 
@@ -79,13 +77,13 @@ class TrunkEncoder(ShardWriter):
     """Ray Data actor: one frozen SAM encoder; a batch of image bytes in, one cache row per image."""
 
     def __init__(self, sam_type: str, sam_checkpoint: str | None, tail_blocks: int, run: RunOutput,
-                 storage: StorageOptions) -> None:
+                 storage: StorageOptions, threads: int | None = None) -> None:
         import torch
 
         from talora.loading import load_backbone
         from talora.storage import local_copy
 
-        super().__init__(run)
+        super().__init__(run, threads=threads)
         self.torch = torch
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         checkpoint = local_copy(sam_checkpoint, storage) if sam_checkpoint else None
@@ -143,6 +141,7 @@ def check_cache_key(cache_uri: str, expected: dict, storage: StorageOptions | No
 
 def run_embed_job(config: EmbedConfig) -> dict:
     """Encodes every uncommitted shard; returns (and writes) the run summary."""
+    import ray
     import torch
 
     from talora.variants import get_variant
@@ -160,12 +159,12 @@ def run_embed_job(config: EmbedConfig) -> dict:
     key = run_key(key_inputs)
     run = RunOutput(config.output, key, config.storage, PARQUET)
     write_bytes(join(run.root, "_cache.json"), json.dumps(key_inputs, indent=1).encode(), config.storage)
+    layout = config.layout.resolve(ray.cluster_resources(), get_variant(config.sam_type).cpu_preset)
 
     counts = run_sharded(items, run, TrunkEncoder,
                          {"sam_type": config.sam_type, "sam_checkpoint": config.sam_checkpoint, "tail_blocks": tail,
                           "run": run, "storage": config.storage},
-                         config.storage, config.batch_size, config.num_actors, config.cpus_per_actor,
-                         config.gpus_per_actor, log=lambda m: print(f"embed: {m}", flush=True))
+                         config.storage, config.batch_size, layout, log=lambda m: print(f"embed: {m}", flush=True))
     summary = {
         "job": "embed_images",
         "output": run.root,
@@ -173,7 +172,8 @@ def run_embed_job(config: EmbedConfig) -> dict:
         "cache": key_inputs,
         "images_total": len(items),
         **counts,
-        "config": {**{k: v for k, v in config.__dict__.items() if k != "storage"}, "storage": config.storage.public_dict()},
+        "config": {**{k: v for k, v in config.__dict__.items() if k not in ("storage", "layout")},
+                   "layout": layout.__dict__, "storage": config.storage.public_dict()},
         "torch": torch.__version__,
         "host": os.uname().nodename,
     }

@@ -38,6 +38,22 @@ def init_ray(address: str | None = None) -> None:
              log_to_driver=True, configure_logging=False)
 
 
+def add_layout_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("actors (each unset one is chosen from the resources Ray reports)")
+    g.add_argument("--num-actors", type=int, default=None, help="model actors (default: one per GPU share, "
+                   "else one per core for vit_tiny and one per 4 cores for the real SAMs)")
+    g.add_argument("--cpus-per-actor", type=float, default=None, help="default 0.75 per thread")
+    g.add_argument("--gpus-per-actor", type=float, default=None,
+                   help="default 1 where Ray has GPUs; a fraction shares a GPU (0.5: two actors per GPU); 0: CPU only")
+    g.add_argument("--threads-per-actor", type=int, default=None, help="torch threads of each actor")
+
+
+def layout_from_args(args: argparse.Namespace):
+    from talora.pipeline import ActorLayout
+
+    return ActorLayout(args.num_actors, args.cpus_per_actor, args.gpus_per_actor, args.threads_per_actor)
+
+
 def run_main(name: str, job: Callable[[], int], storage: StorageOptions) -> int:
     """Runs `job`; any failure prints one redacted error line (and a redacted traceback) and returns 1."""
     try:

@@ -17,11 +17,13 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from talora.commit import RunOutput, run_key
+from talora.frames import decode_stage
 from talora.loading import ModelSpec, check_checkpoint, load_model
-from talora.pipeline import Item, ShardWriter, number_items, run_sharded
+from talora.pipeline import ActorLayout, Item, ShardWriter, number_items, run_sharded
 from talora.predictions import PARQUET, SCHEMA, detection_rows, error_row, write_summary
 from talora.predictor import PredictConfig
 from talora.storage import StorageOptions, file_identity, list_shards, protocol_of, require_shared
+from talora.variants import get_variant
 
 # The embedded default bucket: `jobs/segment_dataset.py --prompt ...` with no --images labels its
 # validation split (generated here on first use).
@@ -42,17 +44,13 @@ class LabelConfig:
     max_shards: int | None = None
     max_pixels: int = 100_000_000
     batch_size: int = 4
-    num_actors: int = 1
-    cpus_per_actor: float = 0.5
-    gpus_per_actor: float = 0.0
+    layout: ActorLayout = field(default_factory=ActorLayout)  # unset fields: chosen from the cluster
     storage: StorageOptions = field(default_factory=StorageOptions)
 
     def __post_init__(self) -> None:
-        for name in ("num_actors", "batch_size", "shard_size", "max_pixels"):
+        for name in ("batch_size", "shard_size", "max_pixels"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        if self.cpus_per_actor <= 0 or self.gpus_per_actor < 0:
-            raise ValueError("--cpus-per-actor must be > 0 and --gpus-per-actor >= 0")
 
 
 def demo_bucket(root: str = DEMO_DATA) -> tuple[str, str]:
@@ -75,43 +73,16 @@ def model_name(spec: ModelSpec, storage: StorageOptions) -> str:
     return f"{spec.sam_type}+untrained"
 
 
-def decode_stage(batch: dict, max_pixels: int, sam_type: str) -> dict:
-    """Ray Data task: bytes -> the model's resized frame (EXIF applied, RGB, 16-bit scaled) and
-    the oriented original size; a bad image becomes an error, never a crash."""
-    from talora.backbones import image_resizer
-    from talora.data.coco import decode_image
-
-    resize = image_resizer(sam_type)
-    resized, heights, widths, errors = [], [], [], []
-    for data, error in zip(batch["bytes"], batch["error"]):
-        try:
-            if error:
-                raise OSError(error)
-            image = decode_image(bytes(data), max_pixels)
-            resized.append(resize(image))
-            heights.append(image.shape[0])
-            widths.append(image.shape[1])
-            errors.append("")
-        except Exception as e:
-            resized.append(np.zeros((1, 1, 3), np.uint8))
-            heights.append(0)
-            widths.append(0)
-            errors.append(f"{type(e).__name__}: {e}")
-    out = {k: v for k, v in batch.items() if k != "bytes"}
-    return {**out, "resized": np.array(resized + [None], dtype=object)[:-1], "height": np.array(heights),
-            "width": np.array(widths), "error": np.array(errors, dtype=object)}
-
-
 class LabelActor(ShardWriter):
     """Ray Data actor: one frozen SAM + text encoder + hypernet, adapters made once per prompt."""
 
     def __init__(self, spec: ModelSpec, prompts: list[str], predict: PredictConfig, task: str | None, model: str,
-                 run: RunOutput, storage: StorageOptions) -> None:
+                 run: RunOutput, storage: StorageOptions, threads: int | None = None) -> None:
         import torch
 
         from talora.predictor import TaskAwarePredictor
 
-        super().__init__(run, SCHEMA)
+        super().__init__(run, SCHEMA, threads)
         self.torch = torch
         sam_model = load_model(spec, storage)
         if torch.cuda.is_available():
@@ -187,6 +158,7 @@ def run_label_job(config: LabelConfig) -> dict:
         check_checkpoint(spec.sam_checkpoint, spec.sam_type, config.storage)
     model = model_name(spec, config.storage)
     items = list_items(config)
+    layout = config.layout.resolve(ray.cluster_resources(), get_variant(spec.sam_type).cpu_preset)
 
     identity = {
         "prompts": prompts, "task": config.task, "predict": config.predict.__dict__, "model": model,
@@ -199,8 +171,7 @@ def run_label_job(config: LabelConfig) -> dict:
         items, run, LabelActor,
         {"spec": spec, "prompts": prompts, "predict": config.predict, "task": config.task, "model": model,
          "run": run, "storage": config.storage},
-        config.storage, config.batch_size, config.num_actors, config.cpus_per_actor, config.gpus_per_actor,
-        cpu_stage=decode_stage, cpu_stage_kwargs={"max_pixels": config.max_pixels, "sam_type": spec.sam_type},
+        config.storage, config.batch_size, layout, cpu_stage=decode_stage, cpu_stage_kwargs={"max_pixels": config.max_pixels, "sam_type": spec.sam_type},
         log=lambda m: print(f"label: {m}", flush=True),
     )
     summary = {
@@ -211,8 +182,8 @@ def run_label_job(config: LabelConfig) -> dict:
         "model": model,
         "images_total": len(items),
         **counts,
-        "config": {**{k: v for k, v in config.__dict__.items() if k not in ("storage", "model", "predict")},
-                   "model": spec.__dict__, "predict": config.predict.__dict__,
+        "config": {**{k: v for k, v in config.__dict__.items() if k not in ("storage", "model", "predict", "layout")},
+                   "model": spec.__dict__, "predict": config.predict.__dict__, "layout": layout.__dict__,
                    "storage": config.storage.public_dict()},
         "node_ids": sorted(n["NodeID"] for n in ray.nodes() if n.get("Alive")),
     }

@@ -4,6 +4,10 @@
     -> [CPU stage] -> actor pool (one model per actor) -> each actor writes its rows as part
     files per shard -> small metadata rows to the driver -> ShardTracker commits each shard.
 
+The actor pool's layout (how many actors, the CPUs, GPUs and torch threads of each) is chosen
+from the resources Ray reports unless given (`ActorLayout.resolve`); the driver prints it, and
+with every committed shard the progress, the rate and an ETA.
+
 Heavy outputs (features, masks) go from the actors straight to storage; the driver only counts.
 A failed read or decode is an error entry for that item (and whatever row the job makes of it),
 never a crash; Ray retries a failed actor, and a shard is committed only when every one of its
@@ -21,6 +25,52 @@ from talora.commit import RunOutput, ShardTracker
 from talora.storage import StorageOptions, read_bytes
 
 META_KEYS = ("shard", "item", "rows", "part", "error", "node", "rss_mb", "threads")
+
+
+@dataclass(frozen=True)
+class ActorLayout:
+    """The model actors: how many, and what each asks Ray for. None = chosen by `resolve`."""
+
+    num_actors: int | None = None
+    cpus_per_actor: float | None = None
+    gpus_per_actor: float | None = None
+    threads_per_actor: int | None = None  # torch intra-op threads
+
+    def __post_init__(self) -> None:
+        for name in ("num_actors", "threads_per_actor"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.cpus_per_actor is not None and self.cpus_per_actor <= 0:
+            raise ValueError(f"--cpus-per-actor must be > 0, got {self.cpus_per_actor}")
+        if self.gpus_per_actor is not None and self.gpus_per_actor < 0:
+            raise ValueError(f"--gpus-per-actor must be >= 0, got {self.gpus_per_actor}")
+
+    def resolve(self, resources: dict, light_model: bool = True) -> ActorLayout:
+        """Every field set, from Ray's cluster resources ({"CPU": n, "GPU": m, ...}) where not given.
+
+        - GPUs (and --gpus-per-actor not 0): one actor per GPU share (--gpus-per-actor 0.5: two per
+          GPU), two threads each for the CPU side of the work (filters, RLE).
+        - CPUs only: single-thread actors, one per core, for a light model (vit_tiny: its small ops
+          parallelise poorly, so two 1-thread actors beat one 2-thread actor); four threads per
+          actor for the real SAMs (fewer copies of a GB-sized model in memory).
+        Each actor asks for 0.75 CPU per thread, at most 3/4 of the cluster's CPUs in all: the rest
+        runs the read and decode tasks (0.25 CPU each), which would starve otherwise."""
+        cpus, gpus = float(resources.get("CPU", 1)), float(resources.get("GPU", 0))
+        gpus_per_actor = self.gpus_per_actor if self.gpus_per_actor is not None else (min(1.0, gpus) if gpus else 0.0)
+        if gpus_per_actor > 0:
+            actors = self.num_actors or max(1, int(gpus / gpus_per_actor + 1e-9))
+            threads = self.threads_per_actor or 2
+        else:
+            threads = self.threads_per_actor or (max(1, int(cpus // self.num_actors)) if self.num_actors
+                                                 else 1 if light_model else max(1, min(4, int(cpus))))
+            actors = self.num_actors or max(1, int(cpus // threads))
+        cpus_per_actor = self.cpus_per_actor or round(max(0.1, min(0.75 * threads, 0.75 * cpus / actors)), 2)
+        return ActorLayout(actors, cpus_per_actor, gpus_per_actor, threads)
+
+    def describe(self) -> str:
+        gpus = f", {self.gpus_per_actor:g} GPU" if self.gpus_per_actor else ""
+        return (f"{self.num_actors} actor(s) x {self.threads_per_actor} thread(s) "
+                f"({self.cpus_per_actor:g} CPU{gpus} each)")
 
 
 @dataclass(frozen=True)
@@ -48,9 +98,13 @@ class ShardWriter:
     """Base of the actors: subclasses turn a batch into per-item (rows, error); this writes the
     rows of each shard in the batch as one part file and returns the metadata rows."""
 
-    def __init__(self, run: RunOutput, schema: pa.Schema | None = None) -> None:
+    def __init__(self, run: RunOutput, schema: pa.Schema | None = None, threads: int | None = None) -> None:
         self.run = run  # where parts go, in the run's part format
         self.schema = schema
+        if threads:  # the layout's torch threads (Ray sets OMP_NUM_THREADS from whole CPUs only)
+            import torch
+
+            torch.set_num_threads(threads)
 
     def process(self, batch: dict) -> list[tuple[list[dict], str]]:
         """One (rows, error) per item of `batch`, in order; error "" when the item succeeded."""
@@ -89,15 +143,14 @@ def run_sharded(
     actor_kwargs: dict,
     storage: StorageOptions,
     batch_size: int,
-    num_actors: int,
-    cpus_per_actor: float,
-    gpus_per_actor: float,
+    layout: ActorLayout,
     cpu_stage: Callable[[dict], dict] | None = None,
     cpu_stage_kwargs: dict | None = None,
     log: Callable[[str], None] = print,
 ) -> dict:
-    """Runs every uncommitted shard of `items`; returns counts and timings for the job's summary
-    (timed once, around the whole pipeline: its lazy stages measured apart would measure nothing)."""
+    """Runs every uncommitted shard of `items` on `layout` (resolved: every field set); returns
+    counts and timings for the job's summary (timed once, around the whole pipeline: its lazy
+    stages measured apart would measure nothing)."""
     import time
 
     import ray
@@ -110,10 +163,10 @@ def run_sharded(
         expected.setdefault(i.shard, []).append(i.uri)
     tracker = ShardTracker(run, expected)
     log(f"{len(items)} images in {len({i.shard for i in items})} shards; {len(committed)} shards already "
-        f"committed, {len(expected)} to do -> {run.root}")
+        f"committed, {len(expected)} to do -> {run.root}; {layout.describe()}")
     counts = {"images": len(todo), "rows": 0, "errors": 0, "shards_skipped": sorted(committed)}
     nodes: set[str] = set()
-    rss_mb, threads, first_commit, after_first = 0.0, 0, None, 0
+    rss_mb, threads, first_commit, after_first, returned = 0.0, 0, None, 0, 0
     if todo:
         ds = ray.data.from_items([{"uri": i.uri, "image_id": i.image_id, "shard": i.shard, "index": i.index}
                                   for i in todo])
@@ -124,12 +177,12 @@ def run_sharded(
                                 batch_format="numpy", num_cpus=0.25)
         ds = ds.map_batches(
             actor,
-            fn_constructor_kwargs=actor_kwargs,
-            compute=ray.data.ActorPoolStrategy(size=num_actors),
+            fn_constructor_kwargs={**actor_kwargs, "threads": layout.threads_per_actor},
+            compute=ray.data.ActorPoolStrategy(size=layout.num_actors),
             batch_size=batch_size,
             batch_format="numpy",
-            num_cpus=cpus_per_actor,
-            num_gpus=gpus_per_actor,  # Ray Data restarts a failed actor and retries its batch
+            num_cpus=layout.cpus_per_actor,
+            num_gpus=layout.gpus_per_actor,  # Ray Data restarts a failed actor and retries its batch
         )
         for row in ds.iter_rows():  # small metadata rows; the heavy outputs went straight to storage
             counts["rows"] += int(row["rows"])
@@ -137,9 +190,11 @@ def run_sharded(
             nodes.add(row["node"])
             rss_mb, threads = max(rss_mb, float(row["rss_mb"])), max(threads, int(row["threads"]))
             after_first += first_commit is not None
+            returned += 1
             if tracker.add(row["shard"], row["item"], int(row["rows"]), row["part"] or None, row["error"] or None):
-                log(f"committed shard {row['shard']}")
                 first_commit = first_commit or time.perf_counter()
+                log(f"committed shard {row['shard']} ({len(tracker.committed)}/{len(expected)} shards, "
+                    f"{progress(returned, len(todo), time.perf_counter() - start)})")
     missing = tracker.pending()
     if missing:  # every item must have come back; a silently dropped shard is a failure
         raise RuntimeError(f"shards not committed after the run: {missing}")
@@ -157,6 +212,13 @@ def run_sharded(
     counts["actor_peak_rss_mb"] = round(rss_mb, 1) if todo else None
     counts["actor_threads"] = threads or None
     return counts
+
+
+def progress(done: int, total: int, seconds: float) -> str:
+    """"120/1000 images, 9.8 images/s, ETA 1:30" (the rate so far, start-up included)."""
+    rate = done / seconds if seconds > 0 else 0.0
+    eta = f"{int((total - done) / rate) // 60}:{int((total - done) / rate) % 60:02d}" if rate > 0 else "?"
+    return f"{done}/{total} images, {rate:.1f} images/s, ETA {eta}"
 
 
 def number_items(pairs: list[tuple[str, str, int]]) -> list[Item]:

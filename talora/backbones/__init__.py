@@ -7,12 +7,11 @@ package costs nothing.
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 from talora.variants import VARIANTS, get_variant
 
 if TYPE_CHECKING:
-    import numpy as np
     import torch
 
     from talora.backbones.base import Backbone
@@ -35,12 +34,6 @@ def build_backbone(sam_type: str, state_dict: dict[str, torch.Tensor] | None = N
     if state_dict is not None:
         backbone.load_base_state_dict(state_dict, source)
     return backbone.freeze()
-
-
-def image_resizer(sam_type: str) -> Callable[[np.ndarray], np.ndarray]:
-    """HWC uint8 -> the variant's resized input frame, without building a model (CPU stages)."""
-    variant = get_variant(sam_type)
-    return family_module(variant.family).image_resizer(variant.image_size)
 
 
 def check_variant(state_dict: dict[str, torch.Tensor], sam_type: str, source: str) -> None:

@@ -10,10 +10,10 @@ names are module paths inside it) and answers, for that family:
 - masks back to the original frame: `postprocess_masks`;
 - LoRA targets (`find_targets`) and which weights the trunk depends on (`trunk_digest`).
 
-A family module (``talora/backbones/<family>.py``) defines its `Backbone` subclass and three
-functions the registry calls: ``build_model(variant_name)`` (random init), ``detect_variant(state_dict)``
-(which of its variants a checkpoint holds, or None) and ``image_resizer(image_size)`` (the CPU-side
-resize, used without building a model).
+A family module (``talora/backbones/<family>.py``) defines its `Backbone` subclass and two
+functions the registry calls: ``build_model(variant_name)`` (random init) and ``detect_variant(state_dict)``
+(which of its variants a checkpoint holds, or None). Its CPU-side resize, used without building a
+model or importing torch, is its entry in ``talora.frames.RESIZERS``.
 
 Shapes: B = images, P = rows, S = the square input side, h x w = the embedding grid, L = the
 low-res mask side (4h), C = trunk channels, C' = decoder channels, M = masks per row.

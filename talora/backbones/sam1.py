@@ -25,6 +25,7 @@ from torch.nn import functional as F
 from talora.backbones import base
 from talora.backbones.sam1_fused import fuse_attention
 from talora.config import LoraConfig
+from talora.frames import resize_longest_side
 from talora.lora import LoraLinear, LoraTarget
 
 # (patch-embedding width, encoder depth) -> variant: enough to tell the variants apart from a state dict.
@@ -41,11 +42,6 @@ _IOU_HEAD = re.compile(r"^mask_decoder\.(iou_prediction_head\.layers\.\d+)$")
 def build_model(sam_type: str) -> Sam:
     """A randomly initialised SAM 1 of `sam_type`."""
     return build_sam_vit_tiny() if sam_type == "vit_tiny" else sam_model_registry[sam_type](checkpoint=None)
-
-
-def image_resizer(image_size: int):
-    """The long side to `image_size`, aspect kept (padding happens on the device, in `normalize`)."""
-    return ResizeLongestSide(image_size).apply_image
 
 
 def build_sam_vit_tiny() -> Sam:
@@ -136,11 +132,11 @@ class Backbone(base.Backbone):
         self.decoder_dim = model.mask_decoder.transformer_dim
         self.num_blocks = len(encoder.blocks)
         self.mask_threshold = model.mask_threshold
-        self.transform = ResizeLongestSide(self.image_size)
+        self.transform = ResizeLongestSide(self.image_size)  # coordinates and boxes
 
     # --- frames ----------------------------------------------------------------------------------
     def resize(self, image: np.ndarray) -> np.ndarray:
-        return self.transform.apply_image(image)
+        return resize_longest_side(image, self.image_size)
 
     def normalize(self, resized: np.ndarray | torch.Tensor) -> torch.Tensor:
         x = torch.as_tensor(resized, device=self.device).permute(2, 0, 1).contiguous()[None].float()  # (1, 3, h', w')

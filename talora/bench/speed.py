@@ -4,8 +4,9 @@ measured side by side in one run, on the same model and the same images.
 - floor: `TaskAwarePredictor` on decoded, resized arrays (no I/O), K prompts: what the labelling
   job cannot beat at the same threads;
 - job: the labelling job end to end on a local Ray over every image (the same model, prompts and
-  grid): wall seconds, time to the first committed shard, steady-state images/s (after the first
-  commit) and `vs_floor` = job images/s ÷ floor images/s at the job's total torch threads;
+  grid; the actor layout it chooses itself): wall seconds, time to the first committed shard,
+  steady-state images/s (after the first commit) and `vs_floor` = job images/s ÷ floor images/s
+  at the job's total torch threads (actors x threads, in one process);
 - naive: the loop a first implementation writes — per image and prompt, encode the text, generate
   the adapter, run the whole encoder, decode — and `speedup` = naive ÷ floor seconds;
 - prompts: K = 1, 2, 4, 8 on the floor path, seconds per image and the ratio to K = 1;
@@ -159,7 +160,7 @@ def per_image(fn, count: int, config: SpeedConfig) -> float:
 
 def job_speed(config: SpeedConfig, tmp: str, prompts: list[str], floor) -> dict:
     """The labelling job in this process's Ray over the suite's images; `floor()` re-measures the floor
-    at the job's total torch threads (Ray gives an actor as many threads as whole CPUs it asks for)."""
+    at the job's total torch threads (its actors x their threads)."""
     import os
     import time
 
@@ -181,7 +182,8 @@ def job_speed(config: SpeedConfig, tmp: str, prompts: list[str], floor) -> dict:
     started = time.perf_counter()
     summary = run_label_job(label)
     wall = time.perf_counter() - started
-    threads = summary["actor_threads"]
+    layout = summary["config"]["layout"]
+    threads = layout["num_actors"] * layout["threads_per_actor"]  # the job's torch threads in all
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -191,7 +193,7 @@ def job_speed(config: SpeedConfig, tmp: str, prompts: list[str], floor) -> dict:
     rate = summary["steady_images_per_second"]
     return {"wall_s": wall, "first_commit_s": summary["first_commit_seconds"], "images_per_s": rate,
             "vs_floor": rate * floor_s if rate else None, "images": summary["images"], "errors": summary["errors"],
-            "actors": label.num_actors, "threads": threads, "floor_s_per_image_at_job_threads": floor_s,
+            "actors": layout["num_actors"], "threads": threads, "floor_s_per_image_at_job_threads": floor_s,
             "ray_start_s": ray_start, "actor_peak_rss_mb": summary["actor_peak_rss_mb"]}
 
 

@@ -12,7 +12,8 @@ def test_the_speed_suite_times_the_labelling_job_beside_the_floor(ray_cluster):
                           points_per_side=4)
     results = run_speed(config)
     job, memory = results["speed"]["job"], results["speed"]["memory"]
-    assert job["images"] == 4 and job["errors"] == 0 and job["actors"] == 1 and job["threads"] >= 1
+    assert job["images"] == 4 and job["errors"] == 0
+    assert job["actors"] == 2 and job["threads"] == 2  # chosen from the 2-CPU test cluster: a 1-thread actor per core
     assert 0 < job["first_commit_s"] <= job["wall_s"] and job["floor_s_per_image_at_job_threads"] > 0
     if job["images_per_s"] is not None:  # images that came back after the first commit, if any did
         assert job["vs_floor"] == pytest.approx(job["images_per_s"] * job["floor_s_per_image_at_job_threads"])

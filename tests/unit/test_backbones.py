@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from talora.backbones import build_backbone, detect_variant, image_resizer
+from talora.backbones import build_backbone, detect_variant
+from talora.frames import image_resizer
 from talora.variants import SAM_TYPES, VARIANTS, get_variant
 from talora.config import LoraConfig, default_config
 
@@ -88,3 +89,23 @@ def test_frames_map_points_boxes_and_masks_where_the_image_went(backbones):
     assert target.shape == (64, 64)
     # the image fills rows 0-127 of 256, so its top half is rows 0-63: low-res rows 0-15 (one row blurred)
     assert target[:15].min() == 1.0 and 0 < target[15].min() < 1 and target[17:].max() == 0.0
+
+
+def test_the_cpu_resize_gives_segment_anythings_pixels_without_importing_torch():
+    import subprocess
+    import sys
+
+    from segment_anything.utils.transforms import ResizeLongestSide
+
+    rng = np.random.default_rng(0)
+    for shape in ((30, 60, 3), (333, 257, 3), (1000, 999, 3)):
+        image = (rng.random(shape) * 255).astype(np.uint8)
+        for side in (256, 1024):
+            assert np.array_equal(image_resizer("vit_tiny" if side == 256 else "vit_h")(image),
+                                  ResizeLongestSide(side).apply_image(image))
+    # What a decode task's worker imports: no torch (its import would slow every fresh worker).
+    code = ("import sys, numpy as np; from talora.frames import decode_stage, image_resizer; "
+            "from talora.pipeline import read_image_bytes; image_resizer('vit_h')(np.zeros((8, 8, 3), np.uint8)); "
+            "decode_stage({'bytes': [b'x'], 'error': [''], 'uri': ['a']}, 100, 'vit_h'); "
+            "assert 'torch' not in sys.modules, 'torch was imported'")
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -1,0 +1,66 @@
+"""Image bytes -> a variant's resized input frame, on the CPU and without torch.
+
+The labelling job's decode stage runs as Ray Data tasks: each task's worker imports only this
+module (numpy, PIL and the registry), so a fresh worker starts in well under a second and the
+model actors, not the decode workers, get the cores while the job starts. The backbones resize
+through the same functions, so the job and `TaskAwarePredictor.predict` see the same pixels.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+from PIL import Image
+
+from talora.variants import get_variant
+
+
+def longest_side_shape(height: int, width: int, side: int) -> tuple[int, int]:
+    """(h, w) with the long side scaled to `side`, rounded as segment_anything's ResizeLongestSide."""
+    scale = side * 1.0 / max(height, width)
+    return int(height * scale + 0.5), int(width * scale + 0.5)
+
+
+def resize_longest_side(image: np.ndarray, side: int) -> np.ndarray:
+    """HWC uint8 -> the long side at `side`, bilinear through PIL: ResizeLongestSide.apply_image's
+    pixels (it resizes a PIL image the same way; tested equal), without importing torch."""
+    h, w = longest_side_shape(image.shape[0], image.shape[1], side)
+    return np.array(Image.fromarray(image).resize((w, h), Image.BILINEAR))
+
+
+# How each family frames an image before its encoder pads/normalises it on the device.
+RESIZERS: dict[str, Callable[[np.ndarray, int], np.ndarray]] = {"sam1": resize_longest_side}
+
+
+def image_resizer(sam_type: str) -> Callable[[np.ndarray], np.ndarray]:
+    """HWC uint8 -> the variant's resized input frame, without building a model."""
+    variant = get_variant(sam_type)
+    resize = RESIZERS[variant.family]
+    return lambda image: resize(image, variant.image_size)
+
+
+def decode_stage(batch: dict, max_pixels: int, sam_type: str) -> dict:
+    """Ray Data task: bytes -> the model's resized frame (EXIF applied, RGB, 16-bit scaled) and
+    the oriented original size; a bad image becomes an error, never a crash."""
+    from talora.data.coco import decode_image
+
+    resize = image_resizer(sam_type)
+    resized, heights, widths, errors = [], [], [], []
+    for data, error in zip(batch["bytes"], batch["error"]):
+        try:
+            if error:
+                raise OSError(error)
+            image = decode_image(bytes(data), max_pixels)
+            resized.append(resize(image))
+            heights.append(image.shape[0])
+            widths.append(image.shape[1])
+            errors.append("")
+        except Exception as e:
+            resized.append(np.zeros((1, 1, 3), np.uint8))
+            heights.append(0)
+            widths.append(0)
+            errors.append(f"{type(e).__name__}: {e}")
+    out = {k: v for k, v in batch.items() if k != "bytes"}
+    return {**out, "resized": np.array(resized + [None], dtype=object)[:-1], "height": np.array(heights),
+            "width": np.array(widths), "error": np.array(errors, dtype=object)}

@@ -1,0 +1,41 @@
+"""The actor layout a job chooses from the resources Ray reports, and its progress line."""
+
+import pytest
+
+from talora.pipeline import ActorLayout, progress
+
+
+def test_a_two_core_machine_gets_one_single_thread_actor_per_core_and_room_for_decoding():
+    layout = ActorLayout().resolve({"CPU": 2.0})
+    assert layout == ActorLayout(num_actors=2, cpus_per_actor=0.75, gpus_per_actor=0.0, threads_per_actor=1)
+    assert 2.0 - layout.num_actors * layout.cpus_per_actor >= 0.5  # two read/decode tasks still fit
+
+
+def test_real_sams_on_cpus_get_four_threads_per_actor():
+    assert ActorLayout().resolve({"CPU": 16.0}, light_model=False) == ActorLayout(4, 3.0, 0.0, 4)
+
+
+def test_gpus_get_one_actor_per_gpu_share():
+    assert ActorLayout().resolve({"CPU": 16.0, "GPU": 2.0}) == ActorLayout(2, 1.5, 1.0, 2)
+    assert ActorLayout(gpus_per_actor=0.5).resolve({"CPU": 16.0, "GPU": 1.0}) == ActorLayout(2, 1.5, 0.5, 2)
+    assert ActorLayout(gpus_per_actor=0).resolve({"CPU": 2.0, "GPU": 1.0}).gpus_per_actor == 0.0  # CPU only
+
+
+def test_given_fields_are_kept_and_the_rest_fit_around_them():
+    assert ActorLayout(num_actors=1).resolve({"CPU": 2.0}) == ActorLayout(1, 1.5, 0.0, 2)
+    assert ActorLayout(num_actors=3, cpus_per_actor=0.2, threads_per_actor=1).resolve({"CPU": 2.0}) == \
+        ActorLayout(3, 0.2, 0.0, 1)
+
+
+@pytest.mark.parametrize("field, value, message", [("num_actors", 0, "--num-actors must be >= 1"),
+                                                   ("cpus_per_actor", 0.0, "--cpus-per-actor must be > 0"),
+                                                   ("gpus_per_actor", -1.0, "--gpus-per-actor must be >= 0"),
+                                                   ("threads_per_actor", 0, "--threads-per-actor must be >= 1")])
+def test_a_bad_layout_is_refused_naming_the_flag(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        ActorLayout(**{field: value})
+
+
+def test_progress_gives_the_rate_so_far_and_an_eta():
+    assert progress(100, 1000, 10.0) == "100/1000 images, 10.0 images/s, ETA 1:30"
+    assert progress(0, 10, 0.0).endswith("ETA ?")
