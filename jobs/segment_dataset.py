@@ -42,6 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-region-parts", dest="region_parts", action="store_false",
                    help="no instance for a part of the semantic mask that no point instance matches")
     p.add_argument("--presence-thresh", type=float, default=0.5)
+    p.add_argument("--no-coarse-to-fine", dest="coarse_to_fine", action="store_false",
+                   help="decode every grid point, not the coarse grid first and then the points no kept mask covers")
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
                    help="autocast of the model passes (bf16 runs as fp16 on a GPU without bf16)")
     p.add_argument("--task", default=None, help="task id to write in the task column")
@@ -65,7 +67,7 @@ def config_from_args(args: argparse.Namespace):
                             score_thresh=args.score_thresh, stability_thresh=args.stability_thresh,
                             nms_thresh=args.nms_thresh, presence_thresh=args.presence_thresh,
                             mask_nms_thresh=args.mask_nms_thresh, region_parts=args.region_parts,
-                            precision=args.precision)
+                            precision=args.precision, coarse_to_fine=args.coarse_to_fine)
     model = model_spec(args.sam_type, args.sam_checkpoint, args.hypernet, args.adapter, args.untrained)
     return LabelConfig(prompts=tuple(args.prompt), images=args.images, output=args.output, model=model,
                        predict=predict, task=args.task, annotations=args.annotations, shard_size=args.shard_size,

@@ -62,6 +62,8 @@ class PredictConfig:
     part_score: float = 0.5
     min_part_area: float = 0.001
     precision: str = "fp32"  # fp32 | bf16 | fp16: autocast of the model passes
+    # The coarse grid first; then only the points outside every mask their prompt kept so far.
+    coarse_to_fine: bool = True
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -230,18 +232,22 @@ class TaskAwarePredictor:
         present = presence >= self.config.presence_thresh  # (P,)
         return [(logits[p] > self.backbone.mask_threshold) & bool(present[p]) for p in range(len(presence))]
 
-    def grid_points(self, regions: list[torch.Tensor], original_size) -> tuple[np.ndarray, np.ndarray]:
+    def grid_points(self, regions: list[torch.Tensor], original_size) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The grid points within `dilation` of each region: (points (n, 2) x, y in pixels, their
-        prompt (n,)), prompt by prompt. A point is kept when the square of side 2r+1 around it holds a
-        pixel of the region (a max-pool dilation read at the points, from one integral image)."""
+        prompt (n,), whether each is on the coarse grid of every other row and column (n,)), prompt
+        by prompt. A point is kept when the square of side 2r+1 around it holds a pixel of the region
+        (a max-pool dilation read at the points, from one integral image)."""
         H, W = original_size
         radius = max(1, int(self.config.dilation * max(H, W)))
-        grid = self.grid * np.array([[W, H]])  # (N, 2)
+        grid = self.grid * np.array([[W, H]])  # (N, 2), row-major: point k is row k // side, column k % side
+        side = self.config.points_per_side
+        row, column = np.divmod(np.arange(len(grid)), side)
+        coarse = (row % 2 == 1) & (column % 2 == 1)
         xs = np.clip(grid[:, 0].astype(int), 0, W - 1)
         ys = np.clip(grid[:, 1].astype(int), 0, H - 1)
         x0, x1 = np.clip(xs - radius, 0, W), np.clip(xs + radius + 1, 0, W)
         y0, y1 = np.clip(ys - radius, 0, H), np.clip(ys + radius + 1, 0, H)
-        points, owners = [], []
+        points, owners, coarse_points = [], [], []
         for p, region in enumerate(regions):
             if not region.any():
                 continue
@@ -249,19 +255,33 @@ class TaskAwarePredictor:
             inside = (integral[y1, x1] - integral[y0, x1] - integral[y1, x0] + integral[y0, x0]) > 0
             points.append(grid[inside])
             owners.append(np.full(int(inside.sum()), p))
+            coarse_points.append(coarse[inside])
         if not points:
-            return np.zeros((0, 2)), np.zeros(0, dtype=int)
-        return np.concatenate(points), np.concatenate(owners)
+            return np.zeros((0, 2)), np.zeros(0, dtype=int), np.zeros(0, dtype=bool)
+        return np.concatenate(points), np.concatenate(owners), np.concatenate(coarse_points)
 
     def instance_candidates(self, embeddings: torch.Tensor, adapter, regions: list[torch.Tensor],
                             original_size) -> list[tuple]:
         """Grid points near each prompt's region, every prompt's in the same decoder batches of
         points_per_batch rows -> [(prompt of each row (n,), low-res logits (n, 3, L, L), predicted
-        IoUs (n, 3))]. embeddings (P, C', h, w) and `adapter` (P rows) are indexed per row, not copied."""
-        points, owners = self.grid_points(regions, original_size)
+        IoUs (n, 3))]. embeddings (P, C', h, w) and `adapter` (P rows) are indexed per row, not copied.
+
+        With `coarse_to_fine`, the coarse grid (every other row and column) goes first; of the other
+        points, only those outside every mask of their prompt kept so far are decoded: a point on an
+        object already found would find it again."""
+        points, owners, coarse = self.grid_points(regions, original_size)
         coords = self.backbone.apply_coords(points, original_size)  # the input frame
+        if not self.config.coarse_to_fine:
+            return self.decode_points(embeddings, adapter, coords, owners)
+        candidates = self.decode_points(embeddings, adapter, coords[coarse], owners[coarse])
+        rest = ~coarse & ~self.covered(candidates, coords, owners)
+        return candidates + self.decode_points(embeddings, adapter, coords[rest], owners[rest])
+
+    def decode_points(self, embeddings: torch.Tensor, adapter, coords: np.ndarray, owners: np.ndarray) -> list[tuple]:
+        """Point prompts (n, 2) in the input frame, each of prompt owners[i] -> decoder outputs in
+        batches of points_per_batch rows."""
         candidates = []
-        for start in range(0, len(points), self.config.points_per_batch):
+        for start in range(0, len(coords), self.config.points_per_batch):
             batch = slice(start, start + self.config.points_per_batch)
             rows = torch.as_tensor(owners[batch], device=self.device)
             point_coords = torch.as_tensor(coords[batch], dtype=torch.float32, device=self.device)[:, None, :]
@@ -270,6 +290,25 @@ class TaskAwarePredictor:
                 out = self.model.decode(embeddings, adapter, point_coords, labels, multimask_output=True, rows=rows)
             candidates.append((rows, out.masks.float(), out.iou_predictions.float()))
         return candidates
+
+    def covered(self, candidates: list[tuple], coords: np.ndarray, owners: np.ndarray) -> np.ndarray:
+        """(n,) whether each point (input frame) lies in a mask its prompt keeps from `candidates`
+        (SAM's filters and the de-duplication, on the low-res masks, which cover the padded input)."""
+        if not candidates or not len(coords):
+            return np.zeros(len(coords), dtype=bool)
+        threshold, cfg = self.backbone.mask_threshold, self.config
+        kept = filter_masks(*candidates[0][1:], cfg, threshold, candidates[0][0])
+        for rows, lowres, ious in candidates[1:]:
+            kept.cat(filter_masks(lowres, ious, cfg, threshold, rows))
+        if not len(kept["masks"]):
+            return np.zeros(len(coords), dtype=bool)
+        kept = deduplicate(kept, cfg, threshold)
+        masks = kept["masks"] > threshold  # (k, L, L)
+        scale = masks.shape[-1] / self.backbone.image_size
+        lx = torch.as_tensor(np.clip((coords[:, 0] * scale).astype(int), 0, masks.shape[-1] - 1), device=masks.device)
+        ly = torch.as_tensor(np.clip((coords[:, 1] * scale).astype(int), 0, masks.shape[-2] - 1), device=masks.device)
+        same_prompt = kept["owner"][:, None] == torch.as_tensor(owners, device=masks.device)[None, :]  # (k, n)
+        return (masks[:, ly, lx] & same_prompt).any(0).cpu().numpy()
 
     def keep_instances(self, candidates: list[tuple], input_size, original_size, regions: list[torch.Tensor],
                        presence: list[float]) -> list[list[Detection]]:

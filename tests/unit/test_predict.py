@@ -203,11 +203,11 @@ def test_a_prompts_detections_do_not_depend_on_the_other_prompts_decoded_with_it
     assert instances > 0
 
 
-def _demo_predictor(**config):
+def _demo_predictor(points_per_side=8, **config):
     from talora.loading import load_model, model_spec
     from talora.predictor import TaskAwarePredictor
 
-    return TaskAwarePredictor(load_model(model_spec("vit_tiny")), PredictConfig(points_per_side=8, **config))
+    return TaskAwarePredictor(load_model(model_spec("vit_tiny")), PredictConfig(points_per_side=points_per_side, **config))
 
 
 def test_a_batch_of_images_of_different_sizes_gives_what_each_gives_alone(tmp_path):
@@ -284,3 +284,35 @@ def test_an_image_the_model_fails_on_is_an_error_row_and_the_rest_of_its_batch_i
     assert error_a == "" and rows_a and all(r["kind"] != "error" for r in rows_a)
     assert error_b.startswith("RuntimeError") and [(r["image_uri"], r["kind"]) for r in rows_b] == [("s/b.jpg", "error")]
     assert error_c == "OSError: truncated" and rows_c[0]["error"] == "OSError: truncated"
+
+
+def test_coarse_to_fine_decodes_fewer_points_and_finds_the_same_objects(tmp_path):
+    from pycocotools import mask as mask_utils
+
+    from talora.data.coco import CocoDataset
+    from talora.data.synthetic import write_demo_dataset
+
+    dataset = CocoDataset.load(write_demo_dataset(str(tmp_path), num_train=0, num_val=4, seed=3)["val"])
+    fine, every = _demo_predictor(16), _demo_predictor(16, coarse_to_fine=False)
+    prompts = ["segment vehicles", "segment red objects"]
+    decoded = {True: 0, False: 0}
+    matched = total = 0
+    for image_id in dataset.image_ids:
+        image = dataset.load_image(image_id)
+        resized = fine.resize(image)
+        with torch.no_grad():
+            adapter = fine.model.adapters(prompts)
+            embeddings = fine.tail(fine.trunk(resized), adapter)
+            regions = fine.task_regions(*fine.semantic(embeddings, adapter, resized.shape[:2], image.shape[:2]))
+            for predictor in (fine, every):
+                rows = predictor.instance_candidates(embeddings, adapter, regions, image.shape[:2])
+                decoded[predictor.config.coarse_to_fine] += sum(len(r) for r, _, _ in rows)
+        a, b = fine.predict(image, prompts), every.predict(image, prompts)
+        for prompt in prompts:
+            x = [d.rle for d in a[prompt] if d.kind == "instance" and d.score > 0.5]
+            y = [d.rle for d in b[prompt] if d.kind == "instance" and d.score > 0.5]
+            if y:  # the full grid's point instances are found coarse to fine
+                total += len(y)
+                matched += int((mask_utils.iou(y, x, [0] * len(x)).max(1) > 0.8).sum()) if x else 0
+    assert decoded[True] < 0.75 * decoded[False]  # 157 of 231 rows here
+    assert total >= 4 and matched >= 0.9 * total
