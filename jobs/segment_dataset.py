@@ -43,7 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="no instance for a part of the semantic mask that no point instance matches")
     p.add_argument("--presence-thresh", type=float, default=0.5)
     p.add_argument("--no-coarse-to-fine", dest="coarse_to_fine", action="store_false",
-                   help="decode every grid point, not the coarse grid first and then the points no kept mask covers")
+                   help="decode every grid point, not the coarse grid first and then the points no kept mask "
+                   "covers (grids of 16 per side and more; coarser ones always decode every point)")
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
                    help="autocast of the model passes (bf16 runs as fp16 on a GPU without bf16)")
     p.add_argument("--task", default=None, help="task id to write in the task column")
