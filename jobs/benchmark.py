@@ -43,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tasks-per-image", type=int, default=None, help="train step: tasks per image (default 2)")
     p.add_argument("--min-run-time", type=float, default=None, help="seconds of timed runs per path (default 2)")
     p.add_argument("--skip-job", action="store_true", help="no labelling job end to end (no Ray)")
+    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default=None,
+                   help="speed: autocast of the timed model paths and the job (default fp32)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     q = p.add_argument_group("quality suite")
     q.add_argument("--train-annotations", help="COCO JSON the tasks (and any training) come from (default: demo)")
@@ -85,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.sam_type, args.device, preset, images=args.images, num_images=args.num_images,
                 timed_images=args.timed_images, prompts=args.prompts, points_per_side=args.points_per_side,
                 batch_images=args.batch_images, tasks_per_image=args.tasks_per_image, min_run_time=args.min_run_time,
-                job=not args.skip_job, storage=storage)
+                job=not args.skip_job, precision=args.precision, storage=storage)
             suite, results = speed, speed.run_speed(config)
         files = suite.write_results(results, args.out, storage)
         print(suite.markdown(results))

@@ -10,6 +10,9 @@ measured side by side in one run, on the same model and the same images.
 - naive: the loop a first implementation writes — per image and prompt, encode the text, generate
   the adapter, run the whole encoder, decode — and `speedup` = naive ÷ floor seconds;
 - prompts: K = 1, 2, 4, 8 on the floor path, seconds per image and the ratio to K = 1;
+- reference: segment_anything's own `SamPredictor` on the same base (set_image, then one point,
+  one mask) against talora's one-prompt semantic path (mode "semantic"), images/s ratio
+  `vs_sam_predictor`: the GPU aim compares talora with SAM at the same precision;
 - breakdown: seconds per image of each stage — decode/resize, trunk, tail, semantic decode,
   instance decode, filtering + NMS + upsampling + RLE, writing the rows (a Parquet part) — each
   timed on the same images from the stage before's saved outputs;
@@ -57,6 +60,7 @@ class SpeedConfig:
     tasks_per_image: int = 2
     min_run_time: float = 2.0  # seconds of timed runs per path (at least one run)
     job: bool = True  # run the labelling job end to end (needs Ray)
+    precision: str = "fp32"  # autocast of the model paths (PredictConfig.precision)
     storage: StorageOptions = field(default_factory=StorageOptions)
 
     def __post_init__(self) -> None:
@@ -65,6 +69,8 @@ class SpeedConfig:
         for name in ("num_images", "timed_images", "points_per_side", "batch_images", "tasks_per_image"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.precision not in ("fp32", "bf16", "fp16"):
+            raise ValueError(f"--precision must be fp32, bf16 or fp16, got {self.precision!r}")
 
 
 def median_seconds(fn, min_run_time: float) -> tuple[float, int]:
@@ -87,7 +93,8 @@ def run_speed(config: SpeedConfig) -> dict:
     with tempfile.TemporaryDirectory(prefix="talora-bench-") as tmp:
         dataset, images = bench_images(config, tmp)  # a bad prefix fails here, before any model is built
         model = load_model(model_spec(sam_type, untrained=sam_type != "vit_tiny")).to(device)
-        predictor = TaskAwarePredictor(model, PredictConfig(points_per_side=config.points_per_side))
+        predictor = TaskAwarePredictor(model, PredictConfig(points_per_side=config.points_per_side,
+                                                            precision=config.precision))
         resized = [(predictor.resize(image), image.shape[:2]) for image in images]
         prompts = list(PROMPTS[: config.prompts])
 
@@ -101,6 +108,7 @@ def run_speed(config: SpeedConfig) -> dict:
             speed["prompts"][str(k)] = {"s_per_image": seconds}
         for k, entry in speed["prompts"].items():
             entry["vs_one"] = entry["s_per_image"] / speed["prompts"]["1"]["s_per_image"]
+        speed["reference"] = sam_reference(model, images, resized, config)
         speed["breakdown"] = breakdown(predictor, dataset, images, prompts, config)
         speed["eval"] = eval_backends(predictor, dataset, images, prompts, config) if dataset else {
             "absent": "--images has no annotations to score against"}
@@ -176,7 +184,7 @@ def job_speed(config: SpeedConfig, tmp: str, prompts: list[str], floor) -> dict:
     ray_start = time.perf_counter() - started
     label = LabelConfig(prompts=tuple(prompts), images=os.path.join(tmp, "val", "images") if generated else config.images,
                         output=os.path.join(tmp, "labels"), model=model_spec(sam_type, untrained=sam_type != "vit_tiny"),
-                        predict=PredictConfig(points_per_side=config.points_per_side),
+                        predict=PredictConfig(points_per_side=config.points_per_side, precision=config.precision),
                         annotations=os.path.join(tmp, "val", "instances.json") if generated else None,
                         max_images=None if generated else config.num_images, storage=config.storage)
     started = time.perf_counter()
@@ -243,6 +251,29 @@ def breakdown(predictor, dataset, images: list[np.ndarray], prompts: list[str], 
             out[f"{name}_s"] = per_image(fn, n, config)
     out["sum_s"] = sum(out.values())
     return out
+
+
+def sam_reference(model, images: list[np.ndarray], resized, config: SpeedConfig) -> dict:
+    """Seconds per image of segment_anything's SamPredictor on the base (LoRA layers inactive): set_image,
+    then one point at the image centre, one mask; beside talora's one-prompt semantic path on the
+    same images and precision. vs_sam_predictor > 1: talora labels more images per second."""
+    from segment_anything import SamPredictor
+
+    from talora.predictor import PredictConfig, TaskAwarePredictor
+
+    semantic = TaskAwarePredictor(model, PredictConfig(mode="semantic", precision=config.precision))
+    sam = SamPredictor(model.sam)
+
+    def sam_image(i: int) -> None:
+        h, w = images[i].shape[:2]
+        with torch.no_grad(), semantic.autocast():
+            sam.set_image(images[i])
+            sam.predict(point_coords=np.array([[w / 2, h / 2]]), point_labels=np.array([1]), multimask_output=False)
+
+    sam_s = per_image(sam_image, len(images), config)
+    talora_s = per_image(lambda i: semantic.predict_resized(*resized[i], [PROMPTS[0]]), len(images), config)
+    return {"sam_predictor_s_per_image": sam_s, "talora_semantic_s_per_image": talora_s,
+            "vs_sam_predictor": sam_s / talora_s}
 
 
 def image_bytes(image: np.ndarray) -> bytes:
@@ -393,7 +424,7 @@ def speed_config(sam_type: str, device: str, preset: str | None = None, **kwargs
 def describe(config: SpeedConfig) -> dict:
     return {"sam_type": config.model.sam.sam_type, "images": config.images or "demo (generated)",
             "num_images": config.num_images, "timed_images": config.timed_images, "prompts": config.prompts,
-            "points_per_side": config.points_per_side,
+            "points_per_side": config.points_per_side, "precision": config.precision,
             "batch_images": config.batch_images, "tasks_per_image": config.tasks_per_image,
             "min_run_time": config.min_run_time, "job": config.job}
 

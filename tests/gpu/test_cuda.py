@@ -130,6 +130,28 @@ def test_shipped_models_predict_the_same_masks_on_cuda_as_on_cpu(cuda):
     assert compared >= 2
 
 
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_autocast_on_cuda_gives_the_fp32_masks(cuda, precision):
+    # The GPU half of tests/unit/test_predict.py::test_bf16_autocast_gives_the_fp32_masks, on a batch.
+    coco, files = make_split(6, seed=3)
+    images = [decode_image(files[i["file_name"]]) for i in coco["images"]]
+    model = load_model(model_spec("vit_tiny"), None).to(cuda)
+    fp32 = TaskAwarePredictor(model, PredictConfig())
+    low = TaskAwarePredictor(model, PredictConfig(precision=precision))
+    prompts = ["segment vehicles", "segment red objects"]
+    items = [(fp32.resize(image), image.shape[:2]) for image in images]
+    a, b = fp32.predict_batch(items, prompts), low.predict_batch(items, prompts)
+    ious = []
+    for x, y in zip(a, b):
+        for prompt in prompts:
+            sx = [d.rle for d in x[prompt] if d.kind == "semantic"]
+            sy = [d.rle for d in y[prompt] if d.kind == "semantic"]
+            assert len(sx) == len(sy)
+            if sx:
+                ious.append(mask_utils.iou(sx, sy, [0])[0, 0])
+    assert len(ious) >= 3 and min(ious) >= 0.98
+
+
 def test_trunk_memo_keeps_gpu_features_in_cpu_memory_and_validation_scores_them_as_on_the_cpu(tmp_path, cuda):
     """CUDA twin of tests/unit/test_memo.py: features computed on the GPU are held in CPU memory
     (not GPU memory), and validation moves each image's back, scoring what the CPU scores."""

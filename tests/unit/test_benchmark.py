@@ -27,6 +27,10 @@ def test_the_speed_suite_reports_every_stable_key(results):
     assert speed["naive"]["speedup"] == pytest.approx(speed["naive"]["s_per_image"] / speed["floor"]["s_per_image"])
     assert set(speed["prompts"]) == {str(k) for k in PROMPT_COUNTS} and speed["prompts"]["1"]["vs_one"] == 1.0
     assert all(v["s_per_image"] > 0 for v in speed["prompts"].values())
+    reference = speed["reference"]
+    assert reference["sam_predictor_s_per_image"] > 0 and reference["talora_semantic_s_per_image"] > 0
+    assert reference["vs_sam_predictor"] == pytest.approx(
+        reference["sam_predictor_s_per_image"] / reference["talora_semantic_s_per_image"])
     stages = {"decode_resize", "trunk", "tail", "semantic_decode", "instance_decode", "filter_nms_rle", "writing"}
     assert set(speed["breakdown"]) == {f"{s}_s" for s in stages} | {"sum_s"}
     assert all(v > 0 for v in speed["breakdown"].values())
