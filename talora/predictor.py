@@ -10,7 +10,9 @@ benchmark. Per image: one trunk pass; per prompt the adapted encoder tail, then
   of points_per_batch rows, each row pointing at its prompt's image embedding and adapter row
   (`TaskAwareSam.decode(rows=)`); SAM's filters from segment_anything.utils.amg (predicted IoU,
   stability score) run on the whole batch, box NMS on all prompts at once (per prompt, through
-  torchvision's batched_nms), mask NMS per prompt, then COCO RLE once per kept mask.
+  torchvision's batched_nms), mask NMS per prompt, then COCO RLE once per kept mask. On grids
+  of 16 per side and more the coarse grid goes first and the other points only where no kept
+  mask of their prompt covers them (`coarse_to_fine`).
 
 Images can come in batches (`predict_batch`): one trunk pass for all of them, then the per-prompt
 passes image by image. `precision` runs the model under autocast (bf16, or fp16 where the GPU has
