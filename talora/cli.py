@@ -199,8 +199,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
     image = decode_image(read_bytes(args.image, storage))
     model = load_model(model_spec(args.sam_type or "vit_tiny", args.sam_checkpoint, args.hypernet, args.adapter,
                                   args.untrained), storage)
+    import torch
+
+    if torch.cuda.is_available():  # as the labelling job's actors
+        model = model.cuda()
     predictor = TaskAwarePredictor(model, PredictConfig(mode=args.mode, points_per_side=args.points_per_side,
-                                                        presence_thresh=args.presence_thresh))
+                                                        presence_thresh=args.presence_thresh, precision=args.precision))
     results = predictor.predict(image, prompts)
     as_dicts = {p: [{**dataclasses.asdict(d), "segmentation": d.rle} for d in ds] for p, ds in results.items()}
     write_bytes(args.out, overlay_png(image, as_dicts), storage)
@@ -356,6 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", choices=("instance", "semantic", "both"), default="both")
     p.add_argument("--points-per-side", type=int, default=16)
     p.add_argument("--presence-thresh", type=float, default=0.5)
+    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32", help="autocast of the model passes")
     p.add_argument("--out", required=True, help="overlay PNG")
     p.add_argument("--json", action="store_true", help="also print the detections (without masks)")
     _add_storage_args(p)
