@@ -29,6 +29,7 @@ import pyarrow as pa
 from talora.storage import StorageOptions, filesystem, join, read_bytes, write_bytes
 
 MANIFESTS = "_manifests"
+STATUS = "_status.json"  # the driver's progress, rewritten at every commit: for users, never for exactly-once
 
 
 class PartFormat(Protocol):
@@ -86,6 +87,10 @@ class RunOutput:
     def commit(self, manifest: Manifest) -> None:
         """Commits a shard: its manifest is the last thing written."""
         write_bytes(self.manifest_uri(manifest.shard), manifest.to_json(), self.storage)
+
+    def write_status(self, status: dict) -> None:
+        """OUT/<run_key>/_status.json: where a running job is (one small PUT per committed shard)."""
+        write_bytes(join(self.root, STATUS), json.dumps(status, indent=1).encode(), self.storage)
 
     def manifests(self) -> dict[str, Manifest]:
         fs, path = filesystem(join(self.root, MANIFESTS), self.storage)

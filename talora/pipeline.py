@@ -6,7 +6,8 @@
 
 The actor pool's layout (how many actors, the CPUs, GPUs and torch threads of each) is chosen
 from the resources Ray reports unless given (`ActorLayout.resolve`); the driver prints it, and
-with every committed shard the progress, the rate and an ETA.
+with every committed shard the progress, the rate and an ETA, which it also writes to
+OUT/<run_key>/_status.json for whoever watches the job.
 
 Heavy outputs (features, masks) go from the actors straight to storage; the driver only counts.
 A failed read or decode is an error entry for that item (and whatever row the job makes of it),
@@ -164,7 +165,7 @@ def run_sharded(
     tracker = ShardTracker(run, expected)
     log(f"{len(items)} images in {len({i.shard for i in items})} shards; {len(committed)} shards already "
         f"committed, {len(expected)} to do -> {run.root}; {layout.describe()}")
-    counts = {"images": len(todo), "rows": 0, "errors": 0, "shards_skipped": sorted(committed)}
+    counts = {"images": len(todo), "rows": 0, "errors": 0, "shards_skipped": len(committed)}
     nodes: set[str] = set()
     rss_mb, threads, first_commit, after_first, returned = 0.0, 0, None, 0, 0
     if todo:
@@ -195,9 +196,13 @@ def run_sharded(
                 first_commit = first_commit or time.perf_counter()
                 log(f"committed shard {row['shard']} ({len(tracker.committed)}/{len(expected)} shards, "
                     f"{progress(returned, len(todo), time.perf_counter() - start)})")
+                run.write_status(status("running", tracker, len(committed), returned, len(todo), counts["errors"],
+                                        time.perf_counter() - start))
     missing = tracker.pending()
     if missing:  # every item must have come back; a silently dropped shard is a failure
         raise RuntimeError(f"shards not committed after the run: {missing}")
+    run.write_status(status("done", tracker, len(committed), returned, len(todo), counts["errors"],
+                            time.perf_counter() - start))
     counts["shards_committed"] = tracker.committed
     counts["worker_nodes"] = sorted(nodes)
     end = time.perf_counter()
@@ -219,6 +224,19 @@ def progress(done: int, total: int, seconds: float) -> str:
     rate = done / seconds if seconds > 0 else 0.0
     eta = f"{int((total - done) / rate) // 60}:{int((total - done) / rate) % 60:02d}" if rate > 0 else "?"
     return f"{done}/{total} images, {rate:.1f} images/s, ETA {eta}"
+
+
+def status(state: str, tracker: ShardTracker, skipped: int, returned: int, total: int, errors: int,
+           seconds: float) -> dict:
+    """The run's _status.json: shards and images done of all, the rate so far and an ETA (seconds)."""
+    import datetime
+
+    rate = returned / seconds if seconds > 0 else 0.0
+    return {"state": state, "updated": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "shards": {"committed": len(tracker.committed), "to_do": len(tracker.expected), "skipped": skipped},
+            "images": {"returned": returned, "to_do": total, "errors": errors},
+            "elapsed_s": round(seconds, 1), "images_per_second": round(rate, 3),
+            "eta_s": round((total - returned) / rate, 1) if rate > 0 else None}
 
 
 def number_items(pairs: list[tuple[str, str, int]]) -> list[Item]:

@@ -1,6 +1,7 @@
 """The labelling job on a local Ray cluster with moto S3: outputs, exactly-once, bad input, job submit."""
 
 import io
+import json
 
 import numpy as np
 import pytest
@@ -9,7 +10,7 @@ from PIL import Image
 from talora.commit import RunOutput
 from talora.data.synthetic import write_demo_dataset
 from talora.predictions import read_run
-from talora.storage import write_bytes
+from talora.storage import read_bytes, write_bytes
 from tests.conftest import job_summary, run_job
 from talora.predictions import PARQUET
 
@@ -103,6 +104,9 @@ def test_the_bad_input_corpus_gives_error_rows_and_never_crashes(ray_cluster, s3
     (manifest,) = RunOutput(out, key, s3, PARQUET).manifests().values()
     assert len(manifest.items) == 12 and set(manifest.errors) == {
         u for u in manifest.items if u.rsplit("/", 1)[-1] in expected_errors}
+    status = json.loads(read_bytes(f"{summary['output']}/_status.json", s3))  # what a user watching the job reads
+    assert status["state"] == "done" and status["shards"]["committed"] == status["shards"]["to_do"] == 1
+    assert status["images"] == {"returned": 12, "to_do": 12, "errors": 4} and status["eta_s"] == 0
 
 
 def test_bad_flags_fail_before_the_pool_starts(tmp_path):

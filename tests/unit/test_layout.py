@@ -39,3 +39,20 @@ def test_a_bad_layout_is_refused_naming_the_flag(field, value, message):
 def test_progress_gives_the_rate_so_far_and_an_eta():
     assert progress(100, 1000, 10.0) == "100/1000 images, 10.0 images/s, ETA 1:30"
     assert progress(0, 10, 0.0).endswith("ETA ?")
+
+
+def test_the_status_file_counts_shards_and_images_and_gives_an_eta(tmp_path):
+    import json
+
+    from talora.commit import RunOutput, ShardTracker
+    from talora.pipeline import status
+    from talora.predictions import PARQUET
+
+    run = RunOutput(str(tmp_path), "k", None, PARQUET)
+    tracker = ShardTracker(run, {"a": ["a/1.jpg"], "b": ["b/1.jpg", "b/2.jpg"]})
+    tracker.add("a", "a/1.jpg", 0)
+    run.write_status(status("running", tracker, 3, 1, 3, 0, 2.0))
+    written = json.loads((tmp_path / "k" / "_status.json").read_text())
+    assert written["state"] == "running" and written["shards"] == {"committed": 1, "to_do": 2, "skipped": 3}
+    assert written["images"] == {"returned": 1, "to_do": 3, "errors": 0}
+    assert written["images_per_second"] == 0.5 and written["eta_s"] == 4.0 and written["updated"].endswith("+00:00")
