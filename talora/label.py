@@ -93,27 +93,28 @@ class LabelActor(ShardWriter):
             sam_model.adapters(self.prompts)  # generate (and cache) every prompt's adapter once
 
     def process(self, batch: dict) -> list[tuple[list[dict], str]]:
-        items = list(zip(batch["uri"], (int(i) for i in batch["image_id"]), batch["shard"], batch["resized"],
-                         (int(h) for h in batch["height"]), (int(w) for w in batch["width"]), batch["error"]))
-        good = [i for i, item in enumerate(items) if not item[-1]]
-        predictions: dict[int, dict | Exception] = {}
+        frames = [(np.asarray(resized), (int(h), int(w)))  # (resized image, original size) per item
+                  for resized, h, w in zip(batch["resized"], batch["height"], batch["width"])]
+        decoded = [i for i, error in enumerate(batch["error"]) if not error]
+        found: dict[int, dict | Exception] = {}
         try:  # the batch's trunk in one pass
-            found = self.predictor.predict_batch([(np.asarray(items[i][3]), items[i][4:6]) for i in good], self.prompts)
-            predictions.update(zip(good, found))
+            found.update(zip(decoded, self.predictor.predict_batch([frames[i] for i in decoded], self.prompts)))
         except Exception:  # find the image that failed: one at a time
-            for i in good:
+            for i in decoded:
                 try:
-                    predictions[i] = self.predictor.predict_resized(np.asarray(items[i][3]), items[i][4:6], self.prompts)
+                    found[i] = self.predictor.predict_resized(*frames[i], self.prompts)
                 except Exception as e:  # one bad image is one error row; the job goes on
-                    predictions[i] = e
+                    found[i] = e
         results = []
-        for i, (uri, image_id, shard, _, h, w, error) in enumerate(items):
-            found = predictions.get(i, ValueError(error))
-            if isinstance(found, Exception):
-                message = error or f"{type(found).__name__}: {found}"
+        for i, (uri, image_id, shard, error) in enumerate(zip(batch["uri"], batch["image_id"], batch["shard"],
+                                                             batch["error"])):
+            image_id, (h, w) = int(image_id), frames[i][1]
+            predictions = found.get(i, ValueError(error))
+            if isinstance(predictions, Exception):
+                message = error or f"{type(predictions).__name__}: {predictions}"
                 results.append(([error_row(uri, image_id, shard, message, self.model_name)], message))
             else:
-                results.append((detection_rows(uri, image_id, shard, w, h, found, self.task, self.model_name), ""))
+                results.append((detection_rows(uri, image_id, shard, w, h, predictions, self.task, self.model_name), ""))
         return results
 
 
@@ -171,7 +172,8 @@ def run_label_job(config: LabelConfig) -> dict:
         items, run, LabelActor,
         {"spec": spec, "prompts": prompts, "predict": config.predict, "task": config.task, "model": model,
          "run": run, "storage": config.storage},
-        config.storage, config.batch_size, layout, cpu_stage=decode_stage, cpu_stage_kwargs={"max_pixels": config.max_pixels, "sam_type": spec.sam_type},
+        config.storage, config.batch_size, layout,
+        cpu_stage=decode_stage, cpu_stage_kwargs={"max_pixels": config.max_pixels, "sam_type": spec.sam_type},
         log=lambda m: print(f"label: {m}", flush=True),
     )
     summary = {
