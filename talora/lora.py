@@ -119,12 +119,12 @@ class LoraLinear(nn.Module):
         self.merged_delta: torch.Tensor | None = None  # what merge() added, for an exact unmerge
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.lora_groups is not None:  # its own Linear per run of rows: no base pass first
+            return self.grouped_forward(x, self.lora_A, self.lora_B, self.lora_groups)
         out = self.base_layer(x)
         if self.lora_A is None:
             return out
         A, B = self.lora_A.to(x.dtype), self.lora_B.to(x.dtype)
-        if self.lora_groups is not None:
-            return self.grouped_forward(x, A, B, self.lora_groups)
         x = self.lora_dropout(x)
         if A.dim() == 2:  # shared: (r, in), (out, r)
             return out + self.scale * ((x @ A.T) @ B.T)

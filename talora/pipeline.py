@@ -194,10 +194,10 @@ def run_sharded(
             returned += 1
             if tracker.add(row["shard"], row["item"], int(row["rows"]), row["part"] or None, row["error"] or None):
                 first_commit = first_commit or time.perf_counter()
-                log(f"committed shard {row['shard']} ({len(tracker.committed)}/{len(expected)} shards, "
-                    f"{progress(returned, len(todo), time.perf_counter() - start)})")
-                run.write_status(status("running", tracker, len(committed), returned, len(todo), counts["errors"],
-                                        time.perf_counter() - start))
+                now = status("running", tracker, len(committed), returned, len(todo), counts["errors"],
+                             time.perf_counter() - start)
+                run.write_status(now)
+                log(f"committed shard {row['shard']} ({progress(now)})")
     missing = tracker.pending()
     if missing:  # every item must have come back; a silently dropped shard is a failure
         raise RuntimeError(f"shards not committed after the run: {missing}")
@@ -219,11 +219,11 @@ def run_sharded(
     return counts
 
 
-def progress(done: int, total: int, seconds: float) -> str:
-    """"120/1000 images, 9.8 images/s, ETA 1:30" (the rate so far, start-up included)."""
-    rate = done / seconds if seconds > 0 else 0.0
-    eta = f"{int((total - done) / rate) // 60}:{int((total - done) / rate) % 60:02d}" if rate > 0 else "?"
-    return f"{done}/{total} images, {rate:.1f} images/s, ETA {eta}"
+def progress(now: dict) -> str:
+    """A status (below) as one line: "3/10 shards, 120/1000 images, 9.8 images/s, ETA 1:30"."""
+    eta = f"{int(now['eta_s']) // 60}:{int(now['eta_s']) % 60:02d}" if now["eta_s"] is not None else "?"
+    return (f"{now['shards']['committed']}/{now['shards']['to_do']} shards, {now['images']['returned']}/"
+            f"{now['images']['to_do']} images, {now['images_per_second']:.1f} images/s, ETA {eta}")
 
 
 def status(state: str, tracker: ShardTracker, skipped: int, returned: int, total: int, errors: int,

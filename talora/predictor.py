@@ -296,19 +296,25 @@ class TaskAwarePredictor:
             candidates.append((rows, out.masks.float(), out.iou_predictions.float()))
         return candidates
 
+    def kept(self, candidates: list[tuple]) -> MaskData | None:
+        """SAM's filters on every decoder batch, then the de-duplication per prompt: the masks each
+        prompt keeps (low-res, with their prompt in "owner"), best first; None if none is kept."""
+        threshold = self.backbone.mask_threshold
+        parts = [filter_masks(lowres, ious, self.config, threshold, rows) for rows, lowres, ious in candidates]
+        if not parts:
+            return None
+        data = parts[0]
+        for part in parts[1:]:
+            data.cat(part)
+        return deduplicate(data, self.config, threshold) if len(data["masks"]) else None
+
     def covered(self, candidates: list[tuple], coords: np.ndarray, owners: np.ndarray) -> np.ndarray:
         """(n,) whether each point (input frame) lies in a mask its prompt keeps from `candidates`
         (SAM's filters and the de-duplication, on the low-res masks, which cover the padded input)."""
-        if not candidates or not len(coords):
+        kept = self.kept(candidates)
+        if kept is None or not len(coords):
             return np.zeros(len(coords), dtype=bool)
-        threshold, cfg = self.backbone.mask_threshold, self.config
-        kept = filter_masks(*candidates[0][1:], cfg, threshold, candidates[0][0])
-        for rows, lowres, ious in candidates[1:]:
-            kept.cat(filter_masks(lowres, ious, cfg, threshold, rows))
-        if not len(kept["masks"]):
-            return np.zeros(len(coords), dtype=bool)
-        kept = deduplicate(kept, cfg, threshold)
-        masks = kept["masks"] > threshold  # (k, L, L)
+        masks = kept["masks"] > self.backbone.mask_threshold  # (k, L, L)
         scale = masks.shape[-1] / self.backbone.image_size
         lx = torch.as_tensor(np.clip((coords[:, 0] * scale).astype(int), 0, masks.shape[-1] - 1), device=masks.device)
         ly = torch.as_tensor(np.clip((coords[:, 1] * scale).astype(int), 0, masks.shape[-2] - 1), device=masks.device)
@@ -322,12 +328,7 @@ class TaskAwarePredictor:
         connected part of a prompt's region (H x W, where its points came from) that no kept mask
         matches becomes an instance too. -> detections per prompt, by score."""
         backbone, cfg = self.backbone, self.config
-        kept = None
-        if candidates:
-            kept = filter_masks(*candidates[0][1:], cfg, backbone.mask_threshold, candidates[0][0])
-            for rows, lowres, ious in candidates[1:]:
-                kept.cat(filter_masks(lowres, ious, cfg, backbone.mask_threshold, rows))
-            kept = deduplicate(kept, cfg, backbone.mask_threshold) if len(kept["masks"]) else None
+        kept = self.kept(candidates)
         results = []
         for p, region in enumerate(regions):
             masks, scores = np.zeros((0, *original_size), dtype=bool), []

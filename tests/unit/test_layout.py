@@ -1,8 +1,8 @@
-"""The actor layout a job chooses from the resources Ray reports, and its progress line."""
+"""The actor layout a job chooses from the resources Ray reports, and its progress line and status file."""
 
 import pytest
 
-from talora.pipeline import ActorLayout, progress
+from talora.pipeline import ActorLayout
 
 
 def test_a_two_core_machine_gets_one_single_thread_actor_per_core_and_room_for_decoding():
@@ -36,16 +36,11 @@ def test_a_bad_layout_is_refused_naming_the_flag(field, value, message):
         ActorLayout(**{field: value})
 
 
-def test_progress_gives_the_rate_so_far_and_an_eta():
-    assert progress(100, 1000, 10.0) == "100/1000 images, 10.0 images/s, ETA 1:30"
-    assert progress(0, 10, 0.0).endswith("ETA ?")
-
-
 def test_the_status_file_counts_shards_and_images_and_gives_an_eta(tmp_path):
     import json
 
     from talora.commit import RunOutput, ShardTracker
-    from talora.pipeline import status
+    from talora.pipeline import progress, status
     from talora.predictions import PARQUET
 
     run = RunOutput(str(tmp_path), "k", None, PARQUET)
@@ -56,3 +51,5 @@ def test_the_status_file_counts_shards_and_images_and_gives_an_eta(tmp_path):
     assert written["state"] == "running" and written["shards"] == {"committed": 1, "to_do": 2, "skipped": 3}
     assert written["images"] == {"returned": 1, "to_do": 3, "errors": 0}
     assert written["images_per_second"] == 0.5 and written["eta_s"] == 4.0 and written["updated"].endswith("+00:00")
+    assert progress(written) == "1/2 shards, 1/3 images, 0.5 images/s, ETA 0:04"
+    assert progress(status("running", tracker, 0, 0, 3, 0, 0.0)).endswith("ETA ?")

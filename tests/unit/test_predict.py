@@ -242,12 +242,13 @@ def test_bf16_autocast_gives_the_fp32_masks(tmp_path):
     fp32, bf16 = _demo_predictor(), _demo_predictor(precision="bf16")
     assert bf16.dtype == torch.bfloat16 and fp32.dtype is None
     prompts = ["segment vehicles", "segment red objects"]
-    semantic, instance = [], []
+    semantic, instance, score_changes = [], [], []
     for image_id in dataset.image_ids:
         image = dataset.load_image(image_id)
         a, b = fp32.predict(image, prompts), bf16.predict(image, prompts)
         for prompt in prompts:
             assert [d.kind for d in a[prompt]] == [d.kind for d in b[prompt]]
+            score_changes += [abs(x.score - y.score) for x, y in zip(a[prompt], b[prompt])]
             for kind, ious in (("semantic", semantic), ("instance", instance)):
                 x = [d.rle for d in a[prompt] if d.kind == kind]
                 y = [d.rle for d in b[prompt] if d.kind == kind]
@@ -255,6 +256,7 @@ def test_bf16_autocast_gives_the_fp32_masks(tmp_path):
                     ious += list(mask_utils.iou(x, y, [0] * len(y)).max(1))
     assert len(semantic) >= 3 and min(semantic) >= 0.98
     assert len(instance) >= 3 and np.median(instance) >= 0.98  # a small instance's edge pixels weigh more
+    assert 0 < max(score_changes) < 0.05  # bf16 really ran: scores moved, a little
 
 
 def test_an_unknown_precision_is_refused():
