@@ -9,7 +9,7 @@ OFFLINE    := HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 RAY_USAGE_STATS_ENABLED=0
 PYTEST_ARGS ?=
 DEMO_PROMPT ?= segment vehicles
 
-.PHONY: setup test test-unit test-integration demo bench bench-other demo-models demo-compare clean
+.PHONY: setup test test-unit test-integration demo bench bench-scale bench-other demo-models demo-compare clean
 
 setup: $(VENV)/.installed
 
@@ -59,6 +59,11 @@ bench: setup
 # suite itself (--hypernet-steps) and its oracles.
 OTHER_DATA ?= data/other
 OTHER_RUNS ?= runs/other
+# The scale suite: the labelling driver on a generated bucket of 10^6 empty files against one of 10^4
+# (planning per shard, driver memory, time to the first committed shard); about 3 minutes.
+bench-scale: setup
+	$(OFFLINE) $(PY) jobs/benchmark.py --suite scale --out $(BENCH_OUT)/scale
+
 bench-other: setup
 	test -f $(OTHER_DATA)/val/instances.json || $(OFFLINE) $(VENV)/bin/talora demo-data --out $(OTHER_DATA) \
 		--num-images 6000 --num-val 100 --seed 1 --palette other --background checker --min-size 40 --max-size 120

@@ -5,13 +5,17 @@
     python jobs/benchmark.py --suite quality --train-annotations URI --val-annotations URI \\
         [--sam-checkpoint URI] [--hypernet URI | --hypernet-steps S] \\
         [--oracle-tasks N | --oracle-task ID ...] [--oracle-steps S] [--val-images N] [--ablations] --out DIR
+    python jobs/benchmark.py --suite scale [--shards S] [--images-per-shard N] [--small-shards S2] --out DIR
 
 With no data flags both suites run on the demo domain with the shipped models (the speed suite
 uses random weights of the real architecture for other variants). The quality suite trains its
 oracles (and, given data but no --hypernet, a hypernet) with --config's training preset on a
-local Ray, under DIR/train (a finished run of the same config is reused). Each writes
-DIR/results.json, DIR/results.md and a plot, with the machine recorded; prints the Markdown. See
-talora.bench.speed and talora.bench.quality for what is measured.
+local Ray, under DIR/train (a finished run of the same config is reused). The scale suite
+generates buckets of empty files (default 10^6 and 10^4) and measures the labelling driver's
+planning per shard, its memory and its time to the first committed shard on both. Each writes
+DIR/results.json and DIR/results.md (speed and quality also a plot), with the machine recorded;
+prints the Markdown. See talora.bench.speed, talora.bench.quality and talora.bench.scale for
+what is measured.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import sys
 
 import torch
 
-from talora.bench import quality, speed
+from talora.bench import quality, scale, speed
 from talora.jobs_common import add_storage_flags, run_main, storage_from_args
 from talora.storage import join, read_bytes
 from talora.variants import SAM_TYPES
@@ -29,7 +33,7 @@ from talora.variants import SAM_TYPES
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--suite", choices=("speed", "quality"), default="speed")
+    p.add_argument("--suite", choices=("speed", "quality", "scale"), default="speed")
     p.add_argument("--images", default=None, help="image prefix (default: demo images, generated)")
     p.add_argument("--num-images", type=int, default=None, help="images generated or listed (default 1000)")
     p.add_argument("--timed-images", type=int, default=None, help="images the model paths cycle through (default 16)")
@@ -60,6 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--ablations", action="store_true", help="also train and score the ablation hypernets")
     q.add_argument("--ablation-steps", type=int, help="steps per ablation hypernet (default --hypernet-steps or 1000)")
     q.add_argument("--seed", type=int, default=0, help="oracle draw and random-text pairing")
+    g = p.add_argument_group("scale suite")
+    g.add_argument("--shards", type=int, default=1000, help="shard folders of the large bucket")
+    g.add_argument("--images-per-shard", type=int, default=1000, help="empty files per shard")
+    g.add_argument("--small-shards", type=int, default=10, help="shard folders of the small bucket")
     p.add_argument("--out", default="runs/bench", help="output folder (path or URI)")
     add_storage_flags(p)
     return p
@@ -81,6 +89,9 @@ def main(argv: list[str] | None = None) -> int:
                 ablations=args.ablations, ablation_steps=args.ablation_steps, seed=args.seed,
                 workdir=join(args.out, "train"), storage=storage)
             suite, results = quality, quality.run_quality(config)
+        elif args.suite == "scale":
+            config = scale.ScaleConfig(args.shards, args.images_per_shard, args.small_shards)
+            suite, results = scale, scale.run_scale(config)
         else:
             preset = read_bytes(args.config, storage).decode() if args.config else None
             config = speed.speed_config(

@@ -22,7 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Iterable, Protocol
 
 import pyarrow as pa
 
@@ -93,20 +93,21 @@ class RunOutput:
         write_bytes(join(self.root, STATUS), json.dumps(status, indent=1).encode(), self.storage)
 
     def manifests(self) -> dict[str, Manifest]:
-        fs, path = filesystem(join(self.root, MANIFESTS), self.storage)
-        fs.invalidate_cache(path)  # commits by other processes must be seen: no stale listing
-        if not fs.exists(path):
-            return {}
+        """Every committed shard's manifest (each one read: for readers of the output)."""
         found = {}
-        for name in sorted(fs.ls(path, detail=False)):
-            if not name.endswith(".json") or name.rsplit("/", 1)[-1].startswith("_"):
-                continue
-            data = json.loads(read_bytes(join(self.root, MANIFESTS, name.rsplit("/", 1)[-1]), self.storage))
+        for shard in sorted(self.committed_shards()):
+            data = json.loads(read_bytes(self.manifest_uri(shard), self.storage))
             found[data["shard"]] = Manifest(data["shard"], data["parts"], data["items"], data.get("errors", {}))
         return found
 
     def committed_shards(self) -> set[str]:
-        return set(self.manifests())
+        """The committed shards' names, from one listing of the manifests (none is read)."""
+        fs, path = filesystem(join(self.root, MANIFESTS), self.storage)
+        fs.invalidate_cache(path)  # commits by other processes must be seen: no stale listing
+        if not fs.exists(path):
+            return set()
+        names = (name.rsplit("/", 1)[-1] for name in fs.ls(path, detail=False))
+        return {name.removesuffix(".json") for name in names if name.endswith(".json") and not name.startswith("_")}
 
     def committed_part_uris(self) -> list[str]:
         """Every manifest-listed part, in shard then part order: all a reader may read."""
@@ -120,31 +121,49 @@ class RunOutput:
 
 class ShardTracker:
     """Driver side of a run: gathers each shard's per-item results as they arrive (from any
-    worker, in any order) and commits the shard once every expected item is in."""
+    worker, in any order) and commits the shard once all its items are in. The shard's size comes
+    with its items (`shard_items`, stamped when a task listed the shard), so the driver never holds
+    a shard's list; a committed shard's state is dropped."""
 
-    def __init__(self, run: RunOutput, expected: dict[str, list[str]]) -> None:
+    def __init__(self, run: RunOutput, shards: Iterable[str]) -> None:
         self.run = run
-        self.expected = {shard: set(items) for shard, items in expected.items()}
-        self.parts: dict[str, set[str]] = {s: set() for s in expected}
-        self.items: dict[str, dict[str, int]] = {s: {} for s in expected}
-        self.errors: dict[str, dict[str, str]] = {s: {} for s in expected}
-        self.committed: list[str] = []
+        self.waiting = set(shards)  # planned and not committed yet
+        self.committed: set[str] = set()
+        self.items_committed = 0
+        self.open: dict[str, Manifest] = {}  # shards with some items in
 
-    def add(self, shard: str, item: str, rows: int, part: str | None = None, error: str | None = None) -> bool:
-        """Records one processed item; returns True when this completed (and committed) its shard."""
-        if item not in self.expected[shard]:
-            raise KeyError(f"item {item} is not part of shard {shard}")
-        self.items[shard][item] = self.items[shard].get(item, 0) + rows
-        if part:
-            self.parts[shard].add(part)
+    def add(self, shard: str, item: str, rows: int, part: str | None = None, error: str | None = None, *,
+            shard_items: int) -> bool:
+        """Records one processed item of a shard of `shard_items` items; returns True when this
+        completed (and committed) its shard."""
+        if shard in self.committed:
+            return False  # a retried batch's late copy: the shard is already complete
+        if shard not in self.waiting:
+            raise KeyError(f"shard {shard} is not part of this run")
+        found = self.open.setdefault(shard, Manifest(shard, [], {}, {}))
+        found.items[item] = found.items.get(item, 0) + rows
+        if part and part not in found.parts:
+            found.parts.append(part)
         if error:
-            self.errors[shard][item] = error
-        if set(self.items[shard]) == self.expected[shard] and shard not in self.committed:
-            self.run.commit(Manifest(shard, sorted(self.parts[shard]), dict(sorted(self.items[shard].items())),
-                                     self.errors[shard]))
-            self.committed.append(shard)
-            return True
-        return False
+            found.errors[item] = error
+        if len(found.items) > shard_items:
+            raise RuntimeError(f"shard {shard} returned {len(found.items)} items, but was listed with {shard_items}")
+        if len(found.items) < shard_items:
+            return False
+        self.commit(Manifest(shard, sorted(found.parts), dict(sorted(found.items.items())), found.errors))
+        return True
+
+    def commit(self, manifest: Manifest) -> None:
+        """Commits a shard (an empty manifest: a shard whose listing found no image)."""
+        self.run.commit(manifest)
+        self.waiting.discard(manifest.shard)
+        self.open.pop(manifest.shard, None)
+        self.committed.add(manifest.shard)
+        self.items_committed += len(manifest.items)
+
+    def unseen(self) -> list[str]:
+        """Waiting shards of which no item came back: empty, or lost."""
+        return sorted(self.waiting - set(self.open))
 
     def pending(self) -> list[str]:
-        return [s for s in self.expected if s not in self.committed]
+        return sorted(self.waiting)

@@ -26,9 +26,10 @@ import numpy as np
 import pyarrow as pa
 
 from talora.commit import RunOutput, run_key
-from talora.pipeline import ActorLayout, Item, ShardWriter, number_items, run_sharded
+from talora.pipeline import ActorLayout, ShardWriter, run_sharded
 from talora.predictions import PARQUET, open_run, write_summary
-from talora.storage import StorageOptions, join, list_shards, read_bytes, require_shared, write_bytes
+from talora.shards import ShardPlan, plan_shards
+from talora.storage import StorageOptions, join, read_bytes, require_shared, write_bytes
 
 CACHE_FORMAT = "talora.embedding-cache/1"
 
@@ -49,28 +50,29 @@ class EmbedConfig:
     storage: StorageOptions = field(default_factory=StorageOptions)
 
 
-def list_items(config: EmbedConfig) -> list[Item]:
-    """Every image to encode, with its shard, in a stable order."""
+def plan(config: EmbedConfig) -> tuple[list[ShardPlan], dict[str, int] | None]:
+    """(the shards to encode, COCO image ids by URI or None) in a stable order. A prefix is planned
+    by shard folder (talora.shards: tasks list the images); a COCO JSON is already a full list, so
+    its images are grouped into shards here (by first folder of file_name, else virtual shards)."""
     if config.annotations:
         from talora.data.coco import CocoDataset
 
         dataset = CocoDataset.load(config.annotations, config.image_root, config.storage)
-        records = [dataset.images[i] for i in dataset.image_ids]
-        pairs = []
+        records = [dataset.images[i] for i in dataset.image_ids][: config.max_images]
+        by_shard: dict[str, list[str]] = {}
         for n, r in enumerate(records):
             shard = r.file_name.split("/", 1)[0] if "/" in r.file_name else f"virtual-{n // config.shard_size:05d}"
-            pairs.append((shard, r.uri, r.id))
+            by_shard.setdefault(shard, []).append(r.uri)
+        plans = [ShardPlan(shard, "", tuple(uris)) for shard, uris in by_shard.items()]
+        image_ids = {r.uri: r.id for r in records}
     elif config.images:
-        from talora.data.coco import image_id_for_uri
-
-        pairs = [(s.name, uri, image_id_for_uri(uri))
-                 for s in list_shards(config.images, config.shard_size, options=config.storage) for uri in s.uris]
+        plans = plan_shards(config.images, config.shard_size, config.storage, max_images=config.max_images)
+        image_ids = None
     else:
         raise ValueError("give --images (a prefix) or --annotations (a COCO JSON)")
-    items = number_items(pairs)
-    if not items:
+    if not plans:
         raise ValueError(f"no images found under {config.images or config.annotations}")
-    return items[: config.max_images] if config.max_images else items
+    return plans, image_ids
 
 
 class TrunkEncoder(ShardWriter):
@@ -141,6 +143,8 @@ def check_cache_key(cache_uri: str, expected: dict, storage: StorageOptions | No
 
 def run_embed_job(config: EmbedConfig) -> dict:
     """Encodes every uncommitted shard; returns (and writes) the run summary."""
+    import time
+
     import ray
     import torch
 
@@ -152,7 +156,9 @@ def run_embed_job(config: EmbedConfig) -> dict:
         if uri:
             require_shared(uri)
     tail = get_variant(config.sam_type).tail_blocks if config.tail_blocks is None else config.tail_blocks
-    items = list_items(config)  # fails early on a bad prefix or JSON
+    planned = time.perf_counter()
+    plans, image_ids = plan(config)  # fails early on a bad prefix or JSON
+    planning = {"shards": len(plans), "seconds": round(time.perf_counter() - planned, 3)}
     backbone = load_backbone(config.sam_type, config.sam_checkpoint, config.storage)  # fails early on a bad checkpoint
     key_inputs = cache_key_inputs(config.sam_type, backbone.trunk_digest(tail), tail, backbone.image_size)
     del backbone
@@ -161,16 +167,17 @@ def run_embed_job(config: EmbedConfig) -> dict:
     write_bytes(join(run.root, "_cache.json"), json.dumps(key_inputs, indent=1).encode(), config.storage)
     layout = config.layout.resolve(ray.cluster_resources(), get_variant(config.sam_type).cpu_preset)
 
-    counts = run_sharded(items, run, TrunkEncoder,
+    counts = run_sharded(plans, run, TrunkEncoder,
                          {"sam_type": config.sam_type, "sam_checkpoint": config.sam_checkpoint, "tail_blocks": tail,
                           "run": run, "storage": config.storage},
-                         config.storage, config.batch_size, layout, log=lambda m: print(f"embed: {m}", flush=True))
+                         config.storage, config.batch_size, layout, image_ids,
+                         log=lambda m: print(f"embed: {m}", flush=True))
     summary = {
         "job": "embed_images",
         "output": run.root,
         "run_key": key,
         "cache": key_inputs,
-        "images_total": len(items),
+        "planning": planning,
         **counts,
         "config": {**{k: v for k, v in config.__dict__.items() if k not in ("storage", "layout")},
                    "layout": layout.__dict__, "storage": config.storage.public_dict()},

@@ -19,10 +19,11 @@ import numpy as np
 from talora.commit import RunOutput, run_key
 from talora.frames import decode_stage
 from talora.loading import ModelSpec, check_checkpoint, load_model
-from talora.pipeline import ActorLayout, Item, ShardWriter, number_items, run_sharded
+from talora.pipeline import ActorLayout, ShardWriter, run_sharded
 from talora.predictions import PARQUET, SCHEMA, detection_rows, error_row, write_summary
 from talora.predictor import PredictConfig
-from talora.storage import StorageOptions, file_identity, list_shards, protocol_of, require_shared
+from talora.shards import ShardPlan, plan_shards
+from talora.storage import StorageOptions, file_identity, protocol_of, require_shared
 from talora.variants import get_variant
 
 # The embedded default bucket: `jobs/segment_dataset.py --prompt ...` with no --images labels its
@@ -118,26 +119,24 @@ class LabelActor(ShardWriter):
         return results
 
 
-def list_items(config: LabelConfig) -> list[Item]:
-    from talora.data.coco import image_id_for_uri
-
-    shards = list_shards(config.images, config.shard_size, options=config.storage)
-    if config.max_shards:
-        shards = shards[: config.max_shards]
-    ids: dict[str, int] = {}
-    if config.annotations:
-        from talora.data.coco import CocoDataset
-
-        dataset = CocoDataset.load(config.annotations, config.images, config.storage)
-        ids = {r.uri: r.id for r in dataset.images.values()}
-    pairs = [(s.name, uri, ids.get(uri, image_id_for_uri(uri))) for s in shards for uri in s.uris]
-    if not pairs:
+def plan(config: LabelConfig) -> tuple[list[ShardPlan], dict[str, int] | None]:
+    """(the bucket's shards, COCO image ids by URI from --annotations or None); lists shard
+    folders only (talora.shards), and fails on a missing prefix or one without images."""
+    plans = plan_shards(config.images, config.shard_size, config.storage, config.max_shards, config.max_images)
+    if not plans:
         raise ValueError(f"no images under {config.images}")
-    return number_items(pairs[: config.max_images] if config.max_images else pairs)
+    if not config.annotations:
+        return plans, None
+    from talora.data.coco import CocoDataset
+
+    dataset = CocoDataset.load(config.annotations, config.images, config.storage)
+    return plans, {r.uri: r.id for r in dataset.images.values()}
 
 
 def run_label_job(config: LabelConfig) -> dict:
     """Checks everything cheap first, then labels every uncommitted shard; returns the summary."""
+    import time
+
     import ray
 
     from talora.text import validate_prompts
@@ -158,7 +157,9 @@ def run_label_job(config: LabelConfig) -> dict:
     if spec.sam_checkpoint:
         check_checkpoint(spec.sam_checkpoint, spec.sam_type, config.storage)
     model = model_name(spec, config.storage)
-    items = list_items(config)
+    planned = time.perf_counter()
+    plans, image_ids = plan(config)
+    planning = {"shards": len(plans), "seconds": round(time.perf_counter() - planned, 3)}
     layout = config.layout.resolve(ray.cluster_resources(), get_variant(spec.sam_type).cpu_preset)
 
     identity = {
@@ -169,10 +170,10 @@ def run_label_job(config: LabelConfig) -> dict:
     key = run_key(identity)
     run = RunOutput(config.output, key, config.storage, PARQUET)
     counts = run_sharded(
-        items, run, LabelActor,
+        plans, run, LabelActor,
         {"spec": spec, "prompts": prompts, "predict": config.predict, "task": config.task, "model": model,
          "run": run, "storage": config.storage},
-        config.storage, config.batch_size, layout,
+        config.storage, config.batch_size, layout, image_ids,
         cpu_stage=decode_stage, cpu_stage_kwargs={"max_pixels": config.max_pixels, "sam_type": spec.sam_type},
         log=lambda m: print(f"label: {m}", flush=True),
     )
@@ -182,7 +183,7 @@ def run_label_job(config: LabelConfig) -> dict:
         "run_key": key,
         "prompts": prompts,
         "model": model,
-        "images_total": len(items),
+        "planning": planning,
         **counts,
         "config": {**{k: v for k, v in config.__dict__.items() if k not in ("storage", "model", "predict", "layout")},
                    "model": spec.__dict__, "predict": config.predict.__dict__, "layout": layout.__dict__,

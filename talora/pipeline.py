@@ -1,8 +1,12 @@
 """Sharded Ray Data jobs: the one pipeline the embedding cache and the labelling job share.
 
-    items (uri, image_id, shard, index) -> skip committed shards -> read bytes (tasks, 0.25 CPU)
-    -> [CPU stage] -> actor pool (one model per actor) -> each actor writes its rows as part
-    files per shard -> small metadata rows to the driver -> ShardTracker commits each shard.
+    shard plans -> skip committed shards -> list each shard's images (tasks, 0.25 CPU)
+    -> read bytes (tasks, 0.25 CPU) -> [CPU stage] -> actor pool (one model per actor) -> each
+    actor writes its rows as part files per shard -> small metadata rows to the driver ->
+    ShardTracker commits each shard.
+
+The driver holds one plan per shard and the state of the shards in flight, never a list of
+every image (talora.shards): a bucket of 10^9 images plans like one of 10^4, only with more shards.
 
 The actor pool's layout (how many actors, the CPUs, GPUs and torch threads of each) is chosen
 from the resources Ray reports unless given (`ActorLayout.resolve`); the driver prints it, and
@@ -22,10 +26,14 @@ from typing import Any, Callable
 
 import pyarrow as pa
 
-from talora.commit import RunOutput, ShardTracker
+from talora.commit import Manifest, RunOutput, ShardTracker
+from talora.shards import ShardPlan, list_images, shard_items
 from talora.storage import StorageOptions, read_bytes
 
-META_KEYS = ("shard", "item", "rows", "part", "error", "node", "rss_mb", "threads")
+META_KEYS = ("shard", "item", "shard_items", "rows", "part", "error", "node", "rss_mb", "threads")
+# Plans per listing task: one shard each up to this many shards (a task's items leave it as one
+# block, so one shard per task lets the first shard through first); more shards share tasks.
+MAX_LISTING_TASKS = 10_000
 
 
 @dataclass(frozen=True)
@@ -72,14 +80,6 @@ class ActorLayout:
         gpus = f", {self.gpus_per_actor:g} GPU" if self.gpus_per_actor else ""
         return (f"{self.num_actors} actor(s) x {self.threads_per_actor} thread(s) "
                 f"({self.cpus_per_actor:g} CPU{gpus} each)")
-
-
-@dataclass(frozen=True)
-class Item:
-    uri: str
-    image_id: int
-    shard: str
-    index: int  # position inside its shard: names the part a batch starting here writes
 
 
 def read_image_bytes(batch: dict, storage: StorageOptions) -> dict:
@@ -130,47 +130,46 @@ class ShardWriter:
         rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         threads = torch.get_num_threads()
         meta: dict[str, list[Any]] = {k: [] for k in META_KEYS}
-        for uri, shard, (rows, error) in zip(batch["uri"], batch["shard"], results):
+        for uri, shard, count, (rows, error) in zip(batch["uri"], batch["shard"], batch["shard_items"], results):
             part = parts.get(shard, "") if rows else ""
-            for key, value in zip(META_KEYS, (shard, uri, len(rows), part, error, node, rss_mb, threads)):
+            for key, value in zip(META_KEYS, (shard, uri, count, len(rows), part, error, node, rss_mb, threads)):
                 meta[key].append(value)
         return meta
 
 
 def run_sharded(
-    items: list[Item],
+    plans: list[ShardPlan],
     run: RunOutput,
     actor: type[ShardWriter],
     actor_kwargs: dict,
     storage: StorageOptions,
     batch_size: int,
     layout: ActorLayout,
+    image_ids: dict[str, int] | None = None,
     cpu_stage: Callable[[dict], dict] | None = None,
     cpu_stage_kwargs: dict | None = None,
     log: Callable[[str], None] = print,
 ) -> dict:
-    """Runs every uncommitted shard of `items` on `layout` (resolved: every field set); returns
+    """Runs every uncommitted shard of `plans` on `layout` (resolved: every field set); returns
     counts and timings for the job's summary (timed once, around the whole pipeline: its lazy
-    stages measured apart would measure nothing)."""
+    stages measured apart would measure nothing). `image_ids`: COCO ids by URI, where known."""
     import time
 
     import ray
 
     start = time.perf_counter()
-    committed = run.committed_shards()
-    todo = [i for i in items if i.shard not in committed]
-    expected: dict[str, list[str]] = {}
-    for i in todo:
-        expected.setdefault(i.shard, []).append(i.uri)
-    tracker = ShardTracker(run, expected)
-    log(f"{len(items)} images in {len({i.shard for i in items})} shards; {len(committed)} shards already "
-        f"committed, {len(expected)} to do -> {run.root}; {layout.describe()}")
-    counts = {"images": len(todo), "rows": 0, "errors": 0, "shards_skipped": len(committed)}
+    committed = run.committed_shards()  # names only: one listing, no manifest read
+    todo = [p for p in plans if p.name not in committed]
+    skipped = len(plans) - len(todo)
+    tracker = ShardTracker(run, [p.name for p in todo])
+    log(f"{len(plans)} shards: {skipped} already committed, {len(todo)} to do -> {run.root}; {layout.describe()}")
+    counts = {"images": 0, "rows": 0, "errors": 0}
     nodes: set[str] = set()
-    rss_mb, threads, first_commit, after_first, returned = 0.0, 0, None, 0, 0
+    rss_mb, threads, first_commit, after_first = 0.0, 0, None, 0
     if todo:
-        ds = ray.data.from_items([{"uri": i.uri, "image_id": i.image_id, "shard": i.shard, "index": i.index}
-                                  for i in todo])
+        ds = ray.data.from_items([{"shard": p.name, "folder": p.folder, "uris": list(p.uris)} for p in todo],
+                                 override_num_blocks=min(len(todo), MAX_LISTING_TASKS))
+        ds = ds.flat_map(shard_items, fn_kwargs={"storage": storage, "image_ids": image_ids}, num_cpus=0.25)
         ds = ds.map_batches(read_image_bytes, fn_kwargs={"storage": storage}, batch_size=batch_size,
                             batch_format="numpy", num_cpus=0.25)
         if cpu_stage is not None:
@@ -186,24 +185,29 @@ def run_sharded(
             num_gpus=layout.gpus_per_actor,  # Ray Data restarts a failed actor and retries its batch
         )
         for row in ds.iter_rows():  # small metadata rows; the heavy outputs went straight to storage
+            counts["images"] += 1
             counts["rows"] += int(row["rows"])
             counts["errors"] += bool(row["error"])
             nodes.add(row["node"])
             rss_mb, threads = max(rss_mb, float(row["rss_mb"])), max(threads, int(row["threads"]))
             after_first += first_commit is not None
-            returned += 1
-            if tracker.add(row["shard"], row["item"], int(row["rows"]), row["part"] or None, row["error"] or None):
+            if tracker.add(row["shard"], row["item"], int(row["rows"]), row["part"] or None, row["error"] or None,
+                           shard_items=int(row["shard_items"])):
                 first_commit = first_commit or time.perf_counter()
-                now = status("running", tracker, len(committed), returned, len(todo), counts["errors"],
+                now = status("running", tracker, skipped, counts["images"], counts["errors"],
                              time.perf_counter() - start)
                 run.write_status(now)
                 log(f"committed shard {row['shard']} ({progress(now)})")
+    folders = {p.name: p.folder for p in todo}
+    for shard in tracker.unseen():  # no item came back: commit it if its listing really is empty
+        if folders[shard] and not list_images(folders[shard], storage):
+            tracker.commit(Manifest(shard, [], {}, {}))
     missing = tracker.pending()
     if missing:  # every item must have come back; a silently dropped shard is a failure
-        raise RuntimeError(f"shards not committed after the run: {missing}")
-    run.write_status(status("done", tracker, len(committed), returned, len(todo), counts["errors"],
-                            time.perf_counter() - start))
-    counts["shards_committed"] = tracker.committed
+        raise RuntimeError(f"{len(missing)} shards not committed after the run: {missing[:10]}")
+    run.write_status(status("done", tracker, skipped, counts["images"], counts["errors"], time.perf_counter() - start))
+    counts["shards_committed"] = len(tracker.committed)
+    counts["shards_skipped"] = skipped
     counts["worker_nodes"] = sorted(nodes)
     end = time.perf_counter()
     seconds = end - start
@@ -220,30 +224,33 @@ def run_sharded(
 
 
 def progress(now: dict) -> str:
-    """A status (below) as one line: "3/10 shards, 120/1000 images, 9.8 images/s, ETA 1:30"."""
+    """A status (below) as one line: "3/10 shards, 3000/~10000 images, 9.8 images/s, ETA 12:30"."""
     eta = f"{int(now['eta_s']) // 60}:{int(now['eta_s']) % 60:02d}" if now["eta_s"] is not None else "?"
+    total = now["images"]["estimated_total"]
     return (f"{now['shards']['committed']}/{now['shards']['to_do']} shards, {now['images']['returned']}/"
-            f"{now['images']['to_do']} images, {now['images_per_second']:.1f} images/s, ETA {eta}")
+            f"{'~' + str(total) if total is not None else '?'} images, {now['images_per_second']:.1f} images/s, "
+            f"ETA {eta}")
 
 
-def status(state: str, tracker: ShardTracker, skipped: int, returned: int, total: int, errors: int,
-           seconds: float) -> dict:
-    """The run's _status.json: shards and images done of all, the rate so far and an ETA (seconds)."""
+def status(state: str, tracker: ShardTracker, skipped: int, returned: int, errors: int, seconds: float) -> dict:
+    """The run's _status.json: shards done of all, images returned, the rates so far and an ETA
+    (seconds). Shards are listed by tasks as they go, so the images still to come are estimated
+    from the committed shards' mean size (exact once the run is done)."""
     import datetime
 
-    rate = returned / seconds if seconds > 0 else 0.0
+    committed, to_do = len(tracker.committed), len(tracker.committed) + len(tracker.waiting)
+    per_shard = tracker.items_committed / committed if committed else None
+    total = returned if state == "done" else (round(per_shard * to_do) if per_shard is not None else None)
+    image_rate = returned / seconds if seconds > 0 else 0.0
+    shard_rate = committed / seconds if seconds > 0 else 0.0
+    eta = None
+    if state == "done":
+        eta = 0.0
+    elif total is not None and image_rate > 0:
+        eta = max(0.0, total - returned) / image_rate
     return {"state": state, "updated": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "shards": {"committed": len(tracker.committed), "to_do": len(tracker.expected), "skipped": skipped},
-            "images": {"returned": returned, "to_do": total, "errors": errors},
-            "elapsed_s": round(seconds, 1), "images_per_second": round(rate, 3),
-            "eta_s": round((total - returned) / rate, 1) if rate > 0 else None}
-
-
-def number_items(pairs: list[tuple[str, str, int]]) -> list[Item]:
-    """(shard, uri, image_id) in listing order -> Items with shard-local positions."""
-    position: dict[str, int] = {}
-    items = []
-    for shard, uri, image_id in pairs:
-        items.append(Item(uri, image_id, shard, position.get(shard, 0)))
-        position[shard] = position.get(shard, 0) + 1
-    return items
+            "shards": {"committed": committed, "to_do": to_do, "skipped": skipped},
+            "images": {"returned": returned, "errors": errors, "per_shard": per_shard and round(per_shard, 1),
+                       "estimated_total": total},
+            "elapsed_s": round(seconds, 1), "images_per_second": round(image_rate, 3),
+            "shards_per_second": round(shard_rate, 4), "eta_s": eta if eta is None else round(eta, 1)}

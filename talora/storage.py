@@ -155,49 +155,6 @@ def pyarrow_filesystem(uri: str, options: StorageOptions | None = None):
     return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path
 
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
-
-
-@dataclass(frozen=True)
-class Shard:
-    name: str  # the sub-folder's name, or "virtual-00000" for cuts of a flat folder
-    uris: tuple[str, ...]  # sorted image URIs
-
-
-def list_shards(
-    prefix: str,
-    shard_size: int = 1000,
-    extensions: tuple[str, ...] = IMAGE_EXTENSIONS,
-    options: StorageOptions | None = None,
-) -> list[Shard]:
-    """Images under `prefix` as shards, in a stable order.
-
-    Each sub-folder is a shard (with every image below it); images directly under `prefix` are
-    cut into virtual shards of `shard_size` sorted keys. Only `extensions` count (case-insensitive).
-    """
-    fs, root = filesystem(prefix, options)
-    root = root.rstrip("/")
-    fs.invalidate_cache(root)  # list what is there now, not what this process saw before
-    if not fs.exists(root):
-        raise FileNotFoundError(f"no such image prefix: {prefix}")
-    scheme = prefix.split("://", 1)[0] + "://" if "://" in prefix else ""
-    by_folder: dict[str, list[str]] = {}
-    for path in sorted(fs.find(root)):
-        if not path.lower().endswith(tuple(e.lower() for e in extensions)):
-            continue
-        relative = path[len(root) :].lstrip("/")
-        if any(part.startswith((".", "_")) for part in relative.split("/")):
-            continue  # hidden and in-progress files
-        folder = relative.split("/", 1)[0] if "/" in relative else ""
-        by_folder.setdefault(folder, []).append(scheme + path if scheme != "file://" else path)
-    shards = []
-    flat = by_folder.pop("", [])
-    for i in range(0, len(flat), shard_size):
-        shards.append(Shard(f"virtual-{i // shard_size:05d}", tuple(flat[i : i + shard_size])))
-    shards += [Shard(name, tuple(uris)) for name, uris in sorted(by_folder.items())]
-    return shards
-
-
 def file_identity(uri: str, options: StorageOptions | None = None) -> dict[str, Any]:
     """What identifies a file's content cheaply (size + ETag or mtime), for run keys: hashing a
     2.5 GB remote checkpoint on the driver would mean downloading it."""

@@ -145,7 +145,8 @@ def bench_images(config: SpeedConfig, tmp: str):
     """(the COCO dataset of the images, or None; the first `timed_images` decoded images)."""
     from talora.data.coco import CocoDataset, decode_image
     from talora.data.synthetic import write_demo_dataset
-    from talora.storage import list_shards, read_bytes
+    from talora.shards import plan_shards
+    from talora.storage import read_bytes
 
     if config.images is None:  # in shard folders, as a bucket is laid out
         written = write_demo_dataset(tmp, num_train=0, num_val=config.num_images, seed=21,
@@ -154,7 +155,8 @@ def bench_images(config: SpeedConfig, tmp: str):
         ids = dataset.image_ids[: config.timed_images]
         dataset.images = {i: dataset.images[i] for i in ids}
         return dataset, [dataset.load_image(i) for i in ids]
-    uris = [u for s in list_shards(config.images, options=config.storage) for u in s.uris][: config.timed_images]
+    uris = [u for p in plan_shards(config.images, options=config.storage, max_images=config.timed_images)
+            for u in p.uris]
     if not uris:
         raise ValueError(f"no images under {config.images}")
     return None, [decode_image(read_bytes(u, config.storage)) for u in uris]

@@ -9,7 +9,6 @@ annotation id, and the rest still loads; a file without the COCO top-level keys 
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import logging
@@ -192,11 +191,6 @@ def _to_rle(segmentation, image: ImageRecord, ann_id, warn) -> dict | None:
         return {"size": [h, w], "counts": counts.encode() if isinstance(counts, str) else counts}
     warn(f"annotation {ann_id}: segmentation is neither polygons nor RLE; skipped")
     return None
-
-
-def image_id_for_uri(uri: str) -> int:
-    """A deterministic 63-bit id for an image without a COCO id (the `image_id` of its prediction rows)."""
-    return int.from_bytes(hashlib.sha256(uri.encode()).digest()[:8], "big") >> 1
 
 
 DEFAULT_MAX_PIXELS = 100_000_000

@@ -106,7 +106,8 @@ def test_the_bad_input_corpus_gives_error_rows_and_never_crashes(ray_cluster, s3
         u for u in manifest.items if u.rsplit("/", 1)[-1] in expected_errors}
     status = json.loads(read_bytes(f"{summary['output']}/_status.json", s3))  # what a user watching the job reads
     assert status["state"] == "done" and status["shards"]["committed"] == status["shards"]["to_do"] == 1
-    assert status["images"] == {"returned": 12, "to_do": 12, "errors": 4} and status["eta_s"] == 0
+    assert status["images"] == {"returned": 12, "errors": 4, "per_shard": 12.0, "estimated_total": 12}
+    assert status["eta_s"] == 0
 
 
 def test_bad_flags_fail_before_the_pool_starts(tmp_path):

@@ -23,8 +23,8 @@ WRITER = textwrap.dedent("""
             if shard == die_in and k == 1:
                 os._exit(9)  # killed after writing every part, before the manifest
             for item in batch:
-                tracker.add(shard, item, rows=1, part=part)
-    print("committed", ",".join(tracker.committed))
+                tracker.add(shard, item, rows=1, part=part, shard_items=4)
+    print("committed", ",".join(sorted(tracker.committed)))
 """)
 
 
@@ -56,15 +56,30 @@ def test_stale_parts_are_never_read(tmp_path):
 
 def test_manifest_lists_every_item_with_its_rows_zero_and_errors_included(tmp_path):
     run = RunOutput(str(tmp_path), "k", None, PARQUET)
-    tracker = ShardTracker(run, {"s": ["x", "y", "z"]})
-    assert not tracker.add("s", "x", 3, "part-000000.parquet")
-    assert not tracker.add("s", "y", 0)
-    assert tracker.add("s", "z", 0, error="cannot decode image")
+    tracker = ShardTracker(run, ["s", "t"])
+    assert not tracker.add("s", "x", 3, "part-000000.parquet", shard_items=3)
+    assert not tracker.add("s", "y", 0, shard_items=3)
+    assert run.committed_shards() == set()  # two of three: not committed yet
+    assert tracker.add("s", "z", 0, error="cannot decode image", shard_items=3)
     manifest = run.manifests()["s"]
     assert manifest.items == {"x": 3, "y": 0, "z": 0}
     assert manifest.errors == {"z": "cannot decode image"} and manifest.parts == ["part-000000.parquet"]
-    with pytest.raises(KeyError):
-        tracker.add("s", "w", 1)
+    assert not tracker.add("s", "z", 0, shard_items=3)  # a retried batch's late copy changes nothing
+    assert tracker.open == {} and tracker.pending() == ["t"]  # a committed shard's state is dropped
+    with pytest.raises(KeyError, match="shard w"):
+        tracker.add("w", "w/1.jpg", 1, shard_items=1)
+    tracker = ShardTracker(run, ["u"])
+    tracker.add("u", "u/1.jpg", 1, shard_items=2)
+    with pytest.raises(RuntimeError, match="2 items, but was listed with 1"):  # listings that disagree
+        tracker.add("u", "u/2.jpg", 1, shard_items=1)
+
+
+def test_committed_shards_come_from_manifest_names_without_reading_one(tmp_path):
+    run = RunOutput(str(tmp_path), "k", None, PARQUET)
+    run.commit(Manifest("shard-7", [], {"i": 0}, {}))
+    (tmp_path / "k" / "_manifests" / "_shard-8.json.tmp-1").write_text("{")  # an in-progress write
+    (tmp_path / "k" / "_manifests" / "shard-7.json").write_text("not json")  # never read here
+    assert run.committed_shards() == {"shard-7"}
 
 
 def test_run_key_changes_with_any_input_and_not_with_key_order():
@@ -74,8 +89,8 @@ def test_run_key_changes_with_any_input_and_not_with_key_order():
 
 def test_commit_protocol_on_s3(s3):
     run = RunOutput("s3://talora-test/out", "k", s3, PARQUET)
-    tracker = ShardTracker(run, {"s": ["x"]})
-    tracker.add("s", "x", 1, run.write_part("s", 0, [{"v": 5}]))
+    tracker = ShardTracker(run, ["s"])
+    tracker.add("s", "x", 1, run.write_part("s", 0, [{"v": 5}]), shard_items=1)
     assert RunOutput("s3://talora-test/out", "k", s3, PARQUET).read_table()["v"].to_pylist() == [5]
 
 
@@ -99,10 +114,10 @@ class JsonLinesParts:
 
 def test_another_part_format_goes_through_the_same_commit_protocol(tmp_path):
     run = RunOutput(str(tmp_path), "k", None, JsonLinesParts())
-    tracker = ShardTracker(run, {"s": ["x", "y"]})
+    tracker = ShardTracker(run, ["s"])
     part = run.write_part("s", 0, [{"image": "x", "v": 1}, {"image": "y", "v": 2}])
     assert part == "part-000000.jsonl" and (tmp_path / "k" / "s" / part).read_text().count("\n") == 2
     assert run.read_table() is None  # written, not yet committed: nothing is visible
-    tracker.add("s", "x", 1, part)
-    assert tracker.add("s", "y", 1, part)
+    tracker.add("s", "x", 1, part, shard_items=2)
+    assert tracker.add("s", "y", 1, part, shard_items=2)
     assert run.read_table().to_pylist() == [{"image": "x", "v": 1}, {"image": "y", "v": 2}]

@@ -24,7 +24,7 @@ def _commit(tmp_path, dataset, prompt_tasks, drop_semantic=False):
     tasks = TaskSet.from_dataset(dataset)
     run = RunOutput(str(tmp_path / "labels"), "gt", None, PARQUET)
     records = [dataset.images[i] for i in dataset.image_ids]
-    tracker = ShardTracker(run, {"s0": [r.uri for r in records]})
+    tracker = ShardTracker(run, ["s0"])
     rows = []
     for r in records:
         predictions = {}
@@ -38,7 +38,7 @@ def _commit(tmp_path, dataset, prompt_tasks, drop_semantic=False):
         rows += detection_rows(r.uri, r.id, "s0", r.width, r.height, predictions, None, "gt")
     part = run.write_part("s0", 0, rows, SCHEMA)
     for r in records:
-        tracker.add("s0", r.uri, 1, part)
+        tracker.add("s0", r.uri, 1, part, shard_items=len(records))
     return run.root
 
 
@@ -88,7 +88,7 @@ def test_faster_coco_eval_gives_the_same_stats_as_pycocotools(tmp_path, demo):
     # Imperfect predictions (scores vary, some instances missing, one shifted), so AP is not trivially 1.
     run = RunOutput(str(tmp_path / "labels"), "noisy", None, PARQUET)
     records = [dataset.images[i] for i in dataset.image_ids]
-    tracker = ShardTracker(run, {"s0": [r.uri for r in records]})
+    tracker = ShardTracker(run, ["s0"])
     rows = []
     for n, r in enumerate(records):
         instances = [i for i in dataset.instances[r.id] if tasks.by_id["supercategory:shape"].matches(i)]
@@ -99,10 +99,10 @@ def test_faster_coco_eval_gives_the_same_stats_as_pycocotools(tmp_path, demo):
                 mask = mask[:, ::-1]  # a wrong mask
             detections.append(encode_mask(mask, "instance", 0.3 + 0.1 * ((n * 7 + k) % 7)))
         rows += detection_rows(r.uri, r.id, "s0", r.width, r.height, {"segment shapes": detections[1:]}, None, "m")
-    tracker.add("s0", records[0].uri, 0)
+    tracker.add("s0", records[0].uri, 0, shard_items=len(records))
     part = run.write_part("s0", 0, rows, SCHEMA)
     for r in records[1:]:
-        tracker.add("s0", r.uri, 1, part)
+        tracker.add("s0", r.uri, 1, part, shard_items=len(records))
     slow = evaluate(EvalConfig(run.root, annotations, str(tmp_path / "a")))
     fast = evaluate(EvalConfig(run.root, annotations, str(tmp_path / "b"), backend="faster-coco-eval"))
     assert 0 < slow["overall"]["AP"] < 1

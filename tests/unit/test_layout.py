@@ -36,7 +36,7 @@ def test_a_bad_layout_is_refused_naming_the_flag(field, value, message):
         ActorLayout(**{field: value})
 
 
-def test_the_status_file_counts_shards_and_images_and_gives_an_eta(tmp_path):
+def test_the_status_file_counts_shards_and_estimates_images_and_eta_from_the_shards_done(tmp_path):
     import json
 
     from talora.commit import RunOutput, ShardTracker
@@ -44,12 +44,19 @@ def test_the_status_file_counts_shards_and_images_and_gives_an_eta(tmp_path):
     from talora.predictions import PARQUET
 
     run = RunOutput(str(tmp_path), "k", None, PARQUET)
-    tracker = ShardTracker(run, {"a": ["a/1.jpg"], "b": ["b/1.jpg", "b/2.jpg"]})
-    tracker.add("a", "a/1.jpg", 0)
-    run.write_status(status("running", tracker, 3, 1, 3, 0, 2.0))
+    tracker = ShardTracker(run, ["a", "b", "c", "d"])
+    assert progress(status("running", tracker, 0, 1, 0, 1.0)).endswith("1/? images, 1.0 images/s, ETA ?")
+    for shard in "ab":
+        for i in range(2):
+            tracker.add(shard, f"{shard}/{i}.jpg", 0, shard_items=2)
+    tracker.add("c", "c/0.jpg", 0, error="empty file", shard_items=2)
+    run.write_status(status("running", tracker, 3, 5, 1, 5.0))
     written = json.loads((tmp_path / "k" / "_status.json").read_text())
-    assert written["state"] == "running" and written["shards"] == {"committed": 1, "to_do": 2, "skipped": 3}
-    assert written["images"] == {"returned": 1, "to_do": 3, "errors": 0}
-    assert written["images_per_second"] == 0.5 and written["eta_s"] == 4.0 and written["updated"].endswith("+00:00")
-    assert progress(written) == "1/2 shards, 1/3 images, 0.5 images/s, ETA 0:04"
-    assert progress(status("running", tracker, 0, 0, 3, 0, 0.0)).endswith("ETA ?")
+    assert written["state"] == "running" and written["shards"] == {"committed": 2, "to_do": 4, "skipped": 3}
+    # 2 images per committed shard x 4 shards = ~8 images, 3 to come at 1 image/s
+    assert written["images"] == {"returned": 5, "errors": 1, "per_shard": 2.0, "estimated_total": 8}
+    assert written["images_per_second"] == 1.0 and written["shards_per_second"] == 0.4 and written["eta_s"] == 3.0
+    assert written["updated"].endswith("+00:00")
+    assert progress(written) == "2/4 shards, 5/~8 images, 1.0 images/s, ETA 0:03"
+    done = status("done", tracker, 3, 5, 1, 6.0)
+    assert done["eta_s"] == 0 and done["images"]["estimated_total"] == 5

@@ -102,7 +102,7 @@ def test_a_run_written_in_another_part_format_reads_back_through_the_one_reader(
     run = RunOutput(str(tmp_path), "k", None, jsonl)
     detection = encode_mask(np.eye(4, dtype=bool), "instance", 0.7)
     rows = detection_rows("s/a.jpg", 1, "s", 4, 4, {"cars": [detection]}, None, "m")
-    ShardTracker(run, {"s": ["s/a.jpg"]}).add("s", "s/a.jpg", 1, run.write_part("s", 0, rows, SCHEMA))
+    ShardTracker(run, ["s"]).add("s", "s/a.jpg", 1, run.write_part("s", 0, rows, SCHEMA), shard_items=1)
     got = read_run(run.root)
     assert got.processed == ["s/a.jpg"] and got.table.schema == SCHEMA
     (row,) = got.table.to_pylist()  # cast to the schema: the score is float32

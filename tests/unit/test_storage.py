@@ -38,44 +38,6 @@ def test_options_only_apply_to_s3():
     assert options.fsspec_kwargs("s3") == {"endpoint_url": "http://127.0.0.1:1", "profile": "p", "anon": True}
 
 
-def _touch(root, *names):
-    for name in names:
-        path = root / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(b"x")
-
-
-def test_sub_folders_are_shards_and_flat_files_are_cut_into_virtual_shards(tmp_path):
-    from talora.storage import list_shards
-
-    _touch(tmp_path, "b/2.jpg", "b/1.PNG", "a/x/deep.jpg", "a/notes.txt", "3.jpg", "1.jpg", "2.jpeg", "_tmp/9.jpg", ".hidden.jpg")
-    shards = list_shards(str(tmp_path), shard_size=2)
-    assert [s.name for s in shards] == ["virtual-00000", "virtual-00001", "a", "b"]
-    assert [len(s.uris) for s in shards] == [2, 1, 1, 2]
-    assert shards[0].uris == (str(tmp_path / "1.jpg"), str(tmp_path / "2.jpeg"))  # sorted keys
-    assert shards[3].uris == (str(tmp_path / "b/1.PNG"), str(tmp_path / "b/2.jpg"))
-    assert list_shards(str(tmp_path), shard_size=2) == shards  # stable
-
-
-def test_shards_on_s3_keep_the_scheme(s3):
-    from talora.storage import list_shards, write_bytes
-
-    for key in ("s1/a.jpg", "s1/b.jpg", "s2/c.jpg"):
-        write_bytes(f"s3://talora-test/imgs/{key}", b"x", s3)
-    shards = list_shards("s3://talora-test/imgs", options=s3)
-    assert [(s.name, s.uris) for s in shards] == [
-        ("s1", ("s3://talora-test/imgs/s1/a.jpg", "s3://talora-test/imgs/s1/b.jpg")),
-        ("s2", ("s3://talora-test/imgs/s2/c.jpg",)),
-    ]
-
-
-def test_a_missing_prefix_is_an_error_naming_it(tmp_path):
-    from talora.storage import list_shards
-
-    with pytest.raises(FileNotFoundError, match="nothing-here"):
-        list_shards(str(tmp_path / "nothing-here"))
-
-
 def test_process_local_filesystems_are_refused_for_ray_jobs():
     from talora.storage import require_shared
 
