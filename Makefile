@@ -43,8 +43,13 @@ demo: setup
 		--annotations $(DEMO_DATA)/val/instances.json --output runs/demo/eval
 	$(OFFLINE) $(VENV)/bin/talora viz --predictions $$(ls -td runs/demo/labels/*/ | head -n 1) \
 		--out runs/demo/overlays --max-images 6
+	$(OFFLINE) $(VENV)/bin/talora export --predictions $$(ls -td runs/demo/labels/*/ | head -n 1) \
+		--format coco --out runs/demo/export/instances.json
+	$(PY) -c "from pycocotools.coco import COCO; c = COCO('runs/demo/export/instances.json'); \
+		print(f'read back with pycocotools: {len(c.imgs)} images, {len(c.anns)} annotations, {len(c.cats)} categories')"
 	@echo "demo outputs: $(DEMO_DATA)/ (COCO train/val), runs/demo/labels/ (Parquet predictions),"
-	@echo "              runs/demo/eval/report.md (+ report.json, per_task_ap.png), runs/demo/overlays/*.png"
+	@echo "              runs/demo/eval/report.md (+ report.json, per_task_ap.png), runs/demo/overlays/*.png,"
+	@echo "              runs/demo/export/instances.json (the labels as a COCO training set)"
 
 # Both benchmark suites on the demo domain with the shipped models (never part of `make test`): the
 # speed suite (1000 generated images, the job end to end) and the quality suite (its 6 static-LoRA

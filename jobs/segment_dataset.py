@@ -21,7 +21,11 @@ from talora.jobs_common import add_layout_flags, add_storage_flags, init_ray, la
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--prompt", action="append", required=True, help="a task prompt; repeat for K prompts in one pass")
+    p.add_argument("--prompt", action="append", default=[], help="a task prompt; repeat for K prompts in one pass")
+    p.add_argument("--prompt-thresh", action="append", default=[], metavar="PROMPT=T",
+                   help='a prompt\'s own presence threshold, e.g. "segment cars=0.7" (repeatable)')
+    p.add_argument("--prompts-file", default=None,
+                   help="a YAML list of prompts, each a string or {prompt: ..., presence_thresh: ...}")
     p.add_argument("--images", default=None, help="image prefix: sub-folders are shards (default: the demo bucket)")
     p.add_argument("--output", default="runs/labels", help="prediction prefix (local path or URI)")
     p.add_argument("--annotations", default=None, help="optional COCO JSON: use its image ids")
@@ -48,6 +52,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
                    help="autocast of the model passes (bf16 runs as fp16 on a GPU without bf16)")
     p.add_argument("--task", default=None, help="task id to write in the task column")
+    p.add_argument("--boxes", default=None, help="a detector's boxes (COCO results JSON, or Parquet with image_uri|"
+                   "image_id, bbox[, prompt]): each box is decoded as one instance under its prompt's adapter")
+    p.add_argument("--adapter-cache", default=None, help="where generated adapters are kept by (hypernet, prompt), "
+                   "for later jobs to load (default: OUTPUT/_adapters)")
+    p.add_argument("--no-adapter-cache", dest="adapter_cache", action="store_const", const="",
+                   help="generate every adapter, keep none")
     add_layout_flags(p)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--shard-size", type=int, default=1000, help="virtual shard size for a flat folder")
@@ -60,20 +70,31 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace):
-    from talora.label import LabelConfig
+    from talora.label import LabelConfig, parse_prompt_thresholds, read_prompts_file
     from talora.loading import model_spec
     from talora.predictor import PredictConfig
+
+    prompts, thresholds = list(args.prompt), ()
+    if args.prompts_file:
+        listed, thresholds = read_prompts_file(args.prompts_file, storage_from_args(args))
+        prompts += listed
+    if not prompts:
+        raise ValueError("give at least one --prompt (or --prompts-file)")
+    thresholds += parse_prompt_thresholds(args.prompt_thresh, prompts)
 
     predict = PredictConfig(mode=args.mode, points_per_side=args.points_per_side, points_per_batch=args.points_per_batch,
                             score_thresh=args.score_thresh, stability_thresh=args.stability_thresh,
                             nms_thresh=args.nms_thresh, presence_thresh=args.presence_thresh,
                             mask_nms_thresh=args.mask_nms_thresh, region_parts=args.region_parts,
-                            precision=args.precision, coarse_to_fine=args.coarse_to_fine)
+                            precision=args.precision, coarse_to_fine=args.coarse_to_fine,
+                            prompt_thresholds=thresholds)
     model = model_spec(args.sam_type, args.sam_checkpoint, args.hypernet, args.adapter, args.untrained)
-    return LabelConfig(prompts=tuple(args.prompt), images=args.images, output=args.output, model=model,
+    return LabelConfig(prompts=tuple(prompts), images=args.images, output=args.output, model=model,
                        predict=predict, task=args.task, annotations=args.annotations, shard_size=args.shard_size,
                        max_images=args.max_images, max_shards=args.max_shards, max_pixels=args.max_pixels,
-                       batch_size=args.batch_size, layout=layout_from_args(args), storage=storage_from_args(args))
+                       batch_size=args.batch_size, adapter_cache=args.adapter_cache, boxes=args.boxes,
+                       layout=layout_from_args(args),
+                       storage=storage_from_args(args))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,6 +7,7 @@
     talora demo-data --out URI --num-images N --seed S         the synthetic demo domain
     talora probe --annotations URI [--sam-checkpoint URI]      does the base encode what tasks name?
     talora checkpoint RUN [--best] [--file NAME]               a finished training run's checkpoint
+    talora export --predictions RUN --format coco|yolo --out URI   labels out as a training dataset
     talora merge | export-peft | plot-run | viz | fp16         adapters out; curves; overlays; fp16 files
 """
 
@@ -87,7 +88,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_adapter(args: argparse.Namespace) -> int:
-    from talora.adapter_file import AdapterHeader, save_adapter
+    from talora.adapter_file import AdapterCache, adapter_header, save_adapter
     from talora.loading import build_task_aware_sam, load_task_aware_sam, model_spec
     from talora.text import TextEncoder, validate_prompts
 
@@ -103,16 +104,12 @@ def cmd_adapter(args: argparse.Namespace) -> int:
         print("note: no trained hypernet: the untrained one (bias-HyperInit) emits Delta W = 0", file=sys.stderr)
     model.eval()
     with torch.no_grad():
+        if args.cache:  # the labelling job's adapter cache: loaded when there, else generated into it
+            found = AdapterCache(args.cache, storage).fill(model, [prompt])[prompt]
+            print(f"adapter cache {args.cache}: {found}")
         adapter = model.adapters([prompt]).row(0)
     sam_type = model.config.sam.sam_type
-    header = AdapterHeader(
-        sam_type=sam_type,
-        rank=adapter.rank,
-        alpha=adapter.scale * adapter.rank,
-        prompt=prompt,
-        hypernet_digest=model.hypernet.digest(),
-        targets=[{"name": t.name, "in_features": t.in_features, "out_features": t.out_features} for t in model.targets],
-    )
+    header = adapter_header(model, prompt)
     save_adapter(args.out, adapter, header, storage)
 
     delta_norms = {name: adapter.delta_weight(name).norm().item() for name in adapter.weights}
@@ -177,6 +174,15 @@ def cmd_export_peft(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from talora.label_export import ExportConfig, export_run
+
+    counts = export_run(ExportConfig(args.predictions, args.out, args.format, args.kind, args.min_score,
+                                     args.images_prefix, _storage(args)))
+    print(json.dumps(counts))
+    return 0
+
+
 def cmd_plot_run(args: argparse.Namespace) -> int:
     from talora.viz import plot_run
 
@@ -205,7 +211,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
         model = model.cuda()
     predictor = TaskAwarePredictor(model, PredictConfig(mode=args.mode, points_per_side=args.points_per_side,
                                                         presence_thresh=args.presence_thresh, precision=args.precision))
-    results = predictor.predict(image, prompts)
+    boxes = [{"bbox": parse_box(b), "prompt": None} for b in args.box] if args.box else None
+    results = predictor.predict(image, prompts, boxes)
     as_dicts = {p: [{**dataclasses.asdict(d), "segmentation": d.rle} for d in ds] for p, ds in results.items()}
     write_bytes(args.out, overlay_png(image, as_dicts), storage)
     for prompt, detections in results.items():
@@ -216,6 +223,17 @@ def cmd_predict(args: argparse.Namespace) -> int:
                           for p, ds in as_dicts.items()}, indent=1))
     print(f"wrote {args.out}")
     return 0
+
+
+def parse_box(text: str) -> list[float]:
+    """--box "x,y,w,h" (pixels of the image) -> [x, y, w, h]."""
+    try:
+        box = [float(v) for v in text.split(",")]
+    except ValueError:
+        box = []
+    if len(box) != 4 or box[2] <= 0 or box[3] <= 0:
+        raise ValueError(f"--box {text!r}: expected x,y,w,h in pixels with w and h > 0, e.g. 10,20,64,48")
+    return box
 
 
 def cmd_probe(args: argparse.Namespace) -> int:
@@ -307,6 +325,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--untrained", action="store_true", help="the untrained hypernet (Delta W = 0), for smoke runs")
     p.add_argument("--out", required=True, help="adapter .safetensors to write (local path or URI)")
     p.add_argument("--seed", type=int, default=0, help="init seed of the --untrained hypernet")
+    p.add_argument("--cache", default=None, help="an adapter cache (the labelling job's OUTPUT/_adapters): "
+                   "load the adapter from it, or generate it into it")
     p.set_defaults(func=cmd_adapter)
 
     p = sub.add_parser("tasks", help="tasks, prompts and splits derived from a COCO dataset")
@@ -329,6 +349,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-size", type=int, default=160, help="largest object extent (px)")
     _add_storage_args(p)
     p.set_defaults(func=cmd_demo_data)
+
+    p = sub.add_parser("export", help="a labelling run's labels as a COCO instances JSON or YOLO-seg labels")
+    p.add_argument("--predictions", required=True, help="a labelling run: OUTPUT/<run_key>")
+    p.add_argument("--format", choices=("coco", "yolo"), default="coco")
+    p.add_argument("--out", required=True, help="coco: the instances JSON to write; yolo: a folder (any URI)")
+    p.add_argument("--kind", choices=("instance", "semantic"), default="instance", help="rows that become annotations")
+    p.add_argument("--min-score", type=float, default=0.0, help="leave out masks scored below this")
+    p.add_argument("--images-prefix", default=None, help="file names relative to this (default: the run's --images)")
+    _add_storage_args(p)
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("merge", help="merge an adapter file into a full SAM checkpoint")
     p.add_argument("--adapter", required=True, help="adapter .safetensors (talora adapter, or a static run's)")
@@ -361,6 +391,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--points-per-side", type=int, default=16)
     p.add_argument("--presence-thresh", type=float, default=0.5)
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32", help="autocast of the model passes")
+    p.add_argument("--box", action="append", default=[], metavar="X,Y,W,H",
+                   help="a box prompt in image pixels (repeatable): the instances are the boxes' masks, under every prompt")
     p.add_argument("--out", required=True, help="overlay PNG")
     p.add_argument("--json", action="store_true", help="also print the detections (without masks)")
     _add_storage_args(p)

@@ -95,6 +95,7 @@ class TrunkEncoder(ShardWriter):
 
     def process(self, batch: dict) -> list[tuple[list[dict], str]]:
         from talora.data.coco import decode_image
+        from talora.frames import error_message
 
         torch, backbone = self.torch, self.backbone
         results: list[tuple[list[dict], str]] = []
@@ -107,7 +108,7 @@ class TrunkEncoder(ShardWriter):
                 image = decode_image(data)
                 x, input_size = backbone.preprocess(image)
             except Exception as e:  # a bad image is an error entry, never a crash
-                results.append(([], f"{type(e).__name__}: {e}"))
+                results.append(([], error or error_message(uri, e)))
                 continue
             row = {"image_uri": uri, "image_id": int(image_id), "shard": shard, "index": int(index),
                    "height": image.shape[0], "width": image.shape[1], "input_height": input_size[0],

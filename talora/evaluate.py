@@ -129,7 +129,7 @@ def evaluate(config: EvalConfig) -> dict:
             unmatched.add(uri)
         else:
             evaluated_images.add(record.id)
-    semantic = {}
+    semantic, semantic_scores = {}, {}
     for r in rows:
         if r["kind"] == "error":
             errors += 1
@@ -142,6 +142,7 @@ def evaluate(config: EvalConfig) -> dict:
         if r["kind"] == "semantic" and r["prompt"] in prompt_task:
             rle = {"size": r["segmentation"]["size"], "counts": r["segmentation"]["counts"].encode()}
             key = (record.id, r["prompt"])
+            semantic_scores[key] = max(semantic_scores.get(key, 0.0), float(r["score"]))  # presence probability
             semantic[key] = semantic.get(key, False) | mask_utils.decode(rle).astype(bool)
     evaluated = sorted(evaluated_images)
     results = coco_results(rows, lambda r: getattr(record_of(r["image_uri"]), "id", None),
@@ -164,6 +165,14 @@ def evaluate(config: EvalConfig) -> dict:
             truth = semantic_mask([i for i in dataset.instances[image_id] if task.matches(i)], record.height, record.width)
             pred = semantic.get((image_id, prompt), np.zeros_like(truth))
             ious.add((task_id, group), pred, truth)
+    presence_f1 = {}
+    predict = read_summary(config.predictions, config.storage).get("config", {}).get("predict", {})
+    for prompt, task_id in prompt_task.items():  # the presence threshold that maximises F1, per prompt
+        task = tasks.by_id[task_id]
+        truth = {i: any(task.matches(x) for x in dataset.instances[i]) for i in evaluated}
+        scores = {i: semantic_scores[(i, prompt)] for i in evaluated if (i, prompt) in semantic_scores}
+        run_thresh = dict(map(tuple, predict.get("prompt_thresholds", []))).get(prompt, predict.get("presence_thresh"))
+        presence_f1[prompt] = {"task": task_id, "run_threshold": run_thresh, **best_f1(scores, truth)}
     per_key = ious.per_key()
     miou = {g: mean(v for (t, gg), v in per_key.items() if gg == g) for g in GROUPS}
     references = reference_scores(dataset, eval_tasks, evaluated) if evaluated and task_ids else {}
@@ -182,9 +191,30 @@ def evaluate(config: EvalConfig) -> dict:
         "task_miou": miou,
         "task_miou_per_task": {f"{t}|{g}": v for (t, g), v in sorted(per_key.items())},
         "references": references,
+        "presence_f1": presence_f1,
     }
     write_report(report, config.output, config.storage)
     return report
+
+
+def best_f1(scores: dict[int, float], truth: dict[int, bool]) -> dict:
+    """Image-level presence: an image is predicted positive at threshold t when its semantic score
+    is >= t (no semantic row: negative). -> {images, positives, f1_at_run (every row positive: the
+    run's own threshold), best_threshold, best_f1}; thresholds below the run's cannot be scanned
+    (their rows were never written)."""
+
+    def f1(t: float) -> float:
+        tp = sum(truth[i] for i, s in scores.items() if s >= t)
+        fp = sum(not truth[i] for i, s in scores.items() if s >= t)
+        fn = sum(truth.values()) - tp
+        return 2 * tp / (2 * tp + fp + fn) if tp else 0.0
+
+    candidates = sorted(set(scores.values()))
+    best = max(candidates, key=lambda t: (f1(t), -t), default=None)  # the lowest threshold of the best F1
+    return {"images": len(truth), "positives": sum(truth.values()),
+            "f1_at_run": round(f1(0.0), 4) if scores else 0.0,
+            "best_threshold": round(best, 4) if best is not None else None,
+            "best_f1": round(f1(best), 4) if best is not None else 0.0}
 
 
 def write_report(report: dict, output: str, storage: StorageOptions | None) -> None:
@@ -203,6 +233,13 @@ def write_report(report: dict, output: str, storage: StorageOptions | None) -> N
         refs = report["references"].get(group, {}) if report["task_miou"][group] is not None else {}
         rows.append([group, fmt(report["task_miou"][group]), *(fmt(refs.get(r)) for r in REFERENCES)])
     lines += [""] + md_table(["group", "task mIoU", *REFERENCES], rows)
+    if report["presence_f1"]:
+        lines += ["", "Presence per prompt (image level: is the task in the image?): F1 at the run's threshold, "
+                  "and the threshold (>= the run's) that maximises F1 on these images: `--prompt-thresh "
+                  "\"PROMPT=T\"`. Label with `--presence-thresh 0` to scan lower thresholds.", ""]
+        lines += md_table(["prompt", "task", "run threshold", "F1", "best threshold", "best F1"],
+                          [[p, v["task"], fmt(v["run_threshold"]), fmt(v["f1_at_run"]), fmt(v["best_threshold"]),
+                            fmt(v["best_f1"])] for p, v in report["presence_f1"].items()])
     write_bytes(join(output, "report.md"), ("\n".join(lines) + "\n").encode(), storage)
 
     import matplotlib

@@ -8,6 +8,8 @@ through the same functions, so the job and `TaskAwarePredictor.predict` see the 
 
 from __future__ import annotations
 
+import posixpath
+import re
 from typing import Callable
 
 import numpy as np
@@ -17,9 +19,10 @@ from talora.variants import get_variant
 
 
 def longest_side_shape(height: int, width: int, side: int) -> tuple[int, int]:
-    """(h, w) with the long side scaled to `side`, rounded as segment_anything's ResizeLongestSide."""
+    """(h, w) with the long side scaled to `side`, rounded as segment_anything's ResizeLongestSide,
+    except that the short side is at least 1 pixel (there, a 4 x 3000 image rounds to 0 x 1024)."""
     scale = side * 1.0 / max(height, width)
-    return int(height * scale + 0.5), int(width * scale + 0.5)
+    return max(1, int(height * scale + 0.5)), max(1, int(width * scale + 0.5))
 
 
 def resize_longest_side(image: np.ndarray, side: int) -> np.ndarray:
@@ -40,6 +43,24 @@ def image_resizer(sam_type: str) -> Callable[[np.ndarray], np.ndarray]:
     return lambda image: resize(image, variant.image_size)
 
 
+_OBJECT_REPR = re.compile(r"\s*<[^<>]* at 0x[0-9a-fA-F]+>")
+
+
+def error_message(uri: str, error: Exception | str) -> str:
+    """A bad image's error row as a sentence: "<file name>: <reason>", without object reprs."""
+    from PIL import UnidentifiedImageError
+
+    if isinstance(error, UnidentifiedImageError):
+        reason = "cannot identify image format: not an image, or a format Pillow cannot read"
+    elif isinstance(error, str):
+        reason = error
+    else:
+        reason = str(error) or type(error).__name__
+        if isinstance(error, (KeyError, IndexError, RuntimeError, TypeError, AttributeError)):
+            reason = f"{type(error).__name__}: {reason}"  # a fault, not a verdict on the image: keep its kind
+    return f"{posixpath.basename(uri.rstrip('/')) or uri}: {_OBJECT_REPR.sub('', reason)}"
+
+
 def decode_stage(batch: dict, max_pixels: int, sam_type: str) -> dict:
     """Ray Data task: bytes -> the model's resized frame (EXIF applied, RGB, 16-bit scaled) and
     the oriented original size; a bad image becomes an error, never a crash."""
@@ -47,10 +68,10 @@ def decode_stage(batch: dict, max_pixels: int, sam_type: str) -> dict:
 
     resize = image_resizer(sam_type)
     resized, heights, widths, errors = [], [], [], []
-    for data, error in zip(batch["bytes"], batch["error"]):
+    for uri, data, error in zip(batch["uri"], batch["bytes"], batch["error"]):
         try:
             if error:
-                raise OSError(error)
+                raise OSError(error)  # the read failed: its message already names the file
             image = decode_image(bytes(data), max_pixels)
             resized.append(resize(image))
             heights.append(image.shape[0])
@@ -60,7 +81,7 @@ def decode_stage(batch: dict, max_pixels: int, sam_type: str) -> dict:
             resized.append(np.zeros((1, 1, 3), np.uint8))
             heights.append(0)
             widths.append(0)
-            errors.append(f"{type(e).__name__}: {e}")
+            errors.append(str(e) if error else error_message(uri, e))
     out = {k: v for k, v in batch.items() if k != "bytes"}
     return {**out, "resized": np.array(resized + [None], dtype=object)[:-1], "height": np.array(heights),
             "width": np.array(widths), "error": np.array(errors, dtype=object)}

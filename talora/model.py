@@ -76,6 +76,12 @@ class TaskAwareSam(nn.Module):
         the hypernet again)."""
         self._adapter_cache.clear()
 
+    def keep_adapter(self, prompt: str, adapter: Adapter) -> None:
+        """Uses `adapter` (one prompt's, e.g. read from an adapter cache) for `prompt` from now on,
+        instead of generating it; moved to the hypernet's device and dtype."""
+        param = next(self.hypernet.parameters())
+        self._adapter_cache[prompt] = adapter.to(param.device, param.dtype)
+
     def train(self, mode: bool = True) -> TaskAwareSam:
         """Trains the hypernet and presence head only; the frozen SAM stays in eval mode."""
         super().train(mode)

@@ -27,13 +27,19 @@ from typing import Any, Callable
 import pyarrow as pa
 
 from talora.commit import Manifest, RunOutput, ShardTracker
+from talora.frames import error_message
 from talora.shards import ShardPlan, list_images, shard_items
 from talora.storage import StorageOptions, read_bytes
 
-META_KEYS = ("shard", "item", "shard_items", "rows", "part", "error", "node", "rss_mb", "threads")
+META_KEYS = ("shard", "item", "image_id", "shard_items", "rows", "part", "error", "node", "rss_mb", "threads")
 # Plans per listing task: one shard each up to this many shards (a task's items leave it as one
 # block, so one shard per task lets the first shard through first); more shards share tasks.
 MAX_LISTING_TASKS = 10_000
+# The pipeline starts once every actor of the pool is up (each model loaded), so the work spreads
+# over the whole pool from the first batch; a cluster that cannot host the pool fails after this
+# long with Ray Data's "Timed out while starting actors" instead of waiting for ever (generous:
+# an autoscaler may take minutes to bring up GPU nodes).
+ACTOR_START_TIMEOUT_S = 1800
 
 
 @dataclass(frozen=True)
@@ -91,7 +97,7 @@ def read_image_bytes(batch: dict, storage: StorageOptions) -> dict:
             errors.append("")
         except Exception as e:
             data.append(b"")
-            errors.append(f"{type(e).__name__}: {e}")
+            errors.append(error_message(uri, e))
     return {**batch, "bytes": data, "error": errors}
 
 
@@ -130,9 +136,11 @@ class ShardWriter:
         rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         threads = torch.get_num_threads()
         meta: dict[str, list[Any]] = {k: [] for k in META_KEYS}
-        for uri, shard, count, (rows, error) in zip(batch["uri"], batch["shard"], batch["shard_items"], results):
+        for uri, image_id, shard, count, (rows, error) in zip(batch["uri"], batch["image_id"], batch["shard"],
+                                                              batch["shard_items"], results):
             part = parts.get(shard, "") if rows else ""
-            for key, value in zip(META_KEYS, (shard, uri, count, len(rows), part, error, node, rss_mb, threads)):
+            for key, value in zip(META_KEYS, (shard, uri, int(image_id), count, len(rows), part, error, node, rss_mb,
+                                              threads)):
                 meta[key].append(value)
         return meta
 
@@ -149,10 +157,12 @@ def run_sharded(
     cpu_stage: Callable[[dict], dict] | None = None,
     cpu_stage_kwargs: dict | None = None,
     log: Callable[[str], None] = print,
+    watch: Callable[[dict], None] | None = None,
 ) -> dict:
     """Runs every uncommitted shard of `plans` on `layout` (resolved: every field set); returns
     counts and timings for the job's summary (timed once, around the whole pipeline: its lazy
-    stages measured apart would measure nothing). `image_ids`: COCO ids by URI, where known."""
+    stages measured apart would measure nothing). `image_ids`: COCO ids by URI, where known.
+    `watch` sees every item's metadata row as it comes back (META_KEYS)."""
     import time
 
     import ray
@@ -167,6 +177,7 @@ def run_sharded(
     nodes: set[str] = set()
     rss_mb, threads, first_commit, after_first = 0.0, 0, None, 0
     if todo:
+        ray.data.DataContext.get_current().wait_for_min_actors_s = ACTOR_START_TIMEOUT_S
         ds = ray.data.from_items([{"shard": p.name, "folder": p.folder, "uris": list(p.uris)} for p in todo],
                                  override_num_blocks=min(len(todo), MAX_LISTING_TASKS))
         ds = ds.flat_map(shard_items, fn_kwargs={"storage": storage, "image_ids": image_ids}, num_cpus=0.25)
@@ -185,6 +196,8 @@ def run_sharded(
             num_gpus=layout.gpus_per_actor,  # Ray Data restarts a failed actor and retries its batch
         )
         for row in ds.iter_rows():  # small metadata rows; the heavy outputs went straight to storage
+            if watch is not None:
+                watch(row)
             counts["images"] += 1
             counts["rows"] += int(row["rows"])
             counts["errors"] += bool(row["error"])

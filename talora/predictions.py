@@ -15,7 +15,7 @@ from __future__ import annotations
 import io
 import json
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -126,14 +126,24 @@ class CommittedRun:
     shard_of: dict[str, str]  # image URI -> shard, for every item of every manifest
 
 
+def iter_parts(run_uri: str, storage: StorageOptions | None = None) -> Iterator[pa.Table]:
+    """The committed parts of a labelling run one at a time, each checked against `SCHEMA`: for
+    readers whose memory must not grow with the run (every row of an image is in one part)."""
+    run = open_run(run_uri, storage)
+    uris = run.committed_part_uris()
+    if not uris and not run.committed_shards():
+        raise ValueError(f"{run_uri} has no committed shard (no _manifests/*.json)")
+    for uri in uris:
+        yield validate_table(part_format_of(uri).decode(read_bytes(uri, storage)), uri)
+
+
 def read_run(run_uri: str, storage: StorageOptions | None = None) -> CommittedRun:
     """The committed rows of a labelling run, every part checked against `SCHEMA`."""
     run = open_run(run_uri, storage)
     manifests = run.manifests()
     if not manifests:
         raise ValueError(f"{run_uri} has no committed shard (no _manifests/*.json)")
-    tables = [validate_table(part_format_of(uri).decode(read_bytes(uri, storage)), uri)
-              for uri in run.committed_part_uris()]
+    tables = list(iter_parts(run_uri, storage))
     table = pa.concat_tables(tables) if tables else pa.Table.from_pylist([], schema=SCHEMA)
     processed = [item for m in manifests.values() for item in m.items if item not in m.errors]
     shard_of = {item: shard for shard, m in manifests.items() for item in m.items}

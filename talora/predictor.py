@@ -69,6 +69,8 @@ class PredictConfig:
     precision: str = "fp32"  # fp32 | bf16 | fp16: autocast of the model passes
     # The coarse grid first; then only the points outside every mask their prompt kept so far.
     coarse_to_fine: bool = True
+    # Per-prompt presence thresholds ((prompt, threshold), ...): override presence_thresh for those prompts.
+    prompt_thresholds: tuple[tuple[str, float], ...] = ()
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -81,6 +83,13 @@ class PredictConfig:
                      "part_score", "min_part_area"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(self, name)}")
+        for prompt, thresh in self.prompt_thresholds:
+            if not 0.0 <= thresh <= 1.0:
+                raise ValueError(f"--prompt-thresh for {prompt!r} must be in [0, 1], got {thresh}")
+
+    def presence_thresh_of(self, prompt: str) -> float:
+        """The presence threshold of `prompt`: its own where given, else presence_thresh."""
+        return dict(self.prompt_thresholds).get(prompt, self.presence_thresh)
 
 
 @dataclass
@@ -172,39 +181,56 @@ class TaskAwarePredictor:
         return self.backbone.resize(image)
 
     @torch.no_grad()
-    def predict(self, image: np.ndarray, prompts: list[str]) -> dict[str, list[Detection]]:
-        """HWC uint8 RGB image -> {prompt: detections}, semantic first, then instances by score."""
-        return self.predict_resized(self.resize(image), image.shape[:2], prompts)
+    def predict(self, image: np.ndarray, prompts: list[str], boxes: list[dict] | None = None) -> dict[str, list[Detection]]:
+        """HWC uint8 RGB image -> {prompt: detections}, semantic first, then instances by score.
+        `boxes` ([{"bbox": [x, y, w, h], "prompt": one of `prompts` or None = every prompt}], in
+        the image's pixels): the instances are these boxes' masks instead of the point grid's."""
+        return self.predict_resized(self.resize(image), image.shape[:2], prompts, boxes)
 
     @torch.no_grad()
-    def predict_resized(self, resized: np.ndarray, original_size: tuple[int, int], prompts: list[str]):
+    def predict_resized(self, resized: np.ndarray, original_size: tuple[int, int], prompts: list[str],
+                        boxes: list[dict] | None = None):
         """A resized HWC image (the job's CPU stage did `resize`) -> {prompt: detections}."""
-        return self.predict_batch([(resized, original_size)], prompts)[0]
+        return self.predict_batch([(resized, original_size)], prompts, None if boxes is None else [boxes])[0]
 
     @torch.no_grad()
-    def predict_batch(self, images: list[tuple[np.ndarray, tuple[int, int]]], prompts: list[str]) -> list[dict]:
+    def predict_batch(self, images: list[tuple[np.ndarray, tuple[int, int]]], prompts: list[str],
+                      boxes: list[list[dict] | None] | None = None) -> list[dict]:
         """[(resized HWC image, original (H, W))] -> [{prompt: detections}] per image: the trunk runs
-        once on the whole batch (padded to the model's square input), the rest image by image."""
+        once on the whole batch (padded to the model's square input), the rest image by image.
+        `boxes`: per image, its box prompts (see `predict`) or None for the point grid."""
         adapter = self.model.adapters(prompts)  # P rows, cached per prompt
         trunks = self.trunk([resized for resized, _ in images])  # (B, h, w, C)
-        return [dict(zip(prompts, self.predict_rows(trunks[i : i + 1], adapter, tuple(resized.shape[:2]), size)))
+        thresholds = [self.config.presence_thresh_of(p) for p in prompts]
+        boxes = boxes or [None] * len(images)
+        return [dict(zip(prompts, self.predict_rows(trunks[i : i + 1], adapter, tuple(resized.shape[:2]), size,
+                                                    thresholds=thresholds, boxes=box_prompts(boxes[i], prompts))))
                 for i, (resized, size) in enumerate(images)]
 
     @torch.no_grad()
     def predict_rows(self, trunk: torch.Tensor, adapter, input_size: tuple[int, int], original_size: tuple[int, int],
-                     regions: list[torch.Tensor] | None = None) -> list[list[Detection]]:
+                     regions: list[torch.Tensor] | None = None,
+                     thresholds: list[float] | None = None,
+                     boxes: tuple[np.ndarray, np.ndarray] | None = None) -> list[list[Detection]]:
         """(1, h, w, C) trunk features + a per-row adapter (P rows) -> detections per row.
 
         `regions` (P masks of H x W) replaces the predicted task regions in the instance pass (the
-        quality benchmark's ground-truth ceiling); the semantic detection is always the predicted one."""
+        quality benchmark's ground-truth ceiling); the semantic detection is always the predicted one.
+        `thresholds`: each row's presence threshold (default: presence_thresh for every row).
+        `boxes`: (xywh boxes (n, 4) in the original frame, the row of each (n,)): the instances
+        are these boxes' masks, one per box, whatever the presence says, instead of the grid's."""
         cfg = self.config
         with self.autocast():
             embeddings = self.tail(trunk, adapter)  # (P, C', h, w)
             presence, logits = self.semantic(embeddings, adapter, input_size, original_size)  # (P,), (P, H, W)
-        predicted = self.task_regions(presence, logits)
+        predicted = self.task_regions(presence, logits, thresholds)
         results = [[encode_mask(region.cpu().numpy(), "semantic", float(presence[p]))]
                    if cfg.mode in ("semantic", "both") and region.any() else [] for p, region in enumerate(predicted)]
-        if cfg.mode in ("instance", "both"):
+        if cfg.mode in ("instance", "both") and boxes is not None:
+            for detections, instances in zip(results, self.decode_boxes(embeddings, adapter, *boxes, input_size,
+                                                                         original_size)):
+                detections += instances
+        elif cfg.mode in ("instance", "both"):
             instance_regions = predicted if regions is None else regions
             candidates = self.instance_candidates(embeddings, adapter, instance_regions, original_size)
             kept = self.keep_instances(candidates, input_size, original_size, instance_regions, presence.tolist())
@@ -232,9 +258,12 @@ class TaskAwarePredictor:
         logits = self.backbone.postprocess_masks(semantic.masks.float(), input_size, original_size)[:, 0]
         return presence, logits
 
-    def task_regions(self, presence: torch.Tensor, logits: torch.Tensor) -> list[torch.Tensor]:
-        """Each prompt's semantic mask (H, W), empty where presence says the task is absent."""
-        present = presence >= self.config.presence_thresh  # (P,)
+    def task_regions(self, presence: torch.Tensor, logits: torch.Tensor,
+                     thresholds: list[float] | None = None) -> list[torch.Tensor]:
+        """Each prompt's semantic mask (H, W), empty where presence (below the row's threshold) says
+        the task is absent."""
+        thresholds = thresholds or [self.config.presence_thresh] * len(presence)
+        present = presence >= torch.tensor(thresholds, device=presence.device)  # (P,)
         return [(logits[p] > self.backbone.mask_threshold) & bool(present[p]) for p in range(len(presence))]
 
     def grid_points(self, regions: list[torch.Tensor], original_size) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -296,6 +325,26 @@ class TaskAwarePredictor:
             candidates.append((rows, out.masks.float(), out.iou_predictions.float()))
         return candidates
 
+    def decode_boxes(self, embeddings: torch.Tensor, adapter, boxes: np.ndarray, owners: np.ndarray, input_size,
+                     original_size) -> list[list[Detection]]:
+        """Box prompts (n, 4: x, y, w, h in the original frame), box i under the adapter of row
+        owners[i] -> per row, one instance per box (SAM's single mask for a box, scored by its
+        predicted IoU), in box order."""
+        results: list[list[Detection]] = [[] for _ in range(embeddings.shape[0])]
+        xyxy = np.concatenate([boxes[:, :2], boxes[:, :2] + boxes[:, 2:]], axis=1)  # (n, 4)
+        coords = self.backbone.apply_boxes(xyxy, original_size)  # the input frame
+        for start in range(0, len(coords), self.config.points_per_batch):
+            batch = slice(start, start + self.config.points_per_batch)
+            rows = torch.as_tensor(owners[batch], device=self.device)
+            box_tensor = torch.as_tensor(coords[batch], dtype=torch.float32, device=self.device)  # (b, 4)
+            with self.autocast():
+                out = self.model.decode(embeddings, adapter, boxes=box_tensor, multimask_output=False, rows=rows)
+            masks = self.backbone.postprocess_masks(out.masks.float(), input_size, original_size)[:, 0]  # (b, H, W)
+            masks = (masks > self.backbone.mask_threshold).cpu().numpy()
+            for row, mask, score in zip(rows.tolist(), masks, out.iou_predictions.float()[:, 0].tolist()):
+                results[row].append(encode_mask(mask, "instance", score))
+        return results
+
     def kept(self, candidates: list[tuple]) -> MaskData | None:
         """SAM's filters on every decoder batch, then the de-duplication per prompt: the masks each
         prompt keeps (low-res, with their prompt in "owner"), best first; None if none is kept."""
@@ -341,6 +390,20 @@ class TaskAwarePredictor:
                 found += unmatched_parts(region.cpu().numpy(), masks, presence[p] * cfg.part_score, cfg.min_part_area)
             results.append([encode_mask(m, "instance", float(s)) for m, s in found])
         return results
+
+
+def box_prompts(boxes: list[dict] | None, prompts: list[str]) -> tuple[np.ndarray, np.ndarray] | None:
+    """[{"bbox": [x, y, w, h], "prompt": str | None}] -> (boxes (n, 4), the prompt row of each (n,)):
+    a box with a prompt goes to that prompt's row, one without to every prompt's. None -> None."""
+    if boxes is None:
+        return None
+    xywh, owners = [], []
+    for box in boxes:
+        rows = [prompts.index(box["prompt"])] if box.get("prompt") else range(len(prompts))
+        for row in rows:
+            xywh.append([float(v) for v in box["bbox"]])
+            owners.append(row)
+    return np.array(xywh, dtype=np.float64).reshape(-1, 4), np.array(owners, dtype=int)
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:

@@ -25,7 +25,7 @@ from torch.nn import functional as F
 from talora.backbones import base
 from talora.backbones.sam1_fused import fuse_attention
 from talora.config import LoraConfig
-from talora.frames import resize_longest_side
+from talora.frames import longest_side_shape, resize_longest_side
 from talora.lora import LoraLinear, LoraTarget
 
 # (patch-embedding width, encoder depth) -> variant: enough to tell the variants apart from a state dict.
@@ -120,6 +120,15 @@ def detect_variant(state_dict: dict[str, torch.Tensor]) -> str | None:
     return next((name for name, s in _ENCODER_SHAPES.items() if s == shape), None)
 
 
+class _FrameTransform(ResizeLongestSide):
+    """segment_anything's coordinate and box mapping into the resized frame, on the frame
+    `resize` makes: a very thin image keeps a short side of at least one pixel."""
+
+    @staticmethod
+    def get_preprocess_shape(oldh: int, oldw: int, long_side_length: int) -> tuple[int, int]:
+        return longest_side_shape(oldh, oldw, long_side_length)
+
+
 class Backbone(base.Backbone):
     model: Sam
 
@@ -132,7 +141,7 @@ class Backbone(base.Backbone):
         self.decoder_dim = model.mask_decoder.transformer_dim
         self.num_blocks = len(encoder.blocks)
         self.mask_threshold = model.mask_threshold
-        self.transform = ResizeLongestSide(self.image_size)  # coordinates and boxes
+        self.transform = _FrameTransform(self.image_size)  # coordinates and boxes
 
     # --- frames ----------------------------------------------------------------------------------
     def resize(self, image: np.ndarray) -> np.ndarray:

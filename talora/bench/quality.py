@@ -87,11 +87,11 @@ class QualityConfig:
 
 def demo_annotations(root: str = DEMO_MODELS_DATA) -> tuple[str, str]:
     """(train, val) annotations of the demo models' data (3000 + 100 images, seed 0), written on first use."""
-    from talora.data.synthetic import write_demo_dataset
+    from talora.data.synthetic import ensure_demo_dataset
 
-    if not os.path.exists(os.path.join(root, "val", "instances.json")):
-        write_demo_dataset(root, 3000, 100, seed=0)
-    return os.path.join(root, "train", "instances.json"), os.path.join(root, "val", "instances.json")
+    train, val = (os.path.join(root, split, "instances.json") for split in ("train", "val"))
+    ensure_demo_dataset(val)
+    return train, val
 
 
 def train_run(spec, name: str, workdir: str, storage: StorageOptions) -> str:

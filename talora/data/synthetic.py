@@ -18,7 +18,9 @@ from __future__ import annotations
 import io
 import json
 import math
+import os
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -238,3 +240,25 @@ def write_demo_dataset(
         write_bytes(f"{out}/{split}/instances.json", json.dumps(coco).encode(), storage)
         written[split] = f"{out}/{split}/instances.json"
     return written
+
+
+# The demo datasets this repository's commands and configs name, each as it is generated.
+DEMO_DATASETS: dict[str, dict] = {
+    "data/demo": {"num_train": 200, "num_val": 40, "seed": 0, "shard_size": 20},  # make demo, the labelling default
+    "data/demo-models": {"num_train": 3000, "num_val": 100, "seed": 0},  # configs/demo_cpu.yaml, the quality suite
+    "data/demo-models-pretrain-24k": {"num_train": 24000, "num_val": 100, "seed": 0},  # configs/demo_pretrain.yaml
+}
+
+
+def ensure_demo_dataset(annotations: str, log: Callable[[str], None] = print) -> bool:
+    """Writes a demo dataset the first time a command points at it: True when `annotations` is a
+    split's instances.json of one of DEMO_DATASETS (relative to the working directory) and was
+    missing, so the dataset was generated (and said so through `log`)."""
+    root = os.path.dirname(os.path.dirname(os.path.normpath(annotations)))
+    if root not in DEMO_DATASETS or os.path.exists(annotations):
+        return False
+    spec = DEMO_DATASETS[root]
+    log(f"{annotations} is missing: generating the demo dataset {root}/ ({spec['num_train']} train + "
+        f"{spec['num_val']} val images, seed {spec['seed']}; once)")
+    write_demo_dataset(root, **spec)
+    return True

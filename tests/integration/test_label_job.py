@@ -30,8 +30,12 @@ def test_labels_go_to_s3_exactly_once_across_an_interruption_and_evaluate_reads_
             "--s3-endpoint-url", s3.endpoint_url, *FAST]
     code, first = _label([*argv, "--max-shards", "1"], ray_cluster)  # "interrupted" after one shard
     assert code == 0 and first["images"] == 2
-    code, second = _label(argv, ray_cluster)
-    assert code == 0 and second["output"] == first["output"] and second["images"] == 4  # only what was missing
+    done = run_job("segment_dataset", argv, ray_cluster)
+    second = job_summary(done)
+    assert second["output"] == first["output"] and second["images"] == 4  # only what was missing
+    # The adapters the first job generated are loaded, not generated again (OUTPUT/_adapters).
+    assert "'segment vehicles': 'loaded'" in done.stdout + done.stderr
+    assert "'segment vehicles': 'generated'" not in done.stdout + done.stderr
 
     out, key = second["output"].rsplit("/", 1)
     manifests = RunOutput(out, key, s3, PARQUET).manifests()
@@ -57,7 +61,7 @@ def _encoded(image, fmt, **kw):
 
 
 def _corpus():
-    """The 12-file bad-input corpus: name -> (bytes, expected error substring or None for valid)."""
+    """The 14-file bad-input corpus: name -> (bytes, expected error substring or None for valid)."""
     rgb = Image.fromarray((np.random.default_rng(0).random((48, 64, 3)) * 255).astype(np.uint8))
     png = _encoded(rgb, "PNG")
     gif = [Image.new("P", (32, 24), i) for i in (10, 200)]
@@ -79,6 +83,8 @@ def _corpus():
         "grey.png": (_encoded(rgb.convert("L"), "PNG"), None),
         "rgba.png": (_encoded(rgb.convert("RGBA"), "PNG"), None),
         "ünïcödé name with spaces.png": (png, None),
+        "thin.png": (_encoded(Image.new("RGB", (3000, 3), (200, 10, 10)), "PNG"), None),  # 0 rows when resized
+        "tall.png": (_encoded(Image.new("RGB", (3, 3000), (10, 200, 10)), "PNG"), None),
     }
 
 
@@ -91,22 +97,23 @@ def test_the_bad_input_corpus_gives_error_rows_and_never_crashes(ray_cluster, s3
                             "--s3-endpoint-url", s3.endpoint_url, *FAST], ray_cluster)
     assert code == 0
     expected_errors = {n for n, (_, e) in corpus.items() if e}
-    assert summary["images"] == 12 and summary["errors"] == len(expected_errors) == 4
+    assert summary["images"] == 14 and summary["errors"] == len(expected_errors) == 4
     rows = read_run(summary["output"], s3).table.to_pylist()
     errors = {r["image_uri"].rsplit("/", 1)[-1]: r["error"] for r in rows if r["kind"] == "error"}
     assert set(errors) == expected_errors
-    for name, message in errors.items():
-        assert corpus[name][1] in message, (name, message)
+    for name, message in errors.items():  # a sentence naming the file and the reason, no object reprs
+        assert message.startswith(f"{name}: ") and corpus[name][1] in message and " at 0x" not in message, message
     sizes = {r["image_uri"].rsplit("/", 1)[-1]: (r["width"], r["height"]) for r in rows if r["kind"] != "error"}
     assert sizes.get("rotated.jpg", (48, 64)) == (48, 64)  # masks in the oriented frame (EXIF 6: 64x48 -> 48x64)
     assert sizes.get("one_pixel.png", (1, 1)) == (1, 1)
+    assert sizes.get("thin.png", (3000, 3)) == (3000, 3) and sizes.get("tall.png", (3, 3000)) == (3, 3000)
     out, key = summary["output"].rsplit("/", 1)
     (manifest,) = RunOutput(out, key, s3, PARQUET).manifests().values()
-    assert len(manifest.items) == 12 and set(manifest.errors) == {
+    assert len(manifest.items) == 14 and set(manifest.errors) == {
         u for u in manifest.items if u.rsplit("/", 1)[-1] in expected_errors}
     status = json.loads(read_bytes(f"{summary['output']}/_status.json", s3))  # what a user watching the job reads
     assert status["state"] == "done" and status["shards"]["committed"] == status["shards"]["to_do"] == 1
-    assert status["images"] == {"returned": 12, "errors": 4, "per_shard": 12.0, "estimated_total": 12}
+    assert status["images"] == {"returned": 14, "errors": 4, "per_shard": 14.0, "estimated_total": 14}
     assert status["eta_s"] == 0
 
 
@@ -125,3 +132,36 @@ def test_bad_flags_fail_before_the_pool_starts(tmp_path):
         done = run_job("segment_dataset", [*argv, "--output", str(tmp_path / "out")] if "--output" not in argv else argv)
         assert done.returncode == 2, argv
         assert message in done.stderr, message
+
+
+def test_boxes_on_s3_become_one_instance_each_and_boxes_of_unlabelled_images_are_reported(ray_cluster, s3):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from talora.data.coco import CocoDataset
+
+    written = write_demo_dataset("s3://talora-test/bx", num_train=1, num_val=4, seed=6, shard_size=2, storage=s3)
+    dataset = CocoDataset.load(written["val"], "s3://talora-test/bx/val/images", s3)
+    records = [dataset.images[i] for i in dataset.image_ids]
+    boxes = [{"image_uri": records[0].uri, "bbox": list(x.bbox), "prompt": None} for x in dataset.instances[records[0].id]]
+    boxes.append({"image_uri": records[1].uri, "bbox": [4.0, 4.0, 40.0, 30.0], "prompt": "segment fruit"})
+    boxes.append({"image_uri": "s3://talora-test/bx/val/images/elsewhere/missing.jpg", "bbox": [1.0, 1.0, 5.0, 5.0],
+                  "prompt": None})
+    buffer = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(boxes), buffer)
+    write_bytes("s3://talora-test/bx/boxes.parquet", buffer.getvalue(), s3)
+    code, summary = _label(["--prompt", "segment vehicles", "--prompt", "segment fruit", "--images",
+                            "s3://talora-test/bx/val/images", "--boxes", "s3://talora-test/bx/boxes.parquet",
+                            "--output", "s3://talora-test/bx-labels", "--s3-endpoint-url", s3.endpoint_url, *FAST],
+                           ray_cluster)
+    assert code == 0, summary
+    full = json.loads(read_bytes(f"{summary['output']}/_summary.json", s3))
+    assert full["boxes"]["boxes"] == len(boxes) and full["boxes"]["images_labelled"] == 2
+    assert full["boxes"]["not_labelled_examples"] == ["s3://talora-test/bx/val/images/elsewhere/missing.jpg"]
+    rows = [r for r in read_run(summary["output"], s3).table.to_pylist() if r["kind"] == "instance"]
+    per = {(uri, prompt): sum(r["image_uri"] == uri and r["prompt"] == prompt for r in rows)
+           for uri in (records[0].uri, records[1].uri, records[2].uri) for prompt in ("segment vehicles", "segment fruit")}
+    n = len(dataset.instances[records[0].id])
+    assert per == {(records[0].uri, "segment vehicles"): n, (records[0].uri, "segment fruit"): n,  # every prompt
+                   (records[1].uri, "segment vehicles"): 0, (records[1].uri, "segment fruit"): 1,  # its prompt only
+                   (records[2].uri, "segment vehicles"): 0, (records[2].uri, "segment fruit"): 0}  # no box: none

@@ -81,7 +81,9 @@ def test_labelling_spreads_over_nodes_and_equals_the_in_process_predictor(cluste
     written, argv = labelled_setup
     _run_label([*argv, "--output", "s3://talora-test/mn-labels"], cluster[0].address)
     summary, run = _summary("s3://talora-test/mn-labels", s3)
-    assert len(summary["worker_nodes"]) >= 2  # actors ran on more than one node
+    # One CPU per node and per actor: the two actors are on two nodes, and the pipeline starts only
+    # once both are up (pipeline.ACTOR_START_TIMEOUT_S), so both label from the first batches on.
+    assert len(summary["worker_nodes"]) >= 2
     rows, processed = _rows(run, s3)
     assert len(processed) == 6
 

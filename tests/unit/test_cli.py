@@ -95,6 +95,25 @@ def test_predict_draws_an_overlay_for_every_prompt(tmp_path, capsys):
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_predict_with_boxes_gives_one_instance_per_box_and_a_thin_image_is_labelled(tmp_path, capsys):
+    import numpy as np
+    from PIL import Image
+
+    image = tmp_path / "photo.png"
+    Image.fromarray((np.random.default_rng(0).random((64, 96, 3)) * 255).astype(np.uint8)).save(image)
+    out = tmp_path / "overlay.png"
+    assert main(["predict", "--image", str(image), "--prompt", "segment vehicles", "--box", "10,5,30,20",
+                 "--box", "50,30,40,30", "--presence-thresh", "1", "--out", str(out)]) == 0
+    assert "'segment vehicles': 0 semantic mask, 2 instance(s)" in capsys.readouterr().out  # boxes beat presence
+    assert main(["predict", "--image", str(image), "--prompt", "segment vehicles", "--box", "10,5,0,20",
+                 "--out", str(out)]) == 2
+    assert "--box '10,5,0,20': expected x,y,w,h" in capsys.readouterr().err
+    thin = tmp_path / "thin.png"
+    Image.new("RGB", (3000, 4), (200, 20, 20)).save(thin)  # the short side rounds to 0 pixels in the model frame
+    assert main(["predict", "--image", str(thin), "--prompt", "segment vehicles", "--points-per-side", "4",
+                 "--out", str(out)]) == 0
+
+
 def test_viz_writes_one_overlay_per_image(tmp_path):
     from talora.data.coco import CocoDataset
     from talora.data.synthetic import write_demo_dataset

@@ -54,6 +54,8 @@ def test_ground_truth_as_predictions_scores_ap_1_and_miou_1(tmp_path, demo):
     assert report["task_miou"]["seen"] == pytest.approx(1.0)
     assert report["task_miou"]["heldout_paraphrase"] == pytest.approx(1.0)  # "where are the ...?" is held out
     assert report["references"]["seen"]["every_object"] < 1.0
+    for prompt in ("segment vehicles", "where are the red objects?"):  # truth as predictions: presence is exact
+        assert report["presence_f1"][prompt]["best_f1"] == report["presence_f1"][prompt]["f1_at_run"] == 1.0
     for name in ("report.json", "report.md", "per_task_ap.png"):
         assert (tmp_path / "eval" / name).stat().st_size > 0
     assert "supercategory:vehicle" in (tmp_path / "eval" / "report.md").read_text()
@@ -109,3 +111,15 @@ def test_faster_coco_eval_gives_the_same_stats_as_pycocotools(tmp_path, demo):
     for name in ("AP", "AP50", "AP75"):
         assert fast["overall"][name] == pytest.approx(slow["overall"][name], abs=1e-6)
         assert fast["per_task"]["supercategory:shape"][name] == pytest.approx(slow["per_task"]["supercategory:shape"][name], abs=1e-6)
+
+
+def test_the_best_presence_threshold_maximises_image_level_f1():
+    from talora.evaluate import best_f1
+
+    truth = {1: True, 2: True, 3: False, 4: False, 5: True}
+    scores = {1: 0.9, 2: 0.6, 3: 0.7, 4: 0.55}  # image 5: no semantic row (missed)
+    found = best_f1(scores, truth)
+    # at 0.55 every row is positive: tp 2, fp 2, fn 1 -> 4/7; at 0.9: tp 1, fn 2 -> 0.5; at 0.6: tp 2, fp 1, fn 1 -> 2/3
+    assert found == {"images": 5, "positives": 3, "f1_at_run": round(4 / 7, 4), "best_threshold": 0.6,
+                     "best_f1": round(2 / 3, 4)}
+    assert best_f1({}, {1: True})["best_threshold"] is None

@@ -210,6 +210,83 @@ def _demo_predictor(points_per_side=8, **config):
     return TaskAwarePredictor(load_model(model_spec("vit_tiny")), PredictConfig(points_per_side=points_per_side, **config))
 
 
+def test_a_prompts_own_presence_threshold_overrides_the_jobs(tiny_config, text_encoder):
+    from talora.loading import build_task_aware_sam
+    from talora.predictor import TaskAwarePredictor
+
+    torch.manual_seed(0)
+    model = build_task_aware_sam(tiny_config, text_encoder)
+    image = (np.random.default_rng(0).random((64, 80, 3)) * 255).astype(np.uint8)
+    config = PredictConfig(score_thresh=0.0, stability_thresh=0.0, points_per_side=4, presence_thresh=0.5,
+                           prompt_thresholds=(("segment fruit", 1.0),))
+    assert config.presence_thresh_of("segment fruit") == 1.0 and config.presence_thresh_of("segment cars") == 0.5
+    with torch.no_grad():
+        model.presence_head.layers[-1].bias.fill_(5.0)  # presence ~0.993 for every prompt
+        found = TaskAwarePredictor(model, config).predict(image, ["segment vehicles", "segment fruit"])
+    assert any(d.kind == "semantic" for d in found["segment vehicles"]) and found["segment fruit"] == []
+    with pytest.raises(ValueError, match="--prompt-thresh for 'segment fruit'"):
+        PredictConfig(prompt_thresholds=(("segment fruit", 1.5),))
+
+
+def test_prompt_thresholds_from_flags_and_a_prompts_file_name_what_is_wrong(tmp_path):
+    from talora.label import parse_prompt_thresholds, read_prompts_file
+
+    prompts = ["segment cars", "segment a=b"]
+    assert parse_prompt_thresholds(["segment cars=0.7", "segment a=b=0.2"], prompts) == (
+        ("segment cars", 0.7), ("segment a=b", 0.2))
+    for bad, message in (("segment cars", "expected PROMPT=THRESHOLD"), ("segment cars=high", "'high' is not a number"),
+                         ("segment dogs=0.5", "'segment dogs' is not one of the prompts")):
+        with pytest.raises(ValueError, match=message):
+            parse_prompt_thresholds([bad], prompts)
+    (tmp_path / "prompts.yaml").write_text('- segment cars\n- {prompt: "segment fruit", presence_thresh: 0.8}\n')
+    assert read_prompts_file(str(tmp_path / "prompts.yaml")) == (["segment cars", "segment fruit"],
+                                                                  (("segment fruit", 0.8),))
+    (tmp_path / "bad.yaml").write_text("- {prompt: segment cars, thresh: 0.8}\n")
+    with pytest.raises(ValueError, match="bad.yaml: entry 0"):
+        read_prompts_file(str(tmp_path / "bad.yaml"))
+
+
+def test_very_thin_and_very_tall_images_are_labelled_at_their_original_size(tiny_config, text_encoder):
+    from talora.loading import build_task_aware_sam
+    from talora.predictor import TaskAwarePredictor
+
+    torch.manual_seed(0)
+    model = build_task_aware_sam(tiny_config, text_encoder)
+    config = PredictConfig(score_thresh=0.0, stability_thresh=0.0, points_per_side=4)
+    with torch.no_grad():
+        model.presence_head.layers[-1].bias.fill_(20.0)  # "present": the semantic mask always comes out
+        for shape in ((4, 3000), (3000, 4)):  # the short side would round to 0 pixels in the model frame
+            image = (np.random.default_rng(0).random((*shape, 3)) * 255).astype(np.uint8)
+            found = TaskAwarePredictor(model, config).predict(image, ["segment vehicles"])["segment vehicles"]
+            assert any(d.kind == "semantic" for d in found)
+            assert all(d.rle["size"] == list(shape) for d in found)
+            assert all(mask_utils.decode(d.rle).shape == shape for d in found)
+
+
+def test_the_frame_keeps_one_pixel_of_a_thin_image_and_maps_its_points_into_it(tiny_config):
+    from talora.loading import load_backbone
+
+    backbone = load_backbone("vit_tiny")
+    thin = np.zeros((4, 3000, 3), np.uint8)
+    assert backbone.resize(thin).shape == (1, 256, 3)
+    x, y = backbone.apply_coords(np.array([[2999.0, 3.9]]), (4, 3000))[0]
+    assert 255 <= x < 256 and 0 <= y < 1  # inside the one-pixel row, not past it
+    assert backbone.resize(np.zeros((90, 140, 3), np.uint8)).shape == (165, 256, 3)  # others as SAM rounds them
+
+
+def test_error_rows_read_as_sentences_naming_the_file(tmp_path):
+    from talora.frames import decode_stage
+
+    batch = {"uri": ["s3://b/imgs/s/notes.jpg", "s3://b/imgs/s/zero.jpg", "s3://b/imgs/s/gone.jpg"],
+             "bytes": [b"this is not an image\n" * 10, b"", b""],
+             "error": ["", "", "gone.jpg: no such file: s3://b/imgs/s/gone.jpg"]}
+    errors = list(decode_stage(batch, 10_000, "vit_tiny")["error"])
+    assert errors[0] == "notes.jpg: cannot identify image format: not an image, or a format Pillow cannot read"
+    assert errors[1] == "zero.jpg: empty file (0 bytes)"
+    assert errors[2] == "gone.jpg: no such file: s3://b/imgs/s/gone.jpg"  # the read stage's sentence, kept
+    assert not any("0x" in e or "<" in e for e in errors)
+
+
 def test_a_batch_of_images_of_different_sizes_gives_what_each_gives_alone(tmp_path):
     from talora.data.coco import CocoDataset
     from talora.data.synthetic import write_demo_dataset
@@ -284,7 +361,7 @@ def test_an_image_the_model_fails_on_is_an_error_row_and_the_rest_of_its_batch_i
              "width": [256, 256, 0], "error": ["", "", "OSError: truncated"]}
     (rows_a, error_a), (rows_b, error_b), (rows_c, error_c) = actor.process(batch)
     assert error_a == "" and rows_a and all(r["kind"] != "error" for r in rows_a)
-    assert error_b.startswith("RuntimeError") and [(r["image_uri"], r["kind"]) for r in rows_b] == [("s/b.jpg", "error")]
+    assert error_b.startswith("b.jpg: RuntimeError") and [(r["image_uri"], r["kind"]) for r in rows_b] == [("s/b.jpg", "error")]
     assert error_c == "OSError: truncated" and rows_c[0]["error"] == "OSError: truncated"
 
 
@@ -318,3 +395,25 @@ def test_coarse_to_fine_decodes_fewer_points_and_finds_the_same_objects(tmp_path
                 matched += int((mask_utils.iou(y, x, [0] * len(x)).max(1) > 0.8).sum()) if x else 0
     assert decoded[True] < 0.75 * decoded[False]  # 157 of 231 rows here
     assert total >= 4 and matched >= 0.9 * total
+
+
+def test_box_prompts_give_one_mask_per_box_of_the_boxed_object_as_the_prompt_sees_it(tmp_path):
+    from talora.data.coco import CocoDataset
+    from talora.data.synthetic import write_demo_dataset
+
+    dataset = CocoDataset.load(write_demo_dataset(str(tmp_path), num_train=0, num_val=4, seed=5)["val"])
+    predictor = _demo_predictor()
+    vehicle = {c for c, v in dataset.categories.items() if v["supercategory"] == "vehicle"}
+    image_id = next(i for i in dataset.image_ids if any(x.category_id in vehicle for x in dataset.instances[i]))
+    vehicles = [x for x in dataset.instances[image_id] if x.category_id in vehicle]
+    boxes = [{"bbox": list(x.bbox), "prompt": None} for x in vehicles]  # no prompt: a mask under every prompt
+    boxes.append({"bbox": list(vehicles[0].bbox), "prompt": "segment vehicles"})  # this one under one prompt
+    found = predictor.predict(dataset.load_image(image_id), ["segment vehicles", "segment fruit"], boxes)
+    cars = [d for d in found["segment vehicles"] if d.kind == "instance"]
+    fruit = [d for d in found["segment fruit"] if d.kind == "instance"]
+    assert len(cars) == len(vehicles) + 1 and len(fruit) == len(vehicles)  # one per box, in box order; no grid
+    ious = [mask_utils.iou([d.rle | {"counts": d.rle["counts"].encode()}],
+                           [mask_utils.encode(np.asfortranarray(x.mask().astype(np.uint8)))], [0])[0, 0]
+            for d, x in zip(cars, vehicles + vehicles[:1])]
+    assert np.mean(ious) >= 0.5, ious  # the boxed vehicle
+    assert sum(d.area for d in fruit) < 0.2 * sum(d.area for d in cars[:-1])  # under "fruit", a car box is ~empty

@@ -96,3 +96,16 @@ def test_the_embedding_job_plans_a_prefix_by_shard_and_a_coco_json_as_its_list(t
     plans, ids = plan(EmbedConfig(output=str(tmp_path / "out"), annotations=coco, shard_size=2))
     assert [(p.name, len(p.uris)) for p in plans] == [("virtual-00000", 2), ("virtual-00001", 1)]
     assert sorted(ids.values()) == [1, 2, 3] and set(ids) == {u for p in plans for u in p.uris}
+
+
+def test_coco_ids_map_to_a_relative_local_prefix_as_the_listing_names_its_images(tmp_path, monkeypatch):
+    from talora.data.synthetic import write_demo_dataset
+    from talora.label import LabelConfig, plan
+
+    monkeypatch.chdir(tmp_path)
+    write_demo_dataset("d", num_train=0, num_val=3, seed=0, shard_size=2)
+    plans, ids = plan(LabelConfig(prompts=("segment vehicles",), images="d/val/images",
+                                  annotations="d/val/instances.json", output="out"))
+    items = [i for p in plans for i in shard_items({"shard": p.name, "folder": p.folder, "uris": list(p.uris)},
+                                                   image_ids=ids)]
+    assert sorted(i["image_id"] for i in items) == [1, 2, 3]  # the COCO ids, not hashes of the paths

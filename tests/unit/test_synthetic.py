@@ -67,3 +67,18 @@ def test_the_other_domain_has_none_of_the_demo_colours_its_own_backgrounds_and_s
     assert make_split(30, seed=4)[0]["annotations"] != coco["annotations"]
     with pytest.raises(ValueError, match="palette must be one of"):
         SyntheticConfig(palette="sepia")
+
+
+def test_a_demo_dataset_a_command_points_at_is_generated_once_and_said_so(tmp_path, monkeypatch):
+    import os
+
+    from talora.data import synthetic
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setitem(synthetic.DEMO_DATASETS, "data/tiny-demo", {"num_train": 2, "num_val": 1, "seed": 0})
+    said = []
+    assert synthetic.ensure_demo_dataset("data/tiny-demo/train/instances.json", said.append)
+    assert os.path.exists("data/tiny-demo/val/instances.json") and "generating the demo dataset data/tiny-demo/" in said[0]
+    assert not synthetic.ensure_demo_dataset("./data/tiny-demo/val/instances.json", said.append) and len(said) == 1
+    assert not synthetic.ensure_demo_dataset("data/mine/train/instances.json", said.append)  # not a demo dataset
+    assert not os.path.exists("data/mine") and synthetic.DEMO_DATASETS["data/demo-models"]["num_train"] == 3000
