@@ -26,7 +26,7 @@ from typing import Any, Iterable, Protocol
 
 import pyarrow as pa
 
-from talora.storage import StorageOptions, filesystem, join, read_bytes, write_bytes
+from talora.storage import StorageOptions, filesystem, join, read_bytes, with_retries, write_bytes
 
 MANIFESTS = "_manifests"
 STATUS = "_status.json"  # the driver's progress, rewritten at every commit: for users, never for exactly-once
@@ -104,9 +104,10 @@ class RunOutput:
         """The committed shards' names, from one listing of the manifests (none is read)."""
         fs, path = filesystem(join(self.root, MANIFESTS), self.storage)
         fs.invalidate_cache(path)  # commits by other processes must be seen: no stale listing
-        if not fs.exists(path):
+        if not with_retries(lambda: fs.exists(path), self.root, self.storage):
             return set()
-        names = (name.rsplit("/", 1)[-1] for name in fs.ls(path, detail=False))
+        names = (name.rsplit("/", 1)[-1] for name in with_retries(lambda: fs.ls(path, detail=False), self.root,
+                                                                     self.storage))
         return {name.removesuffix(".json") for name in names if name.endswith(".json") and not name.startswith("_")}
 
     def committed_part_uris(self) -> list[str]:

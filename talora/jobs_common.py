@@ -9,7 +9,7 @@ import sys
 import traceback
 from typing import Callable
 
-from talora.storage import StorageOptions, redact
+from talora.storage import StorageOptions, StorageUnavailable, redact
 
 
 def add_storage_flags(p: argparse.ArgumentParser) -> None:
@@ -61,6 +61,10 @@ def run_main(name: str, job: Callable[[], int], storage: StorageOptions) -> int:
     except (ValueError, FileNotFoundError, KeyError, PermissionError) as e:
         print(f"{name}: error: {redact(str(e), storage)}", file=sys.stderr)
         return 2
+    except StorageUnavailable as e:  # the store went away: rerun the same command once it is back
+        print(f"{name}: error: {redact(str(e), storage)}; nothing uncommitted was kept: rerun the same command "
+              "when it answers again", file=sys.stderr)
+        return 1
     except Exception:
         print(redact(traceback.format_exc(), storage), file=sys.stderr)
         print(f"{name}: failed", file=sys.stderr)

@@ -29,7 +29,7 @@ import pyarrow as pa
 from talora.commit import Manifest, RunOutput, ShardTracker
 from talora.frames import error_message
 from talora.shards import ShardPlan, list_images, shard_items
-from talora.storage import StorageOptions, read_bytes
+from talora.storage import StorageOptions, StorageUnavailable, read_bytes
 
 META_KEYS = ("shard", "item", "image_id", "shard_items", "rows", "part", "error", "node", "rss_mb", "threads")
 # Plans per listing task: one shard each up to this many shards (a task's items leave it as one
@@ -95,6 +95,8 @@ def read_image_bytes(batch: dict, storage: StorageOptions) -> dict:
         try:
             data.append(read_bytes(uri, storage))
             errors.append("")
+        except StorageUnavailable:
+            raise  # the store, not the image: fail the task (no error row for an image that may be fine)
         except Exception as e:
             data.append(b"")
             errors.append(error_message(uri, e))
@@ -195,7 +197,7 @@ def run_sharded(
             num_cpus=layout.cpus_per_actor,
             num_gpus=layout.gpus_per_actor,  # Ray Data restarts a failed actor and retries its batch
         )
-        for row in ds.iter_rows():  # small metadata rows; the heavy outputs went straight to storage
+        for row in storage_failures(ds.iter_rows()):  # small metadata rows; heavy outputs went straight to storage
             if watch is not None:
                 watch(row)
             counts["images"] += 1
@@ -234,6 +236,29 @@ def run_sharded(
     counts["actor_peak_rss_mb"] = round(rss_mb, 1) if todo else None
     counts["actor_threads"] = threads or None
     return counts
+
+
+def storage_failures(rows):
+    """`rows`, with a worker's StorageUnavailable (however Ray wrapped it) raised here as itself:
+    one line naming the endpoint, not a remote traceback."""
+    try:
+        yield from rows
+    except StorageUnavailable:
+        raise
+    except Exception as e:
+        found, seen = e, set()
+        while found is not None and id(found) not in seen:  # Ray's RayTaskError keeps the original as .cause
+            seen.add(id(found))
+            original = getattr(found, "cause", None)
+            if isinstance(original, StorageUnavailable) and not hasattr(original, "cause"):
+                found = original
+                break
+            if isinstance(found, StorageUnavailable) and not hasattr(found, "cause"):
+                break
+            found = original or found.__cause__ or found.__context__
+        if not isinstance(found, StorageUnavailable):
+            raise
+        raise StorageUnavailable(str(found)) from None
 
 
 def progress(now: dict) -> str:

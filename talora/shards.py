@@ -27,7 +27,7 @@ import posixpath
 from dataclasses import dataclass
 from typing import Any
 
-from talora.storage import StorageOptions, filesystem
+from talora.storage import StorageOptions, filesystem, with_retries
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
@@ -62,7 +62,7 @@ def list_images(folder: str, options: StorageOptions | None = None,
     fs.invalidate_cache(root)  # what is there now, not what this process saw before
     scheme = _scheme(folder)
     found = []
-    for path in fs.find(root):
+    for path in with_retries(lambda: fs.find(root), folder, options):
         relative = path[len(root):].lstrip("/")
         if _is_image(path, extensions) and not any(_hidden(part) for part in relative.split("/")):
             found.append(scheme + path)
@@ -79,11 +79,11 @@ def plan_shards(prefix: str, shard_size: int = 1000, options: StorageOptions | N
     fs, root = filesystem(prefix, options)
     root = root.rstrip("/")
     fs.invalidate_cache(root)
-    if not fs.exists(root):
+    if not with_retries(lambda: fs.exists(root), prefix, options):
         raise FileNotFoundError(f"no such image prefix: {prefix}")
     scheme = _scheme(prefix)
     flat, folders = [], []
-    for entry in fs.ls(root, detail=True):
+    for entry in with_retries(lambda: fs.ls(root, detail=True), prefix, options):
         name = posixpath.basename(entry["name"].rstrip("/"))
         if _hidden(name):
             continue

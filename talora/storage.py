@@ -103,23 +103,77 @@ def filesystem(uri: str, options: StorageOptions | None = None, **fs_kwargs: Any
     return fs, path
 
 
+class StorageUnavailable(ConnectionError):
+    """The storage endpoint did not answer (refused, reset, timed out), after retries."""
+
+
+# Waits between attempts when the endpoint does not answer, on top of the client's own retries
+# (botocore's and s3fs's): a store that is down for longer fails the job with one clear line.
+RETRY_DELAYS_S = (1.0, 2.0, 4.0)
+_UNREACHABLE = {"EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError", "ConnectionClosedError",
+                "ClientConnectorError", "ClientConnectionError", "ServerDisconnectedError", "ClientOSError",
+                "FSTimeoutError"}
+
+
+def unreachable(error: BaseException | None) -> bool:
+    """Whether `error` (or one it came from) says the endpoint could not be reached, as opposed to
+    an answer about the object (missing, forbidden, malformed)."""
+    while error is not None:
+        if isinstance(error, (ConnectionError, TimeoutError)) or type(error).__name__ in _UNREACHABLE:
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def endpoint_of(uri: str, options: StorageOptions | None = None) -> str:
+    """Where requests for `uri` go, for messages: the S3 endpoint URL, or the URI's scheme."""
+    if protocol_of(uri) in ("s3", "s3a"):
+        return (options or StorageOptions()).fsspec_kwargs("s3").get("endpoint_url") or "the AWS S3 endpoint"
+    return f"{protocol_of(uri)}://"
+
+
+def with_retries(action, uri: str, options: StorageOptions | None = None):
+    """`action()`, retried with backoff (RETRY_DELAYS_S) while the endpoint does not answer; then
+    StorageUnavailable naming the endpoint. Any other error (a missing object, say) is raised at once."""
+    import time
+
+    for delay in (*RETRY_DELAYS_S, None):
+        try:
+            return action()
+        except Exception as e:
+            if not unreachable(e):
+                raise
+            if delay is None:
+                raise StorageUnavailable(
+                    f"object storage at {endpoint_of(uri, options)} did not answer ({len(RETRY_DELAYS_S) + 1} "
+                    f"attempts over {sum(RETRY_DELAYS_S):g} s, last: {type(e).__name__}) while reaching {uri}"
+                ) from e
+            time.sleep(delay)
+
+
 def read_bytes(uri: str, options: StorageOptions | None = None) -> bytes:
-    """The whole object at `uri`; FileNotFoundError names the URI."""
+    """The whole object at `uri`; FileNotFoundError names the URI; StorageUnavailable when the
+    endpoint does not answer (after retries)."""
     fs, path = filesystem(uri, options)
-    try:
-        return fs.cat_file(path)
-    except FileNotFoundError:
-        # Object-store filesystems cache listings per process; an object written since (by a Ray
-        # worker, say) is missing from a stale listing, so look once more without the cache.
-        fs.invalidate_cache(path)
+
+    def read() -> bytes:
         try:
             return fs.cat_file(path)
-        except FileNotFoundError as e:
-            raise FileNotFoundError(f"no such file: {uri}") from e
+        except FileNotFoundError:
+            # Object-store filesystems cache listings per process; an object written since (by a Ray
+            # worker, say) is missing from a stale listing, so look once more without the cache.
+            fs.invalidate_cache(path)
+            try:
+                return fs.cat_file(path)
+            except FileNotFoundError as e:
+                raise FileNotFoundError(f"no such file: {uri}") from e
+
+    return with_retries(read, uri, options)
 
 
 def write_bytes(uri: str, data: bytes, options: StorageOptions | None = None) -> None:
-    """Writes `data` to `uri` in one put (atomic on local disk via a temp name + os.replace)."""
+    """Writes `data` to `uri` in one put (atomic on local disk via a temp name + os.replace);
+    StorageUnavailable when the endpoint does not answer (after retries)."""
     fs, path = filesystem(uri, options)
     if protocol_of(uri) == "file":
         folder, name = os.path.split(os.path.abspath(path))
@@ -129,7 +183,7 @@ def write_bytes(uri: str, data: bytes, options: StorageOptions | None = None) ->
             f.write(data)
         os.replace(tmp, path)
         return
-    fs.pipe_file(path, data)
+    with_retries(lambda: fs.pipe_file(path, data), uri, options)
 
 
 def absolute(uri: str | None) -> str | None:

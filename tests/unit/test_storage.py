@@ -86,3 +86,39 @@ def test_objects_written_by_another_process_are_seen_despite_a_cached_listing(s3
     fs.ls("talora-test/out/k/s")
     other.pipe_file("talora-test/out/k/s/part-000001.parquet", b"y")
     assert read_bytes("s3://talora-test/out/k/s/part-000001.parquet", s3) == b"y"
+
+
+def test_an_endpoint_that_does_not_answer_is_retried_and_then_named_while_other_errors_are_not(monkeypatch):
+    import talora.storage as storage
+
+    monkeypatch.setattr(storage, "RETRY_DELAYS_S", (0.0, 0.0))
+    calls = []
+
+    def flaky():
+        calls.append(1)
+        if len(calls) < 3:
+            raise OSError("upload failed") from ConnectionRefusedError(111, "Connection refused")
+        return "ok"
+
+    assert storage.with_retries(flaky, "s3://b/k") == "ok" and len(calls) == 3
+    options = StorageOptions(endpoint_url="http://127.0.0.1:9")
+    with pytest.raises(storage.StorageUnavailable, match=r"object storage at http://127.0.0.1:9 did not answer \(3 attempts"):
+        storage.with_retries(lambda: (_ for _ in ()).throw(TimeoutError("timed out")), "s3://b/k", options)
+    missing = []
+    with pytest.raises(FileNotFoundError):  # an answer about the object: raised at once
+        storage.with_retries(lambda: missing.append(1) or (_ for _ in ()).throw(FileNotFoundError("k")), "s3://b/k")
+    assert len(missing) == 1
+
+
+def test_reading_from_a_closed_port_fails_with_the_endpoint_named(monkeypatch):
+    import socket
+
+    import talora.storage as storage
+
+    monkeypatch.setattr(storage, "RETRY_DELAYS_S", (0.0,))
+    with socket.socket() as s:  # a loopback port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    options = StorageOptions(endpoint_url=f"http://127.0.0.1:{port}")
+    with pytest.raises(storage.StorageUnavailable, match=f"http://127.0.0.1:{port} did not answer"):
+        storage.read_bytes("s3://nowhere/key.jpg", options)
