@@ -3,4 +3,16 @@
 Data flows one way: text -> hypernet -> adapter -> SAM (encoder tail + mask decoder) -> masks.
 """
 
+import importlib.util as _util
+import sys as _sys
+
 __version__ = "0.1.0"
+
+# A python without talora's dependencies (a Ray head started outside the venv runs every job's
+# `python` from its own PATH) gets one sentence saying where to run from, not a deep traceback.
+_missing = [m for m in ("torch", "ray", "fsspec", "pyarrow", "segment_anything") if _util.find_spec(m) is None]
+if _missing:
+    raise ModuleNotFoundError(
+        f"talora needs {', '.join(_missing)}, which this python ({_sys.executable}) does not have: run it from "
+        "the environment talora is installed in (make setup, then `source .venv/bin/activate`), and start a Ray "
+        "head from that shell so that its jobs use it too")

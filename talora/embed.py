@@ -29,7 +29,7 @@ from talora.commit import RunOutput, run_key
 from talora.pipeline import ActorLayout, ShardWriter, run_sharded
 from talora.predictions import PARQUET, open_run, write_summary
 from talora.shards import ShardPlan, plan_shards
-from talora.storage import StorageOptions, join, read_bytes, require_shared, write_bytes
+from talora.storage import StorageOptions, join, read_bytes, require_kept, require_shared, write_bytes
 
 CACHE_FORMAT = "talora.embedding-cache/1"
 
@@ -153,6 +153,7 @@ def run_embed_job(config: EmbedConfig) -> dict:
     from talora.loading import load_backbone
 
     require_shared(config.output, "--output")
+    require_kept(config.output, "--output")
     for uri in (config.images, config.annotations):
         if uri:
             require_shared(uri)

@@ -25,7 +25,7 @@ from talora.pipeline import ActorLayout, ShardWriter, run_sharded
 from talora.predictions import PARQUET, SCHEMA, detection_rows, error_row, write_summary
 from talora.predictor import PredictConfig
 from talora.shards import ShardPlan, plan_shards
-from talora.storage import StorageOptions, absolute, file_identity, join, protocol_of, require_shared
+from talora.storage import StorageOptions, absolute, file_identity, join, protocol_of, require_kept, require_shared
 from talora.variants import get_variant
 
 # The embedded default bucket: `jobs/segment_dataset.py --prompt ...` with no --images labels its
@@ -219,6 +219,7 @@ def run_label_job(config: LabelConfig) -> dict:
 
     prompts = validate_prompts(list(config.prompts))
     require_shared(config.output, "--output")
+    require_kept(config.output, "--output")
     require_shared(config.images, "--images")
     if len(ray.nodes()) > 1:
         for name, uri in (("--images", config.images), ("--output", config.output)):

@@ -76,6 +76,16 @@ def require_shared(uri: str, what: str = "URI") -> None:
         )
 
 
+def require_kept(uri: str, what: str = "--output") -> None:
+    """Refuses a relative local path while running in Ray's temporary copy of a job's working dir
+    (`ray job submit --working-dir`): what is written there is deleted with the Ray session."""
+    if protocol_of(uri) == "file" and not os.path.isabs(resolve(uri).removeprefix("file://")) \
+            and "runtime_resources/working_dir_files" in os.getcwd():
+        raise ValueError(f"{what} {uri} is a relative path, and this job runs in Ray's temporary copy of its working "
+                         f"dir ({os.getcwd()}), which is deleted with the Ray session: give an absolute path "
+                         "(e.g. \"$PWD/runs/labels\") or a URI")
+
+
 # The demo models shipped inside the package: ``demo://hypernet.safetensors`` is the same file on
 # every machine that installed talora (a path would tie a hypernet's header to one checkout).
 DEMO_SCHEME = "demo://"

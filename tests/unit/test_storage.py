@@ -122,3 +122,29 @@ def test_reading_from_a_closed_port_fails_with_the_endpoint_named(monkeypatch):
     options = StorageOptions(endpoint_url=f"http://127.0.0.1:{port}")
     with pytest.raises(storage.StorageUnavailable, match=f"http://127.0.0.1:{port} did not answer"):
         storage.read_bytes("s3://nowhere/key.jpg", options)
+
+
+def test_a_relative_output_inside_a_ray_working_dir_copy_is_refused(tmp_path, monkeypatch):
+    from talora.storage import require_kept
+
+    copy = tmp_path / "session_x" / "runtime_resources" / "working_dir_files" / "_ray_pkg_1"
+    copy.mkdir(parents=True)
+    monkeypatch.chdir(copy)
+    with pytest.raises(ValueError, match="--output runs/labels is a relative path.*temporary copy"):
+        require_kept("runs/labels")
+    require_kept(str(tmp_path / "labels"))  # absolute: kept
+    require_kept("s3://bucket/labels")  # a URI: kept
+    monkeypatch.chdir(tmp_path)
+    require_kept("runs/labels")  # a relative path outside Ray's copy is the user's own folder
+
+
+def test_a_python_without_talora_dependencies_is_told_where_to_run_from():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    done = subprocess.run([sys.executable, "-S", "-c", f"import sys; sys.path.insert(0, {str(repo)!r}); import talora"],
+                          capture_output=True, text=True)
+    assert done.returncode != 0
+    assert "talora needs torch, ray" in done.stderr and "source .venv/bin/activate" in done.stderr
