@@ -2,8 +2,9 @@
 
 Where the time goes (per image, K prompts): one trunk pass (most of the encoder, shared by all
 prompts), then per prompt the adapted tail + one semantic decoder row + the instance grid
-(points_per_side^2 rows, only those inside the task's dilated region). Adapters are generated
-once per prompt when an actor starts. Image decoding and resizing to the model's input frame run
+(points_per_side^2 rows, only those inside the task's dilated region; with --boxes, one row per
+box instead). Adapters are made once per prompt when an actor starts, or loaded from the adapter
+cache where an earlier job made them. Image decoding and resizing to the model's input frame run
 in a separate CPU stage (Ray Data tasks), so actors only run the model; the remote model files
 are copied once per node. Batches are small (default 4 images): the trunk runs on the batch at
 once, and an image's instance pass already fills a decoder batch of points_per_batch rows.

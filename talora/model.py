@@ -109,14 +109,16 @@ class TaskAwareSam(nn.Module):
         if self.text_encoder is None:
             raise RuntimeError("TaskAwareSam was built without a text encoder; pass text_encoder=")
         cacheable = not self.training and not torch.is_grad_enabled()
-        if cacheable and all(p in self._adapter_cache for p in prompts):
-            return Adapter.stack([self._adapter_cache[p] for p in prompts])
         param = next(self.hypernet.parameters())
-        adapter = self.hypernet(self.text_encoder.encode(prompts).to(param.device, param.dtype))
-        if cacheable:
-            for i, p in enumerate(prompts):
-                self._adapter_cache[p] = adapter.row(i)
-        return adapter
+        if not cacheable:
+            return self.hypernet(self.text_encoder.encode(prompts).to(param.device, param.dtype))
+        for p in prompts:
+            if p not in self._adapter_cache:
+                # One prompt at a time: a prompt's adapter must not depend on the prompts it was made
+                # with (the text encoder pads a batch to its longest prompt), so a job's actors, an
+                # adapter cache and an in-process predictor all label with the same numbers.
+                self._adapter_cache[p] = self.hypernet(self.text_encoder.encode([p]).to(param.device, param.dtype)).row(0)
+        return Adapter.stack([self._adapter_cache[p] for p in prompts])
 
     # --- images -> embeddings ---------------------------------------------------------------------
 
