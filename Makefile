@@ -17,6 +17,9 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH_SPEC)
+	# SAM 2.1's package is an sdist with an optional CUDA extension: built against the torch above,
+	# without the extension (its post-processing is not on talora's path) and without isolation.
+	SAM2_BUILD_CUDA=0 $(PY) -m pip install --quiet --no-build-isolation 'sam2==1.1.0'
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $@
 

@@ -32,8 +32,13 @@ def resize_longest_side(image: np.ndarray, side: int) -> np.ndarray:
     return np.array(Image.fromarray(image).resize((w, h), Image.BILINEAR))
 
 
+def resize_square(image: np.ndarray, side: int) -> np.ndarray:
+    """HWC uint8 -> side x side (the aspect is not kept), bilinear through PIL: SAM 2's frame."""
+    return np.array(Image.fromarray(image).resize((side, side), Image.BILINEAR))
+
+
 # How each family frames an image before its encoder pads/normalises it on the device.
-RESIZERS: dict[str, Callable[[np.ndarray, int], np.ndarray]] = {"sam1": resize_longest_side}
+RESIZERS: dict[str, Callable[[np.ndarray, int], np.ndarray]] = {"sam1": resize_longest_side, "sam2": resize_square}
 
 
 def image_resizer(sam_type: str) -> Callable[[np.ndarray], np.ndarray]:

@@ -26,6 +26,12 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in (
     Variant("vit_b", "sam1", 1024, 2),
     Variant("vit_l", "sam1", 1024, 3),
     Variant("vit_h", "sam1", 1024, 4),
+    # SAM 2.1: the tail is the last k blocks of Hiera's last stage (after its pooling block).
+    Variant("sam2_tiny", "sam2", 256, 1, cpu_preset=True),
+    Variant("sam2.1_hiera_t", "sam2", 1024, 1),
+    Variant("sam2.1_hiera_s", "sam2", 1024, 1),
+    Variant("sam2.1_hiera_b+", "sam2", 1024, 2),
+    Variant("sam2.1_hiera_l", "sam2", 1024, 3),
 )}
 
 SAM_TYPES = tuple(VARIANTS)

@@ -4,8 +4,9 @@ A `Backbone` holds one frozen SAM (`model`, an nn.Module whose Linears LoRA wrap
 names are module paths inside it) and answers, for that family:
 
 - frames: resize an image to the model's input frame, map points/boxes/masks into it, normalise;
-- the encoder split: `embed_trunk` (once per image, shared by all prompts) and `embed_tail` (the
-  last k blocks + neck, per (image, prompt) row);
+- the encoder split: `embed_trunk` (once per image, shared by all prompts; one tensor per image)
+  and `embed_tail` (the last k blocks + neck, per (image, prompt) row), which together equal the
+  family's own image path (`embed_image`);
 - the decoder, one image embedding per row: `encode_prompts` + `decode_rows`;
 - masks back to the original frame: `postprocess_masks`;
 - LoRA targets (`find_targets`) and which weights the trunk depends on (`trunk_digest`).
@@ -43,6 +44,7 @@ class Backbone:
     # --- facts -----------------------------------------------------------------------------------
     image_size: int  # S
     embedding_size: int  # h (= w)
+    trunk_size: int  # the trunk features' grid side (h for SAM; S/32 for SAM 2, see its module)
     trunk_dim: int  # C
     decoder_dim: int  # C'
     num_blocks: int  # encoder blocks the trunk/tail split cuts
@@ -121,6 +123,11 @@ class Backbone:
 
     def embed_tail(self, trunk_features: torch.Tensor, tail_blocks: int) -> torch.Tensor:
         """(P, h, w, C) trunk features -> (P, C', h, w) image embeddings: the last blocks + neck."""
+        raise NotImplementedError
+
+    def embed_image(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) -> the image embeddings as the family's own code computes them, in the form
+        `embed_tail` returns: what trunk + tail must equal at every split (the registry's tests)."""
         raise NotImplementedError
 
     def encode_prompts(self, point_coords: torch.Tensor | None, point_labels: torch.Tensor | None,

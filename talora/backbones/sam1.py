@@ -137,6 +137,7 @@ class Backbone(base.Backbone):
         encoder = model.image_encoder
         self.image_size = encoder.img_size
         self.embedding_size = model.prompt_encoder.image_embedding_size[0]
+        self.trunk_size = self.embedding_size
         self.trunk_dim = encoder.patch_embed.proj.out_channels
         self.decoder_dim = model.mask_decoder.transformer_dim
         self.num_blocks = len(encoder.blocks)
@@ -194,6 +195,9 @@ class Backbone(base.Backbone):
                 continue
             state[name] = tensor
         return f"blocks<{trunk_blocks};tail={tail_blocks};img={self.image_size}", state
+
+    def embed_image(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model.image_encoder(images)
 
     # --- the decoder, one image embedding per row ------------------------------------------------
     def encode_prompts(self, point_coords, point_labels, boxes):

@@ -48,7 +48,7 @@ def validate(step_module, entries, dataset, rows, text_embeddings: torch.Tensor 
             part = adapter.select(index)
             embeddings = model.embed_tail(trunk[None].expand(len(index), -1, -1, -1), part)
             out = model.decode(embeddings, part, multimask_output=False)
-            masks = model.sam.postprocess_masks(out.masks.float(), input_size, (record.height, record.width))
+            masks = model.backbone.postprocess_masks(out.masks.float(), input_size, (record.height, record.width))
             predicted = (masks[:, 0] > 0) & (out.presence_logits > 0)[:, None, None]
             for i, pred in zip(index.tolist(), predicted.cpu().numpy()):
                 task, group, _ = rows[i]

@@ -9,7 +9,7 @@ from talora.frames import image_resizer
 from talora.variants import SAM_TYPES, VARIANTS, get_variant
 from talora.config import LoraConfig, default_config
 
-BUILDABLE_HERE = ("vit_tiny", "vit_b")  # vit_l / vit_h build too, but take GBs of memory on a CPU
+BUILDABLE_HERE = ("vit_tiny", "vit_b", "sam2_tiny")  # vit_l / vit_h / hiera_l build too, but take GBs on a CPU
 
 
 @pytest.fixture(scope="module")
@@ -19,7 +19,8 @@ def backbones():
 
 
 def test_every_variant_is_registered_with_its_frame_and_default_tail():
-    assert SAM_TYPES == tuple(VARIANTS) and {"vit_tiny", "vit_b", "vit_l", "vit_h"} <= set(SAM_TYPES)
+    assert SAM_TYPES == tuple(VARIANTS) and {"vit_tiny", "vit_b", "vit_l", "vit_h", "sam2_tiny", "sam2.1_hiera_t",
+                                             "sam2.1_hiera_s", "sam2.1_hiera_b+", "sam2.1_hiera_l"} <= set(SAM_TYPES)
     image = np.zeros((30, 60, 3), np.uint8)
     for name in SAM_TYPES:
         variant = get_variant(name)
@@ -45,10 +46,10 @@ def test_trunk_then_tail_is_the_whole_encoder_at_every_split(backbones, name):
     x, input_size = backbone.preprocess(np.random.default_rng(0).integers(0, 255, (48, 64, 3), dtype=np.uint8))
     assert x.shape == (3, backbone.image_size, backbone.image_size)
     with torch.no_grad():
-        whole = backbone.model.image_encoder(x[None])
+        whole = backbone.embed_image(x[None])  # the family's own image path
         for k in (0, 1, get_variant(name).tail_blocks):
             trunk = backbone.embed_trunk(x[None], k)
-            assert trunk.shape[1:] == (backbone.embedding_size, backbone.embedding_size, backbone.trunk_dim)
+            assert trunk.shape[1:] == (backbone.trunk_size, backbone.trunk_size, backbone.trunk_dim)
             torch.testing.assert_close(backbone.embed_tail(trunk, k), whole, atol=1e-4, rtol=1e-4)
 
 
@@ -57,7 +58,8 @@ def test_targets_cover_the_tail_blocks_and_the_decoder_only(backbones, name):
     backbone = backbones[name]
     k = get_variant(name).tail_blocks
     targets = backbone.find_targets(LoraConfig(), k)
-    tail = {f"image_encoder.blocks.{b}." for b in range(backbone.num_blocks - k, backbone.num_blocks)}
+    blocks = "image_encoder.trunk.blocks" if get_variant(name).family == "sam2" else "image_encoder.blocks"
+    tail = {f"{blocks}.{b}." for b in range(backbone.num_blocks - k, backbone.num_blocks)}
     encoder = [t for t in targets if t.component == "image_encoder"]
     assert encoder and all(any(t.name.startswith(p) for p in tail) for t in encoder)
     assert {t.component for t in targets} == {"image_encoder", "mask_decoder"}

@@ -1,0 +1,59 @@
+"""SAM 2.1 in the jobs: labelling, the embedding cache and training take --sam-type sam2_tiny."""
+
+import json
+
+import pytest
+import yaml
+
+from talora.commit import RunOutput
+from talora.data.synthetic import write_demo_dataset
+from talora.embed import features_of, read_cache
+from talora.predictions import PARQUET, read_run
+from tests.conftest import job_summary, run_job
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def demo(tmp_path):
+    return write_demo_dataset(str(tmp_path / "demo"), num_train=6, num_val=4, seed=7, shard_size=2)
+
+
+def test_a_sam2_tiny_labelling_job_writes_rows_through_the_commit_protocol(ray_cluster, demo, tmp_path):
+    summary = job_summary(run_job("segment_dataset", [
+        "--prompt", "segment vehicles", "--prompt", "segment fruit", "--sam-type", "sam2_tiny", "--untrained",
+        "--images", str(tmp_path / "demo" / "val" / "images"), "--annotations", demo["val"],
+        "--output", str(tmp_path / "labels"), "--presence-thresh", "0", "--points-per-side", "4"], ray_cluster))
+    assert summary["images"] == 4 and summary["rows"] > 0 and summary["errors"] == 0
+    out, key = summary["output"].rsplit("/", 1)
+    assert sorted(RunOutput(out, key, None, PARQUET).manifests()) == ["shard-00000", "shard-00001"]
+    rows = read_run(summary["output"]).table.to_pylist()
+    assert {r["model"] for r in rows} == {"sam2_tiny+untrained"} and {r["kind"] for r in rows} <= {"semantic", "instance"}
+    assert all(r["segmentation"]["size"] == [256, 256] for r in rows)  # masks at the original size
+
+
+def test_the_embedding_cache_and_a_hypernet_run_on_sam2_tiny(ray_cluster, demo, tmp_path):
+    import torch
+
+    from talora.loading import load_backbone, save_backbone
+
+    torch.manual_seed(0)
+    base = str(tmp_path / "sam2_tiny.safetensors")  # one base for the cache and the training run
+    save_backbone(load_backbone("sam2_tiny"), base)
+    cache = job_summary(run_job("embed_images", ["--annotations", demo["train"], "--sam-type", "sam2_tiny",
+                                                 "--sam-checkpoint", base, "--output", str(tmp_path / "cache")],
+                                ray_cluster))
+    rows = read_cache(cache["output"]).to_pylist()
+    assert len(rows) == 6 and features_of(rows[0]).shape == (8, 8, 64 * 16 + 256)  # the packed trunk, g = 256 / 32
+
+    config = {"model": {"sam": {"sam_type": "sam2_tiny", "checkpoint": base}, "hypernet": {"hidden_dim": 32, "num_layers": 1, "num_heads": 4}},
+              "train": {"train_annotations": demo["train"], "val_annotations": demo["val"], "val_images": 2,
+                        "batch_images": 2, "tasks_per_image": 2, "max_steps": 4, "log_every": 2, "val_every": 4,
+                        "warmup_steps": 1, "cpus_per_worker": 0.5, "storage_path": str(tmp_path / "runs"),
+                        "name": "sam2"}}
+    (tmp_path / "sam2.yaml").write_text(yaml.safe_dump(config))
+    done = run_job("train_hypernet", ["--config", str(tmp_path / "sam2.yaml"), "--embeddings", cache["output"]],
+                   ray_cluster)
+    assert done.returncode == 0, done.stderr[-3000:]
+    metrics = [json.loads(line) for line in (tmp_path / "runs" / "sam2" / "metrics.jsonl").read_text().splitlines()]
+    assert metrics and all(m["loss"] == m["loss"] for m in metrics if "loss" in m)  # finite, logged
