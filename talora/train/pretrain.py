@@ -8,7 +8,7 @@ Two objectives in one step (a base can only be adapted to what its trunk encodes
   cross-entropy against the cell's area share of each class (background included). Class-agnostic
   pretraining alone was measured to leave shape identity at chance; these heads put it there.
 
-Shapes: B = images, h x w = the embedding grid, L = the low-res mask grid (4h), Q = prompt rows.
+Shapes: B = images, h x w = the trunk features' grid (the embedding grid for SAM), L = the low-res mask grid, Q = prompt rows.
 Everything per image (normalised input, low-res instance masks, cell targets) is computed once
 per worker and memoised (up to train.memo_gb): the generator's images are small and the step is the
 expensive part.
@@ -60,7 +60,7 @@ class ImageMemo(LruMemo[int, ImageEntry]):
     def __init__(self, backbone: Backbone, dataset: CocoDataset, vocab: dict[str, list[str]],
                  storage: StorageOptions | None, max_bytes: int = 2**62) -> None:
         self.backbone, self.dataset, self.vocab, self.storage = backbone, dataset, vocab, storage
-        self.grid = backbone.embedding_size
+        self.grid = backbone.trunk_size  # the cells of the trunk features (h x w for SAM, S/32 for SAM 2)
         self.lowres = backbone.lowres_size
         super().__init__(self._build, max_bytes)
 

@@ -182,3 +182,29 @@ def test_talora_info_lists_the_sam2_targets(capsys):
     names = [t["name"] for t in info["targets"]]
     assert "image_encoder.trunk.blocks.11.attn.qkv" in names and "image_encoder.trunk.blocks.10.attn.qkv" not in names
     assert any(n.startswith("sam_mask_decoder.transformer.layers.0.") for n in names)
+
+
+def test_a_pretraining_step_on_sam2_tiny_trains_every_part_and_the_heads(tmp_path):
+    from talora.data.coco import CocoDataset
+    from talora.data.synthetic import write_demo_dataset
+    from talora.train.config import TrainConfig
+    from talora.train.pretrain import ImageMemo, PretrainStep, build_pretrain_batch, label_vocab
+
+    dataset = CocoDataset.load(write_demo_dataset(str(tmp_path), num_train=3, num_val=1, seed=5)["train"])
+    torch.manual_seed(0)
+    backbone = build_backbone("sam2_tiny")
+    memo = ImageMemo(backbone, dataset, label_vocab(dataset), None)  # cell targets on the packed trunk's grid
+    step = PretrainStep(backbone, 1, memo.vocab)
+    backbone.model.requires_grad_(True)
+    batch = build_pretrain_batch([memo(i) for i in dataset.image_ids], np.random.default_rng(2), 4, 0.5,
+                                 backbone.image_size)
+    out = step(batch, TrainConfig(train_annotations="x", mode="pretrain"))
+    out["loss"].backward()
+    assert {"loss_aux_category", "loss_points", "loss_boxes"} <= set(out)
+    sam = backbone.model
+    for name, p in (("trunk", sam.image_encoder.trunk.blocks[0].attn.qkv.weight),
+                    ("tail", sam.image_encoder.trunk.blocks[-1].attn.qkv.weight),
+                    ("high-res path", sam.sam_mask_decoder.conv_s0.weight),
+                    ("decoder", sam.sam_mask_decoder.transformer.layers[0].self_attn.q_proj.weight),
+                    ("category head", step.heads["category"].weight)):
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
