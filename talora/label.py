@@ -139,10 +139,15 @@ class LabelActor(ShardWriter):
         self.prompts, self.task, self.model_name = list(prompts), task, model
         self.boxes = boxes
         with torch.no_grad():
+            found: dict | str = "fixed" if sam_model.fixed_adapter is not None else "generated"
             if adapter_cache and sam_model.fixed_adapter is None:  # loaded where an earlier job made them
                 found = AdapterCache(adapter_cache, storage).fill(sam_model, self.prompts)
-                print(f"label actor: adapters {found} ({adapter_cache})", flush=True)
             sam_model.adapters(self.prompts)  # generate (and keep) every prompt's adapter once
+        import ray
+
+        # Where the pool's actors are, for whoever reads the job's log (and the multinode test).
+        print(f"label actor on node {ray.get_runtime_context().get_node_id()}: adapters {found}"
+              f"{f' ({adapter_cache})' if adapter_cache else ''}", flush=True)
 
     def process(self, batch: dict) -> list[tuple[list[dict], str]]:
         frames = [(np.asarray(resized), (int(h), int(w)))  # (resized image, original size) per item

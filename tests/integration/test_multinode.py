@@ -57,9 +57,11 @@ def labelled_setup(s3):
     return written, argv
 
 
-def _run_label(argv, address):
+def _run_label(argv, address) -> str:
+    """Runs the labelling job; returns its output (stdout and stderr)."""
     done = run_job("segment_dataset", argv, address)
     assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout + done.stderr
 
 
 def _rows(output, s3):
@@ -79,17 +81,17 @@ def _summary(output_prefix, s3):
 
 def test_labelling_spreads_over_nodes_and_equals_the_in_process_predictor(cluster, s3, labelled_setup):
     written, argv = labelled_setup
-    _run_label([*argv, "--output", "s3://talora-test/mn-labels"], cluster[0].address)
+    log = _run_label([*argv, "--output", "s3://talora-test/mn-labels"], cluster[0].address)
     summary, run = _summary("s3://talora-test/mn-labels", s3)
     # Placement, not timing: 0.75 CPU per actor on 1-CPU nodes puts the pool's two actors on two nodes
-    # (and leaves each node room for the read and decode tasks, also after a node dies),
-    # and the pipeline starts only once both are up (pipeline.ACTOR_START_TIMEOUT_S). Which actor
-    # takes which batch is Ray Data's choice, so the rows' nodes are not asserted.
-    from ray.util.state import list_actors
+    # (and leaves each node room for the read and decode tasks, also after a node dies), each actor
+    # logs its node when it starts, and the pipeline starts only once both are up
+    # (pipeline.ACTOR_START_TIMEOUT_S). Which actor takes which batch is Ray Data's choice, so the
+    # rows' nodes are only checked to be among them.
+    import re
 
-    actors = [a for a in list_actors(detail=True, limit=1000) if "LabelActor" in a.class_name]
-    assert len(actors) == 2 and len({a.node_id for a in actors}) == 2
-    assert set(summary["worker_nodes"]) <= {a.node_id for a in actors}
+    actor_nodes = set(re.findall(r"label actor on node ([0-9a-f]+)", log))
+    assert len(actor_nodes) == 2 and set(summary["worker_nodes"]) <= actor_nodes
     rows, processed = _rows(run, s3)
     assert len(processed) == 6
 
