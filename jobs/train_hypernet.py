@@ -64,8 +64,8 @@ def main(argv: list[str] | None = None) -> int:
         from talora.train.trainer import run_training
 
         spec = load_run_spec(read_bytes(args.config, storage).decode(), overrides_from_args(args))
-        for annotations in (spec.train.train_annotations, spec.train.val_annotations):
-            ensure_demo_dataset(annotations)  # the repository's demo data, generated the first time
+        for split in (spec.train.train_annotations, spec.train.val_annotations):
+            ensure_demo_dataset(split)  # the repository's demo data, generated the first time
         init_ray(args.ray_address)
         summary = run_training(spec, storage)
         print(json.dumps({k: summary[k] for k in ("run", "seconds", "final_metrics", "best_checkpoint")}, default=str))

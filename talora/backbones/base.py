@@ -23,6 +23,7 @@ low-res mask side (4h), C = trunk channels, C' = decoder channels, M = masks per
 from __future__ import annotations
 
 import hashlib
+import re
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -148,10 +149,62 @@ class Backbone:
         """(N, M, L, L) low-res logits -> (N, M, H, W) logits in the original frame."""
         raise NotImplementedError
 
+    # Where a family's adaptable Linears live, as module-path regexes (group 1: the block or layer
+    # index, or the path kept as the module type; group 2: the path inside the block or layer).
+    ENCODER_BLOCK: re.Pattern
+    DECODER_LAYER: re.Pattern
+    DECODER_FINAL: re.Pattern
+    OUTPUT_MLP: re.Pattern
+    IOU_HEAD: re.Pattern
+
+    def num_decoder_layers(self) -> int:
+        """The mask decoder's two-way transformer layers."""
+        raise NotImplementedError
+
+    def first_tail_block(self, tail_blocks: int) -> int:
+        """The index of the first encoder block of a tail of `tail_blocks` blocks."""
+        return self.num_blocks - tail_blocks
+
+    @staticmethod
+    def pattern_name(path: str) -> str:
+        """The name `LoraConfig.target_patterns` calls a Linear at `path` (inside its block): its last part."""
+        return path.rsplit(".", 1)[-1]
+
     def find_targets(self, lora: LoraConfig, tail_blocks: int) -> list[LoraTarget]:
         """Every Linear that `lora` adapts (the last `tail_blocks` encoder blocks and the decoder), in
-        module order, each with its (depth, module type) identity for the hypernet."""
-        raise NotImplementedError
+        module order, each with its (depth, module type) identity for the hypernet: tail blocks
+        first, then the decoder's layers, its final attention, then its heads."""
+        from talora.lora import LoraLinear, LoraTarget
+
+        first = self.first_tail_block(tail_blocks)
+        num_layers = self.num_decoder_layers()
+        heads_depth = tail_blocks + num_layers + 1  # after the decoder's final attention
+        patterns = set(lora.target_patterns)
+        targets = []
+        for name, module in self.model.named_modules():
+            linear = module.base_layer if isinstance(module, LoraLinear) else module
+            if not isinstance(linear, nn.Linear) or name.endswith(".base_layer"):
+                continue
+            found: tuple[str, int, str] | None = None
+            if m := self.ENCODER_BLOCK.match(name):
+                if lora.image_encoder and int(m[1]) >= first and self.pattern_name(m[2]) in patterns:
+                    found = ("image_encoder", int(m[1]) - first, "encoder." + m[2])
+            elif m := self.DECODER_LAYER.match(name):
+                if lora.mask_decoder and self.pattern_name(m[2]) in patterns:
+                    found = ("mask_decoder", tail_blocks + int(m[1]), "decoder." + m[2])
+            elif m := self.DECODER_FINAL.match(name):
+                if lora.mask_decoder and self.pattern_name(m[1]) in patterns:
+                    found = ("mask_decoder", tail_blocks + num_layers, "decoder." + m[1])
+            elif m := self.OUTPUT_MLP.match(name):
+                if lora.output_mlps:
+                    found = ("output_mlps", heads_depth, "decoder." + m[1])
+            elif m := self.IOU_HEAD.match(name):
+                if lora.iou_head:
+                    found = ("iou_head", heads_depth, "decoder." + m[1])
+            if found:
+                component, depth, module_type = found
+                targets.append(LoraTarget(name, linear.in_features, linear.out_features, component, depth, module_type))
+        return targets
 
     def trunk_state(self, tail_blocks: int) -> tuple[str, dict[str, torch.Tensor]]:
         """(a tag naming the split, the base weights `embed_trunk`'s output depends on for it)."""

@@ -19,14 +19,11 @@ import torch
 from segment_anything import sam_model_registry
 from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 from segment_anything.utils.transforms import ResizeLongestSide
-from torch import nn
 from torch.nn import functional as F
 
 from talora.backbones import base
 from talora.backbones.sam1_fused import fuse_attention
-from talora.config import LoraConfig
 from talora.frames import longest_side_shape, resize_longest_side
-from talora.lora import LoraLinear, LoraTarget
 
 # (patch-embedding width, encoder depth) -> variant: enough to tell the variants apart from a state dict.
 _ENCODER_SHAPES = {"vit_h": (1280, 32), "vit_l": (1024, 24), "vit_b": (768, 12), "vit_tiny": (128, 4)}
@@ -238,36 +235,9 @@ class Backbone(base.Backbone):
         iou_pred = decoder.iou_prediction_head(iou_token_out)  # (P, M)
         return masks, iou_pred, iou_token_out
 
-    # --- LoRA targets ----------------------------------------------------------------------------
-    def find_targets(self, lora: LoraConfig, tail_blocks: int) -> list[LoraTarget]:
-        num_layers = len(self.model.mask_decoder.transformer.layers)
-        first_tail = self.num_blocks - tail_blocks
-        heads_depth = tail_blocks + num_layers + 1  # after the decoder's final attention
-        patterns = set(lora.target_patterns)
-        targets = []
-        for name, module in self.model.named_modules():
-            linear = module.base_layer if isinstance(module, LoraLinear) else module
-            if not isinstance(linear, nn.Linear) or name.endswith(".base_layer"):
-                continue
-            leaf = name.rsplit(".", 1)[-1]
-            found: tuple[str, int, str] | None = None
-            if m := _ENCODER_BLOCK.match(name):
-                block = int(m[1])
-                if lora.image_encoder and block >= first_tail and leaf in patterns:
-                    found = ("image_encoder", block - first_tail, "encoder." + m[2])
-            elif m := _DECODER_LAYER.match(name):
-                if lora.mask_decoder and leaf in patterns:
-                    found = ("mask_decoder", tail_blocks + int(m[1]), "decoder." + m[2])
-            elif m := _DECODER_FINAL.match(name):
-                if lora.mask_decoder and leaf in patterns:
-                    found = ("mask_decoder", tail_blocks + num_layers, "decoder." + m[1])
-            elif m := _OUTPUT_MLP.match(name):
-                if lora.output_mlps:
-                    found = ("output_mlps", heads_depth, "decoder." + m[1])
-            elif m := _IOU_HEAD.match(name):
-                if lora.iou_head:
-                    found = ("iou_head", heads_depth, "decoder." + m[1])
-            if found:
-                component, depth, module_type = found
-                targets.append(LoraTarget(name, linear.in_features, linear.out_features, component, depth, module_type))
-        return targets
+    # --- LoRA targets (found by base.Backbone.find_targets) ----------------------------------------
+    ENCODER_BLOCK, DECODER_LAYER, DECODER_FINAL = _ENCODER_BLOCK, _DECODER_LAYER, _DECODER_FINAL
+    OUTPUT_MLP, IOU_HEAD = _OUTPUT_MLP, _IOU_HEAD
+
+    def num_decoder_layers(self) -> int:
+        return len(self.model.mask_decoder.transformer.layers)

@@ -35,9 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from talora.backbones import base
-from talora.config import LoraConfig
 from talora.frames import resize_square
-from talora.lora import LoraLinear, LoraTarget
 
 # The package's configs per variant; sam2_tiny is the hiera_t config made small (CPU tests, demo).
 CONFIGS = {
@@ -259,39 +257,18 @@ class Backbone(base.Backbone):
         masks = (hyper_in @ upscaled.view(P, c8, H * W)).view(P, -1, H, W)  # (P, M, 4h, 4w)
         return masks, decoder.iou_prediction_head(iou_token_out), iou_token_out
 
-    # --- LoRA targets ----------------------------------------------------------------------------
-    def find_targets(self, lora: LoraConfig, tail_blocks: int) -> list[LoraTarget]:
-        first = self.check_split(tail_blocks)
-        num_layers = len(self.model.sam_mask_decoder.transformer.layers)
-        heads_depth = tail_blocks + num_layers + 1
-        patterns = set(lora.target_patterns)
-        targets = []
-        for name, module in self.model.named_modules():
-            linear = module.base_layer if isinstance(module, LoraLinear) else module
-            if not isinstance(linear, nn.Linear) or name.endswith(".base_layer"):
-                continue
-            found: tuple[str, int, str] | None = None
-            if m := _ENCODER_BLOCK.match(name):
-                if lora.image_encoder and int(m[1]) >= first and _leaf(m[2]) in patterns:
-                    found = ("image_encoder", int(m[1]) - first, "encoder." + m[2])
-            elif m := _DECODER_LAYER.match(name):
-                if lora.mask_decoder and _leaf(m[2]) in patterns:
-                    found = ("mask_decoder", tail_blocks + int(m[1]), "decoder." + m[2])
-            elif m := _DECODER_FINAL.match(name):
-                if lora.mask_decoder and _leaf(m[1]) in patterns:
-                    found = ("mask_decoder", tail_blocks + num_layers, "decoder." + m[1])
-            elif m := _OUTPUT_MLP.match(name):
-                if lora.output_mlps:
-                    found = ("output_mlps", heads_depth, "decoder." + m[1])
-            elif m := _IOU_HEAD.match(name):
-                if lora.iou_head:
-                    found = ("iou_head", heads_depth, "decoder." + m[1])
-            if found:
-                component, depth, module_type = found
-                targets.append(LoraTarget(name, linear.in_features, linear.out_features, component, depth, module_type))
-        return targets
+    # --- LoRA targets (found by base.Backbone.find_targets) ----------------------------------------
+    ENCODER_BLOCK, DECODER_LAYER, DECODER_FINAL = _ENCODER_BLOCK, _DECODER_LAYER, _DECODER_FINAL
+    OUTPUT_MLP, IOU_HEAD = _OUTPUT_MLP, _IOU_HEAD
 
+    def num_decoder_layers(self) -> int:
+        return len(self.model.sam_mask_decoder.transformer.layers)
 
-def _leaf(path: str) -> str:
-    """A Linear's pattern name: its last name part, or lin1 / lin2 for an MLP's two Linears."""
-    return _MLP_LEAF.get(path, path.rsplit(".", 1)[-1])
+    def first_tail_block(self, tail_blocks: int) -> int:
+        return self.check_split(tail_blocks)
+
+    @staticmethod
+    def pattern_name(path: str) -> str:
+        """lin1 / lin2 for an MLP's two Linears (SAM 2 names them layers.0 / layers.1), else the last part."""
+        return _MLP_LEAF.get(path, path.rsplit(".", 1)[-1])
+
