@@ -15,6 +15,7 @@ import json
 import sys
 
 from talora.jobs_common import add_storage_flags, init_ray, run_main, storage_from_args
+from talora.variants import SAM_TYPES
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-annotations")
     p.add_argument("--val-annotations")
     p.add_argument("--task", help="static mode: one task id (default: every object)")
+    p.add_argument("--sam-type", choices=SAM_TYPES, help="the SAM variant (a checkpoint of another one is refused)")
     p.add_argument("--sam-checkpoint", help="the base SAM (path or URI); pretrain mode: the starting point")
     p.add_argument("--ray-address", default=None)
     add_storage_flags(p)
@@ -48,8 +50,9 @@ def overrides_from_args(args: argparse.Namespace) -> dict:
     overrides: dict = {"train": {k: getattr(args, k) for k in train_flags if getattr(args, k) is not None}}
     if args.adapter_type:
         overrides.setdefault("model", {})["hypernet"] = {"adapter_type": args.adapter_type}
-    if args.sam_checkpoint:
-        overrides.setdefault("model", {})["sam"] = {"checkpoint": args.sam_checkpoint}
+    sam = {k: v for k, v in (("sam_type", args.sam_type), ("checkpoint", args.sam_checkpoint)) if v is not None}
+    if sam:
+        overrides.setdefault("model", {})["sam"] = sam
     return overrides
 
 

@@ -179,9 +179,9 @@ def run_sharded(
     nodes: set[str] = set()
     rss_mb, threads, first_commit, after_first = 0.0, 0, None, 0
     if todo:
-        ray.data.DataContext.get_current().wait_for_min_actors_s = ACTOR_START_TIMEOUT_S
         ds = ray.data.from_items([{"shard": p.name, "folder": p.folder, "uris": list(p.uris)} for p in todo],
                                  override_num_blocks=min(len(todo), MAX_LISTING_TASKS))
+        ds.context.wait_for_min_actors_s = ACTOR_START_TIMEOUT_S  # this dataset's copy, not the driver's
         ds = ds.flat_map(shard_items, fn_kwargs={"storage": storage, "image_ids": image_ids}, num_cpus=0.25)
         ds = ds.map_batches(read_image_bytes, fn_kwargs={"storage": storage}, batch_size=batch_size,
                             batch_format="numpy", num_cpus=0.25)

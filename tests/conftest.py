@@ -117,6 +117,16 @@ def job_command(script: str, argv: list[str]) -> list[str]:
     return [sys.executable, str(REPO / "jobs" / f"{script}.py"), *argv]
 
 
+def job_module(script: str):
+    """jobs/<script>.py imported as a module (its parser and helpers), without running it."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"jobs_{script}", REPO / "jobs" / f"{script}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def run_job(script: str, argv: list[str], ray_address: str | None = None) -> subprocess.CompletedProcess:
     """Runs a job to its end (connected to `ray_address` when given); returns the finished process."""
     env = dict(os.environ)

@@ -149,6 +149,11 @@ class Backbone:
         """(N, M, L, L) low-res logits -> (N, M, H, W) logits in the original frame."""
         raise NotImplementedError
 
+    def reference_predictor(self):
+        """The family's own interactive predictor on this base with LoRA inactive (`set_image(image)`,
+        then `predict(point_coords=, point_labels=, multimask_output=)`): the speed suite's reference."""
+        raise NotImplementedError
+
     # Where a family's adaptable Linears live, as module-path regexes (group 1: the block or layer
     # index, or the path kept as the module type; group 2: the path inside the block or layer).
     ENCODER_BLOCK: re.Pattern

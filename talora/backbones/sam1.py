@@ -235,6 +235,11 @@ class Backbone(base.Backbone):
         iou_pred = decoder.iou_prediction_head(iou_token_out)  # (P, M)
         return masks, iou_pred, iou_token_out
 
+    def reference_predictor(self):
+        from segment_anything import SamPredictor
+
+        return SamPredictor(self.model)  # LoRA layers with no adapter set run the base weights
+
     # --- LoRA targets (found by base.Backbone.find_targets) ----------------------------------------
     ENCODER_BLOCK, DECODER_LAYER, DECODER_FINAL = _ENCODER_BLOCK, _DECODER_LAYER, _DECODER_FINAL
     OUTPUT_MLP, IOU_HEAD = _OUTPUT_MLP, _IOU_HEAD

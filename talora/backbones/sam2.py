@@ -86,13 +86,17 @@ class Sam2Image(nn.Module):
         self.image_size = model.image_size
 
 
-def build_model(name: str) -> Sam2Image:
-    """Variant `name` with random weights, through the package's builder and config."""
+def build_sam2_base(name: str):
+    """The package's whole `SAM2Base` of variant `name` (random weights), from its builder and config."""
     from sam2.build_sam import build_sam2
 
     overrides = TINY_OVERRIDES if name == "sam2_tiny" else []
-    model = build_sam2(CONFIGS[name], ckpt_path=None, device="cpu", mode="eval", hydra_overrides_extra=overrides)
-    return Sam2Image(model)
+    return build_sam2(CONFIGS[name], ckpt_path=None, device="cpu", mode="eval", hydra_overrides_extra=overrides)
+
+
+def build_model(name: str) -> Sam2Image:
+    """Variant `name` with random weights: the image path of the package's own model."""
+    return Sam2Image(build_sam2_base(name))
 
 
 def detect_variant(state_dict: dict[str, torch.Tensor]) -> str | None:
@@ -256,6 +260,20 @@ class Backbone(base.Backbone):
         _, c8, H, W = upscaled.shape
         masks = (hyper_in @ upscaled.view(P, c8, H * W)).view(P, -1, H, W)  # (P, M, 4h, 4w)
         return masks, decoder.iou_prediction_head(iou_token_out), iou_token_out
+
+    def reference_predictor(self):
+        """`SAM2ImagePredictor` on a whole `SAM2Base` of this variant holding this base's image-path
+        weights (the predictor needs the package's own model; its video modules stay unused)."""
+        from sam2.sam2_image_predictor import SAM2ImagePredictor
+
+        model = build_sam2_base(self.variant.name)
+        missing, unexpected = model.load_state_dict(self.base_state_dict(), strict=False)
+        if unexpected or any(k.startswith(IMAGE_PATH) for k in missing):
+            raise ValueError(f"{self.variant.name}: the base does not fit SAM2Base ({unexpected or missing})")
+        predictor = SAM2ImagePredictor(model.to(self.device))
+        side = self.image_size  # the predictor assumes 1024-px feature sizes; sam2_tiny runs at 256
+        predictor._bb_feat_sizes = [(side // 4, side // 4), (side // 8, side // 8), (side // 16, side // 16)]
+        return predictor
 
     # --- LoRA targets (found by base.Backbone.find_targets) ----------------------------------------
     ENCODER_BLOCK, DECODER_LAYER, DECODER_FINAL = _ENCODER_BLOCK, _DECODER_LAYER, _DECODER_FINAL

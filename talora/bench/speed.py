@@ -10,9 +10,10 @@ measured side by side in one run, on the same model and the same images.
 - naive: the loop a first implementation writes — per image and prompt, encode the text, generate
   the adapter, run the whole encoder, decode — and `speedup` = naive ÷ floor seconds;
 - prompts: K = 1, 2, 4, 8 on the floor path, seconds per image and the ratio to K = 1;
-- reference: segment_anything's own `SamPredictor` on the same base (set_image, then one point,
-  one mask) against talora's one-prompt semantic path (mode "semantic"), images/s ratio
-  `vs_sam_predictor`: the GPU aim compares talora with SAM at the same precision;
+- reference: the family's own predictor (segment_anything's `SamPredictor`, sam2's
+  `SAM2ImagePredictor`) on the same base (set_image, then one point, one mask) against talora's
+  one-prompt semantic path (mode "semantic"), images/s ratio `vs_sam_predictor`: the GPU aim
+  compares talora with SAM at the same precision;
 - breakdown: seconds per image of each stage — decode/resize, trunk, tail, semantic decode,
   instance decode, filtering + NMS + upsampling + RLE, writing the rows (a Parquet part) — each
   timed on the same images from the stage before's saved outputs;
@@ -256,15 +257,14 @@ def breakdown(predictor, dataset, images: list[np.ndarray], prompts: list[str], 
 
 
 def sam_reference(model, images: list[np.ndarray], resized, config: SpeedConfig) -> dict:
-    """Seconds per image of segment_anything's SamPredictor on the base (LoRA layers inactive): set_image,
-    then one point at the image centre, one mask; beside talora's one-prompt semantic path on the
-    same images and precision. vs_sam_predictor > 1: talora labels more images per second."""
-    from segment_anything import SamPredictor
-
+    """Seconds per image of the family's own predictor on the base (SamPredictor, SAM2ImagePredictor;
+    LoRA inactive): set_image, then one point at the image centre, one mask; beside talora's
+    one-prompt semantic path on the same images and precision. vs_sam_predictor > 1: talora labels
+    more images per second."""
     from talora.predictor import PredictConfig, TaskAwarePredictor
 
     semantic = TaskAwarePredictor(model, PredictConfig(mode="semantic", precision=config.precision))
-    sam = SamPredictor(model.sam)
+    sam = model.backbone.reference_predictor()
 
     def sam_image(i: int) -> None:
         h, w = images[i].shape[:2]

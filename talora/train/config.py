@@ -91,6 +91,14 @@ class RunSpec:
     train: TrainConfig = field(default_factory=lambda: TrainConfig(train_annotations="<unset>"))
 
 
+def deep_merge(base: dict, overrides: dict) -> dict:
+    """`base` with `overrides` applied key by key at every depth (a flag sets one field, not a section)."""
+    out = dict(base)
+    for key, value in overrides.items():
+        out[key] = deep_merge(out.get(key) or {}, value) if isinstance(value, dict) else value
+    return out
+
+
 def load_run_spec(text: str, overrides: dict | None = None) -> RunSpec:
     """A RunSpec from YAML text, strict, with `overrides` ({"train": {...}, "model": {...}}) applied.
 
@@ -99,9 +107,7 @@ def load_run_spec(text: str, overrides: dict | None = None) -> RunSpec:
     unknown = sorted(set(data) - {"model", "train"})
     if unknown:
         raise ValueError(f"unknown config key(s): {unknown}; expected 'model' and 'train'")
-    for section, values in (overrides or {}).items():
-        data.setdefault(section, {})
-        data[section] = {**(data[section] or {}), **values}
+    data = deep_merge(data, overrides or {})
     model_data = data.get("model") or {}
     sam_type = (model_data.get("sam") or {}).get("sam_type", "vit_tiny")
     base = to_dict(default_config(sam_type))

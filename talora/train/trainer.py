@@ -69,6 +69,11 @@ def run_training(spec: RunSpec, storage: StorageOptions | None = None) -> dict:
         if uri:
             require_shared(uri)
             read_bytes(uri, storage)  # a missing file fails here, before any worker starts
+    if spec.model.sam.checkpoint:
+        from talora.loading import check_checkpoint
+
+        require_shared(spec.model.sam.checkpoint, "--sam-checkpoint")
+        check_checkpoint(spec.model.sam.checkpoint, spec.model.sam.sam_type, storage)  # another variant's base fails here
     run_uri = join(cfg.storage_path, cfg.name)
     resumed = check_resume_config(run_uri, spec, storage)
 

@@ -48,6 +48,41 @@ def test_the_speed_suite_reports_every_stable_key(results):
     assert results["machine"]["cores"] >= 1 and results["machine"]["ray"] and results["config"]["sam_type"] == "vit_tiny"
 
 
+def test_the_speed_suite_runs_on_sam2_against_sam2s_own_image_predictor():
+    config = speed_config("sam2_tiny", "cpu", num_images=2, timed_images=1, batch_images=2, points_per_side=4,
+                          min_run_time=0.01, job=False)
+    results = run_speed(config)
+    speed = results["speed"]
+    assert results["config"]["sam_type"] == "sam2_tiny" and speed["floor"]["s_per_image"] > 0
+    reference = speed["reference"]  # SAM2ImagePredictor on a SAM2Base holding the same weights
+    assert reference["sam_predictor_s_per_image"] > 0 and reference["vs_sam_predictor"] > 0
+    assert speed["breakdown"]["trunk_s"] > 0 and speed["train"]["pretrain_step_s"] > 0
+
+
+def test_sam2s_reference_predictor_runs_the_same_base(text_encoder):
+    """The reference is the same network: its masks equal talora's base decoder on one point."""
+    import numpy as np
+    import torch
+
+    from talora.backbones import build_backbone
+
+    torch.manual_seed(0)
+    backbone = build_backbone("sam2_tiny")
+    image = np.random.default_rng(0).integers(0, 255, (96, 128, 3), dtype=np.uint8)
+    predictor = backbone.reference_predictor()
+    predictor.set_image(image)
+    _, scores, logits = predictor.predict(point_coords=np.array([[64.0, 48.0]]), point_labels=np.array([1]),
+                                          multimask_output=True, return_logits=True)  # columns 1.. of decode_rows
+    x = predictor._transforms(image)  # its own resize (talora's differs by interpolation, not geometry)
+    with torch.no_grad():
+        embedding = backbone.embed_image(x[None])
+        coords = torch.as_tensor(backbone.apply_coords(np.array([[[64.0, 48.0]]]), (96, 128)), dtype=torch.float32)
+        sparse, dense = backbone.encode_prompts(coords, torch.ones(1, 1, dtype=torch.int), None)
+        masks, iou, _ = backbone.decode_rows(embedding, sparse, dense)
+    np.testing.assert_allclose(masks[0, 1:].numpy(), logits, atol=1e-4)
+    np.testing.assert_allclose(iou[0, 1:].numpy(), scores, atol=1e-5)
+
+
 def test_results_are_written_as_json_markdown_and_a_plot(results, tmp_path):
     files = write_results(results, str(tmp_path / "bench"))
     assert json.loads((tmp_path / "bench" / "results.json").read_text())["speed"] == results["speed"]

@@ -1,4 +1,4 @@
-"""Equivalence tests for per-row LoRA on tiny SAMs, in float64 (atol 1e-8)."""
+"""Equivalence tests for per-row LoRA on the tiny presets of every backbone family, in float64 (atol 1e-8)."""
 
 import copy
 
@@ -42,6 +42,24 @@ def _image(seed=0):
     return torch.randn(1, 3, 256, 256, generator=g, dtype=torch.float64)
 
 
+@pytest.fixture(params=[v.name for v in VARIANTS.values() if v.cpu_preset])
+def preset_model(request, float64):
+    """An untrained TaskAwareSam of each CPU preset (one per backbone family), in float64: the
+    guarantees below hold for every family."""
+    from talora.config import default_config
+    from talora.loading import build_task_aware_sam
+
+    torch.manual_seed(0)
+    return float64(build_task_aware_sam(default_config(request.param)))
+
+
+def test_zero_adapter_trunk_plus_tail_equals_the_familys_own_image_path(preset_model, make_adapter):
+    images = torch.cat([_image(0), _image(1)])
+    zero = make_adapter(preset_model.targets, rows=2, zero_b=True)
+    got = preset_model.embed_tail(preset_model.embed_trunk(images), zero)
+    torch.testing.assert_close(got, preset_model.backbone.embed_image(images), atol=ATOL, rtol=0)
+
+
 def test_zero_adapter_decoder_output_equals_base_sam(tiny_model, make_adapter):
     sam = _plain_sam(tiny_model)
     embedding = torch.randn(1, 64, 16, 16, dtype=torch.float64)
@@ -66,12 +84,12 @@ def test_zero_adapter_trunk_plus_tail_equals_base_image_encoder(tiny_model, make
     torch.testing.assert_close(got, expected, atol=ATOL, rtol=0)
 
 
-def test_nonzero_adapter_changes_tail_and_decoder(tiny_model, make_adapter):
-    trunk = tiny_model.embed_trunk(_image())
-    adapter = make_adapter(tiny_model.targets)
-    assert not torch.allclose(tiny_model.embed_tail(trunk, adapter), tiny_model.embed_tail(trunk))
-    embedding = tiny_model.embed_tail(trunk)
-    assert not torch.allclose(tiny_model.decode(embedding, adapter).masks, tiny_model.decode(embedding).masks)
+def test_nonzero_adapter_changes_tail_and_decoder(preset_model, make_adapter):
+    trunk = preset_model.embed_trunk(_image())
+    adapter = make_adapter(preset_model.targets)
+    assert not torch.allclose(preset_model.embed_tail(trunk, adapter), preset_model.embed_tail(trunk))
+    embedding = preset_model.embed_tail(trunk)
+    assert not torch.allclose(preset_model.decode(embedding, adapter).masks, preset_model.decode(embedding).masks)
 
 
 def _run_rows(model, images, adapter, coords, labels):
@@ -81,18 +99,18 @@ def _run_rows(model, images, adapter, coords, labels):
     return model.decode(embeddings, adapter, coords, labels)
 
 
-def test_mixed_batch_rows_equal_each_row_alone_with_its_adapter_merged(tiny_model, make_adapter):
+def test_mixed_batch_rows_equal_each_row_alone_with_its_adapter_merged(preset_model, make_adapter):
     # Semantic rows (no point prompt): every op is float64, so single-row runs compare exactly.
-    rows = [make_adapter(tiny_model.targets, seed=s) for s in range(3)]
+    rows = [make_adapter(preset_model.targets, seed=s) for s in range(3)]
     image = _image()
-    trunk = tiny_model.embed_trunk(image)
-    batched = tiny_model.decode(tiny_model.embed_tail(trunk.expand(3, -1, -1, -1), Adapter.stack(rows)),
+    trunk = preset_model.embed_trunk(image)
+    batched = preset_model.decode(preset_model.embed_tail(trunk.expand(3, -1, -1, -1), Adapter.stack(rows)),
                                 Adapter.stack(rows))
 
     for i, row in enumerate(rows):
-        merge_adapter(tiny_model.sam, row)
-        alone = tiny_model.decode(tiny_model.embed_tail(trunk))
-        unmerge_adapter(tiny_model.sam)
+        merge_adapter(preset_model.sam, row)
+        alone = preset_model.decode(preset_model.embed_tail(trunk))
+        unmerge_adapter(preset_model.sam)
         torch.testing.assert_close(batched.masks[i : i + 1], alone.masks, atol=ATOL, rtol=0)
         torch.testing.assert_close(batched.iou_predictions[i : i + 1], alone.iou_predictions, atol=ATOL, rtol=0)
         torch.testing.assert_close(batched.presence_logits[i : i + 1], alone.presence_logits, atol=ATOL, rtol=0)
@@ -100,26 +118,26 @@ def test_mixed_batch_rows_equal_each_row_alone_with_its_adapter_merged(tiny_mode
     assert not torch.allclose(batched.masks[0], batched.masks[1])
 
 
-def test_mixed_batch_with_point_prompts_equals_the_merged_adapter_row_by_row(tiny_model, make_adapter):
+def test_mixed_batch_with_point_prompts_equals_the_merged_adapter_row_by_row(preset_model, make_adapter):
     # SAM's PromptEncoder encodes points in float32 whatever the model dtype, and float32 rounding
     # depends on the batch shape; so each merged run uses the same 3-row batch and keeps row i.
-    rows = [make_adapter(tiny_model.targets, seed=s) for s in range(3)]
+    rows = [make_adapter(preset_model.targets, seed=s) for s in range(3)]
     coords, labels = _points(3)
-    batched = _run_rows(tiny_model, _image(), Adapter.stack(rows), coords, labels)
+    batched = _run_rows(preset_model, _image(), Adapter.stack(rows), coords, labels)
     for i, row in enumerate(rows):
-        merge_adapter(tiny_model.sam, row)
-        merged = _run_rows(tiny_model, _image(), None, coords, labels)
-        unmerge_adapter(tiny_model.sam)
+        merge_adapter(preset_model.sam, row)
+        merged = _run_rows(preset_model, _image(), None, coords, labels)
+        unmerge_adapter(preset_model.sam)
         torch.testing.assert_close(batched.masks[i], merged.masks[i], atol=ATOL, rtol=0)
         torch.testing.assert_close(batched.iou_predictions[i], merged.iou_predictions[i], atol=ATOL, rtol=0)
     assert not torch.allclose(batched.masks[0], batched.masks[1])
 
 
-def test_shared_adapter_equals_the_same_adapter_expanded_per_row(tiny_model, make_adapter):
-    shared = make_adapter(tiny_model.targets, seed=5)
+def test_shared_adapter_equals_the_same_adapter_expanded_per_row(preset_model, make_adapter):
+    shared = make_adapter(preset_model.targets, seed=5)
     coords, labels = _points(2)
-    a = _run_rows(tiny_model, _image(), shared, coords, labels)
-    b = _run_rows(tiny_model, _image(), shared.expand(2), coords, labels)
+    a = _run_rows(preset_model, _image(), shared, coords, labels)
+    b = _run_rows(preset_model, _image(), shared.expand(2), coords, labels)
     torch.testing.assert_close(a.masks, b.masks, atol=ATOL, rtol=0)
 
 
@@ -146,25 +164,25 @@ def test_per_row_tail_with_windowed_attention_equals_each_row_alone(make_adapter
         torch.testing.assert_close(batched[i : i + 1], model.embed_tail(trunk[i : i + 1], row), atol=ATOL, rtol=0)
 
 
-def test_merge_then_unmerge_restores_the_weights(tiny_model, make_adapter):
-    before = {k: v.clone() for k, v in tiny_model.sam.state_dict().items()}
-    merge_adapter(tiny_model.sam, make_adapter(tiny_model.targets, seed=1))
-    changed = [k for k, v in tiny_model.sam.state_dict().items() if not torch.equal(v, before[k])]
-    assert len(changed) == len(tiny_model.targets)  # exactly one weight per target moved
-    unmerge_adapter(tiny_model.sam)
-    for k, v in tiny_model.sam.state_dict().items():
+def test_merge_then_unmerge_restores_the_weights(preset_model, make_adapter):
+    before = {k: v.clone() for k, v in preset_model.sam.state_dict().items()}
+    merge_adapter(preset_model.sam, make_adapter(preset_model.targets, seed=1))
+    changed = [k for k, v in preset_model.sam.state_dict().items() if not torch.equal(v, before[k])]
+    assert len(changed) == len(preset_model.targets)  # exactly one weight per target moved
+    unmerge_adapter(preset_model.sam)
+    for k, v in preset_model.sam.state_dict().items():
         torch.testing.assert_close(v, before[k], atol=1e-12, rtol=0)
 
 
-def test_merge_refuses_non_finite_weights_and_leaves_the_model_unchanged(tiny_model, make_adapter):
-    adapter = make_adapter(tiny_model.targets)
-    last = tiny_model.targets[-1].name
+def test_merge_refuses_non_finite_weights_and_leaves_the_model_unchanged(preset_model, make_adapter):
+    adapter = make_adapter(preset_model.targets)
+    last = preset_model.targets[-1].name
     a, b = adapter.weights[last]
     adapter.weights[last] = (a, torch.full_like(b, float("nan")))
-    before = {k: v.clone() for k, v in tiny_model.sam.state_dict().items()}
+    before = {k: v.clone() for k, v in preset_model.sam.state_dict().items()}
     with pytest.raises(ValueError, match="non-finite"):
-        merge_adapter(tiny_model.sam, adapter)
-    for k, v in tiny_model.sam.state_dict().items():
+        merge_adapter(preset_model.sam, adapter)
+    for k, v in preset_model.sam.state_dict().items():
         assert torch.equal(v, before[k]), k
 
 
@@ -184,20 +202,20 @@ def test_inject_and_remove_leave_the_base_module_exactly_as_it_was():
     assert all(torch.equal(v, ref_state[k]) for k, v in sam.state_dict().items())
 
 
-def test_use_adapter_clears_the_adapter_even_when_the_block_raises(tiny_model, make_adapter):
+def test_use_adapter_clears_the_adapter_even_when_the_block_raises(preset_model, make_adapter):
     with pytest.raises(RuntimeError, match="boom"):
-        with use_adapter(tiny_model.sam, make_adapter(tiny_model.targets)):
+        with use_adapter(preset_model.sam, make_adapter(preset_model.targets)):
             raise RuntimeError("boom")
-    assert all(layer.lora_A is None and layer.lora_B is None for layer in lora_layers(tiny_model.sam).values())
+    assert all(layer.lora_A is None and layer.lora_B is None for layer in lora_layers(preset_model.sam).values())
 
 
-def test_adapter_with_wrong_shapes_is_refused_naming_the_target(tiny_model, make_adapter):
-    adapter = make_adapter(tiny_model.targets)
-    name = tiny_model.targets[0].name
+def test_adapter_with_wrong_shapes_is_refused_naming_the_target(preset_model, make_adapter):
+    adapter = make_adapter(preset_model.targets)
+    name = preset_model.targets[0].name
     a, b = adapter.weights[name]
     adapter.weights[name] = (a[:, :-1], b)
     with pytest.raises(ValueError, match=name.replace(".", r"\.")):
-        with use_adapter(tiny_model.sam, adapter):
+        with use_adapter(preset_model.sam, adapter):
             pass
 
 
@@ -207,15 +225,15 @@ def test_lora_linear_without_adapter_is_the_base_linear():
     assert torch.equal(LoraLinear(base)(x), base(x))
 
 
-def test_decoder_rows_index_embeddings_and_a_grouped_adapter_equals_the_per_row_copies(tiny_model, make_adapter):
+def test_decoder_rows_index_embeddings_and_a_grouped_adapter_equals_the_per_row_copies(preset_model, make_adapter):
     # The instance pass: many point rows of a few (embedding, adapter) pairs, without copying either per row.
-    tiny_model.eval()
-    adapter = make_adapter(tiny_model.targets, rows=3)
-    embeddings = tiny_model.embed_tail(tiny_model.embed_trunk(_image()).expand(3, -1, -1, -1), adapter)
+    preset_model.eval()
+    adapter = make_adapter(preset_model.targets, rows=3)
+    embeddings = preset_model.embed_tail(preset_model.embed_trunk(_image()).expand(3, -1, -1, -1), adapter)
     rows = torch.tensor([0, 0, 1, 2, 2, 2])
     coords, labels = _points(len(rows))
-    got = tiny_model.decode(embeddings, adapter, coords, labels, rows=rows)
-    copied = tiny_model.decode(embeddings[rows], adapter.select(rows), coords, labels)
+    got = preset_model.decode(embeddings, adapter, coords, labels, rows=rows)
+    copied = preset_model.decode(embeddings[rows], adapter.select(rows), coords, labels)
     torch.testing.assert_close(got.masks, copied.masks, atol=ATOL, rtol=0)
     torch.testing.assert_close(got.iou_predictions, copied.iou_predictions, atol=ATOL, rtol=0)
     assert adapter.grouped(rows).groups == (0, 2, 3, 6)

@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 import torch
 
 from talora.cli import main
@@ -34,12 +35,14 @@ def test_cells_inside_an_object_get_its_label_in_the_resized_frame():
     assert max(cols) < 12  # columns past the 192-px resized width are padding
 
 
-def test_probe_command_reports_each_key_with_its_chance_level(tmp_path, capsys):
+@pytest.mark.parametrize("sam_type", ["vit_tiny", "sam2_tiny"])  # sam2: the packed trunk's S/32 grid
+def test_probe_command_reports_each_key_with_its_chance_level(tmp_path, capsys, sam_type):
     from talora.data.synthetic import write_demo_dataset
 
     written = write_demo_dataset(str(tmp_path / "demo"), num_train=8, num_val=4, seed=1)
     torch.manual_seed(0)
-    assert main(["probe", "--annotations", written["train"], "--val-annotations", written["val"], "--json"]) == 0
+    assert main(["probe", "--annotations", written["train"], "--val-annotations", written["val"], "--json",
+                 "--sam-type", sam_type]) == 0
     import json
 
     results = {r["key"]: r for r in json.loads(capsys.readouterr().out)}

@@ -71,14 +71,18 @@ def test_batch_has_semantic_rows_for_present_and_absent_tasks(demo):
     assert len(batch.point_row) > 0 and batch.point_coords.shape[1:] == (1, 2)
 
 
-def test_a_few_steps_reduce_the_loss_on_a_fixed_batch(demo):
+@pytest.mark.parametrize("sam_type", ["vit_tiny", "sam2_tiny"])
+@pytest.mark.parametrize("mode", ["hypernet", "static"])
+def test_a_few_steps_reduce_the_loss_on_a_fixed_batch(demo, sam_type, mode):
     torch.manual_seed(0)
-    model = build_task_aware_sam(default_config("vit_tiny"))
-    step = TrainStep(model, model.hypernet)
+    model = build_task_aware_sam(default_config(sam_type))
+    static = mode == "static"
+    step = TrainStep(model, StaticLora(model.targets, 4, 2.0) if static else model.hypernet)
     batch = _batch(model, demo)
-    text = torch.randn(len(batch.prompts), 384)
+    text = None if static else torch.randn(len(batch.prompts), 384)
     config = TrainConfig(train_annotations="x")
-    optimiser = torch.optim.AdamW(step.parameters(), lr=3e-4)  # a smooth descent, not one float-exact path
+    # A smooth descent, not one float-exact path; a static LoRA starts at B = 0 and takes a larger step.
+    optimiser = torch.optim.AdamW(step.parameters(), lr=1e-2 if static else 3e-4)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     losses = []
     for _ in range(20):
@@ -127,6 +131,37 @@ def test_run_spec_is_strict_and_checks_values_before_any_worker():
     spec = load_run_spec("model:\n  sam:\n    sam_type: vit_b\ntrain:\n  train_annotations: a.json\n",
                          {"train": {"max_steps": 7}})
     assert spec.train.max_steps == 7 and spec.model.hypernet.hidden_dim == 512  # the variant's defaults
+
+
+def test_training_flags_override_one_field_and_keep_the_rest_of_the_config():
+    from tests.conftest import job_module
+
+    job = job_module("train_hypernet")
+    text = "model:\n  sam:\n    sam_type: vit_tiny\n    checkpoint: base.safetensors\n  hypernet:\n    hidden_dim: 64\n" \
+           "train:\n  train_annotations: a.json\n"
+    args = job.build_parser().parse_args(["--config", "c.yaml", "--sam-type", "sam2_tiny", "--adapter-type", "tucker"])
+    spec = load_run_spec(text, job.overrides_from_args(args))
+    assert spec.model.sam.sam_type == "sam2_tiny" and spec.model.sam.checkpoint == "base.safetensors"
+    assert spec.model.hypernet.adapter_type == "tucker" and spec.model.hypernet.hidden_dim == 64
+    args = job.build_parser().parse_args(["--config", "c.yaml", "--sam-checkpoint", "other.safetensors"])
+    spec = load_run_spec(text, job.overrides_from_args(args))
+    assert (spec.model.sam.sam_type, spec.model.sam.checkpoint) == ("vit_tiny", "other.safetensors")
+
+
+def test_a_base_of_another_variant_is_refused_before_any_worker_starts(tmp_path):
+    from talora.backbones import build_backbone
+    from talora.data.synthetic import write_demo_dataset
+    from talora.loading import save_backbone
+    from talora.train.trainer import run_training
+
+    written = write_demo_dataset(str(tmp_path / "demo"), num_train=2, num_val=1, seed=3)
+    base = str(tmp_path / "vit_tiny.safetensors")
+    save_backbone(build_backbone("vit_tiny"), base)
+    spec = load_run_spec(f"model:\n  sam:\n    sam_type: sam2_tiny\n    checkpoint: {base}\n"
+                         f"train:\n  train_annotations: {written['train']}\n  val_annotations: {written['val']}\n  storage_path: {tmp_path / 'runs'}\n")
+    with pytest.raises(ValueError, match=r"vit_tiny.safetensors has keys for vit_tiny, but --sam-type sam2_tiny"):
+        run_training(spec)
+    assert not (tmp_path / "runs").exists()  # nothing started
 
 
 def test_a_non_finite_loss_stops_training_with_advice_instead_of_skipping_forever(demo):
