@@ -57,3 +57,29 @@ def test_the_embedding_cache_and_a_hypernet_run_on_sam2_tiny(ray_cluster, demo, 
     assert done.returncode == 0, done.stderr[-3000:]
     metrics = [json.loads(line) for line in (tmp_path / "runs" / "sam2" / "metrics.jsonl").read_text().splitlines()]
     assert metrics and all(m["loss"] == m["loss"] for m in metrics if "loss" in m)  # finite, logged
+
+
+def test_pretraining_a_sam2_tiny_base_from_the_demo_config_then_a_static_lora_on_it(ray_cluster, demo, tmp_path):
+    """`--sam-type sam2_tiny` on the shipped vit_tiny pretraining config: the job pretrains a SAM 2
+    base, whose sam.safetensors a static run then adapts; a vit_tiny base is refused by name."""
+    from talora.backbones import detect_variant
+    from talora.loading import read_state_dict
+
+    data = ["--train-annotations", demo["train"], "--val-annotations", demo["val"], "--cpus-per-worker", "0.5",
+            "--storage-path", str(tmp_path / "runs")]
+    done = run_job("train_hypernet", ["--config", "configs/demo_pretrain.yaml", "--sam-type", "sam2_tiny",
+                                      "--max-steps", "2", "--val-every", "2", "--name", "pretrain", *data], ray_cluster)
+    assert done.returncode == 0, done.stderr[-3000:]
+    base = job_summary(done)["best_checkpoint"] + "/sam.safetensors"
+    assert detect_variant(read_state_dict(base)) == "sam2_tiny"
+
+    static = ["--config", "configs/demo_cpu.yaml", "--mode", "static", "--task", "supercategory:vehicle",
+              "--max-steps", "2", "--val-every", "2", *data]
+    done = run_job("train_hypernet", [*static, "--sam-type", "sam2_tiny", "--sam-checkpoint", base, "--name", "static"],
+                   ray_cluster)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert list((tmp_path / "runs" / "static").glob("checkpoint_*/adapter.safetensors"))
+    refused = run_job("train_hypernet", [*static, "--sam-type", "vit_tiny", "--sam-checkpoint", base, "--name", "x"],
+                      ray_cluster)
+    assert refused.returncode != 0 and "has keys for sam2_tiny, but --sam-type vit_tiny" in refused.stderr
+    assert not (tmp_path / "runs" / "x").exists()
