@@ -228,14 +228,25 @@ def run_sharded(
     seconds = end - start
     counts["seconds"] = round(seconds, 3)
     counts["images_per_second"] = round(counts["images"] / seconds, 3) if counts["images"] and seconds > 0 else None
-    # Steady state: the images that came back after the first commit (start-up and the pipeline
-    # filling up are behind it), over the time since.
     counts["first_commit_seconds"] = round(first_commit - start, 3) if first_commit else None
-    counts["steady_images_per_second"] = (round(after_first / (end - first_commit), 3)
-                                          if first_commit and after_first and end > first_commit else None)
+    counts["steady_images_per_second"] = steady_rate(after_first, first_commit, start, end)
     counts["actor_peak_rss_mb"] = round(rss_mb, 1) if todo else None
     counts["actor_threads"] = threads or None
     return counts
+
+
+# The steady-state window must span this share of the run; a shorter one is one burst of rows that
+# finished together with the first shard (a run of one batch per actor has no steady state).
+MIN_STEADY_SHARE = 0.1
+
+
+def steady_rate(after_first: int, first_commit: float | None, start: float, end: float) -> float | None:
+    """Images per second in the steady state: the images that came back after the first commit
+    (start-up and the pipeline filling up are behind it) over the time since; None when there is
+    no such window."""
+    if not first_commit or not after_first or end - first_commit < MIN_STEADY_SHARE * (end - start):
+        return None
+    return round(after_first / (end - first_commit), 3)
 
 
 def storage_failures(rows):

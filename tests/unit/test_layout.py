@@ -60,3 +60,11 @@ def test_the_status_file_counts_shards_and_estimates_images_and_eta_from_the_sha
     assert progress(written) == "2/4 shards, 5/~8 images, 1.0 images/s, ETA 0:03"
     done = status("done", tracker, 3, 5, 1, 6.0)
     assert done["eta_s"] == 0 and done["images"]["estimated_total"] == 5
+
+
+def test_the_steady_rate_counts_images_after_the_first_commit_and_is_none_for_one_burst():
+    from talora.pipeline import steady_rate
+
+    assert steady_rate(90, first_commit=10.0, start=0.0, end=40.0) == 3.0  # 90 images in the 30 s after it
+    assert steady_rate(3, first_commit=59.63, start=0.0, end=59.64) is None  # they came back with the first shard
+    assert steady_rate(0, first_commit=10.0, start=0.0, end=40.0) is None and steady_rate(5, None, 0.0, 9.0) is None
