@@ -22,7 +22,7 @@ and the image embedding carries the decoder's high-resolution maps the same way 
 lossless (the same numbers, only moved) and costs nothing in memory; `decode_rows` unpacks.
 
 Shapes: B images, P rows, S input side, g = S/32, h = S/16, d = the decoder width, C4 = the last
-stage's channels; trunk (B, g, g, C4 + 4d), embedding (P, 4d, h, h) = [embedding d | s8 d | s4 2d].
+stage's channels; trunk (B, g, g, C4 + 16d) = [C4 | s16 4d | s8 4d | s4 8d], embedding (P, 4d, h, h) = [embedding d | s8 d | s4 2d].
 """
 
 from __future__ import annotations
@@ -191,7 +191,7 @@ class Backbone(base.Backbone):
         s8 = decoder.conv_s1(neck.convs[n - 1](levels[1]))  # (B, d/4, S/8, S/8)
         s16 = neck.convs[n - 2](levels[2])  # (B, d, S/16, S/16): the stride-16 lateral
         packed = [x.permute(0, 3, 1, 2), F.pixel_unshuffle(s16, 2), F.pixel_unshuffle(s8, 4), F.pixel_unshuffle(s4, 8)]
-        return torch.cat(packed, dim=1).permute(0, 2, 3, 1)  # (B, g, g, C4 + 4d)
+        return torch.cat(packed, dim=1).permute(0, 2, 3, 1)  # (B, g, g, C4 + 16d)
 
     def embed_tail(self, trunk_features: torch.Tensor, tail_blocks: int) -> torch.Tensor:
         first = self.check_split(tail_blocks)

@@ -137,15 +137,17 @@ def test_training_flags_override_one_field_and_keep_the_rest_of_the_config():
     from tests.conftest import job_module
 
     job = job_module("train_hypernet")
-    text = "model:\n  sam:\n    sam_type: vit_tiny\n    checkpoint: base.safetensors\n  hypernet:\n    hidden_dim: 64\n" \
+    # Neither the YAML's variant nor its hidden_dim is a default, so a flag that replaced a whole
+    # section would show here.
+    text = "model:\n  sam:\n    sam_type: sam2_tiny\n    checkpoint: base.safetensors\n  hypernet:\n    hidden_dim: 64\n" \
            "train:\n  train_annotations: a.json\n"
-    args = job.build_parser().parse_args(["--config", "c.yaml", "--sam-type", "sam2_tiny", "--adapter-type", "tucker"])
+    args = job.build_parser().parse_args(["--config", "c.yaml", "--sam-type", "vit_b", "--adapter-type", "tucker"])
     spec = load_run_spec(text, job.overrides_from_args(args))
-    assert spec.model.sam.sam_type == "sam2_tiny" and spec.model.sam.checkpoint == "base.safetensors"
+    assert spec.model.sam.sam_type == "vit_b" and spec.model.sam.checkpoint == "base.safetensors"
     assert spec.model.hypernet.adapter_type == "tucker" and spec.model.hypernet.hidden_dim == 64
     args = job.build_parser().parse_args(["--config", "c.yaml", "--sam-checkpoint", "other.safetensors"])
     spec = load_run_spec(text, job.overrides_from_args(args))
-    assert (spec.model.sam.sam_type, spec.model.sam.checkpoint) == ("vit_tiny", "other.safetensors")
+    assert (spec.model.sam.sam_type, spec.model.sam.checkpoint) == ("sam2_tiny", "other.safetensors")
 
 
 def test_a_base_of_another_variant_is_refused_before_any_worker_starts(tmp_path):
