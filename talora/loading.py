@@ -27,7 +27,7 @@ from talora.lora import Adapter, LoraTarget
 from talora.model import TaskAwareSam, build_presence_head
 from talora.storage import StorageOptions, local_copy, read_bytes
 from talora.text import TextEncoder
-from talora.weights import parse_safetensors, read_weights, write_weights
+from talora.weights import parse_safetensors, read_shapes, read_weights, write_weights
 
 HYPERNET_FORMAT = "talora.hypernet/1"
 
@@ -64,8 +64,10 @@ def load_backbone(sam_type: str, checkpoint: str | None = None, storage: Storage
 
 
 def check_checkpoint(uri: str, sam_type: str, storage: StorageOptions | None = None) -> None:
-    """Fails (naming `uri`) unless it holds weights of `sam_type`; builds nothing."""
-    check_variant(read_state_dict(uri, storage), sam_type, uri)
+    """Fails (naming `uri`) unless it holds weights of `sam_type`; builds nothing. A safetensors file
+    is checked from its header (shapes suffice); a torch.save file has to be read whole."""
+    state = read_shapes(uri, storage) if uri.endswith(".safetensors") else read_state_dict(uri, storage)
+    check_variant(state, sam_type, uri)
 
 
 def save_backbone(backbone: Backbone, uri: str, storage: StorageOptions | None = None) -> None:

@@ -161,20 +161,21 @@ def with_retries(action, uri: str, options: StorageOptions | None = None):
             time.sleep(delay)
 
 
-def read_bytes(uri: str, options: StorageOptions | None = None) -> bytes:
-    """The whole object at `uri`; FileNotFoundError names the URI; StorageUnavailable when the
-    endpoint does not answer (after retries)."""
+def read_bytes(uri: str, options: StorageOptions | None = None, start: int | None = None,
+               end: int | None = None) -> bytes:
+    """The object at `uri` (bytes [start, end) if given: one ranged GET); FileNotFoundError names the
+    URI; StorageUnavailable when the endpoint does not answer (after retries)."""
     fs, path = filesystem(uri, options)
 
     def read() -> bytes:
         try:
-            return fs.cat_file(path)
+            return fs.cat_file(path, start=start, end=end)
         except FileNotFoundError:
             # Object-store filesystems cache listings per process; an object written since (by a Ray
             # worker, say) is missing from a stale listing, so look once more without the cache.
             fs.invalidate_cache(path)
             try:
-                return fs.cat_file(path)
+                return fs.cat_file(path, start=start, end=end)
             except FileNotFoundError as e:
                 raise FileNotFoundError(f"no such file: {uri}") from e
 

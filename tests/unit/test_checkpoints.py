@@ -5,7 +5,15 @@ import torch
 
 from talora.adapter_file import AdapterHeader, load_adapter, save_adapter
 from talora.config import default_config
-from talora.loading import build_task_aware_sam, load_backbone, load_task_aware_sam, save_backbone, save_hypernet
+from talora.loading import (
+    build_task_aware_sam,
+    check_checkpoint,
+    load_backbone,
+    load_task_aware_sam,
+    save_backbone,
+    save_hypernet,
+)
+from talora.storage import read_bytes, write_bytes
 
 
 def _assert_same_weights(a, b):
@@ -51,6 +59,25 @@ def test_wrong_variant_names_the_uri_and_both_variants(tiny_sam, tmp_path):
     with pytest.raises(ValueError) as e:
         load_backbone("vit_b", uri)
     assert str(e.value) == f"checkpoint {uri} has keys for vit_tiny, but --sam-type vit_b was given"
+
+
+def test_a_safetensors_base_is_checked_from_its_header_alone(tiny_sam, tmp_path, s3):
+    """The driver's variant check reads the header only: a file whose tensor bytes are cut off still
+    passes it (loading it fails), another variant is refused by name, a broken header is an error."""
+    whole = str(tmp_path / "sam.safetensors")
+    save_backbone(tiny_sam, whole)
+    data = read_bytes(whole)
+    header_end = 8 + int.from_bytes(data[:8], "little")
+    uri = "s3://talora-test/cut/sam.safetensors"
+    write_bytes(uri, data[: header_end + 16], s3)
+    check_checkpoint(uri, "vit_tiny", s3)
+    with pytest.raises(ValueError, match="corrupt"):
+        load_backbone("vit_tiny", uri, s3)
+    with pytest.raises(ValueError, match=f"checkpoint {uri} has keys for vit_tiny, but --sam-type sam2_tiny was given"):
+        check_checkpoint(uri, "sam2_tiny", s3)
+    write_bytes(uri, (10**12).to_bytes(8, "little") + data[8:], s3)
+    with pytest.raises(ValueError, match=f"{uri} is corrupt or not a safetensors file"):
+        check_checkpoint(uri, "vit_tiny", s3)
 
 
 def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
