@@ -149,6 +149,10 @@ class Backbone:
         """(N, M, L, L) low-res logits -> (N, M, H, W) logits in the original frame."""
         raise NotImplementedError
 
+    def high_res_skips(self) -> list[nn.Module]:
+        """The decoder's skip connections from early trunk stages past the tail (none on SAM 1)."""
+        return []
+
     def reference_predictor(self):
         """The family's own interactive predictor on this base with LoRA inactive (`set_image(image)`,
         then `predict(point_coords=, point_labels=, multimask_output=)`): the speed suite's reference."""

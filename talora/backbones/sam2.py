@@ -261,6 +261,10 @@ class Backbone(base.Backbone):
         masks = (hyper_in @ upscaled.view(P, c8, H * W)).view(P, -1, H, W)  # (P, M, 4h, 4w)
         return masks, decoder.iou_prediction_head(iou_token_out), iou_token_out
 
+    def high_res_skips(self) -> list[nn.Module]:
+        decoder = self.model.sam_mask_decoder
+        return [decoder.conv_s0, decoder.conv_s1] if decoder.use_high_res_features else []
+
     def reference_predictor(self):
         """`SAM2ImagePredictor` on a whole `SAM2Base` of this variant holding this base's image-path
         weights (the predictor needs the package's own model; its video modules stay unused)."""

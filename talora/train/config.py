@@ -41,6 +41,10 @@ class TrainConfig:
     prompts_per_image: int = 4
     box_fraction: float = 0.5
     aux_weight: float = 1.0
+    # pretrain mode, random base: the decoder's high-resolution skips (SAM 2's conv_s0 / conv_s1; SAM 1
+    # has none) start at zero and stay there for this many steps, so the decoder first learns masks
+    # from the image embedding (docs/training.md)
+    high_res_hold_steps: int = 0
     val_every: int = 100  # validation + checkpoint every N steps (and at the last step)
     val_images: int = 32  # validation images (sharded across workers)
     memo_gb: float = 4.0  # per worker and memo (train, val): CPU memory for per-image trunk features / inputs
@@ -73,6 +77,8 @@ class TrainConfig:
         if self.mode == "pretrain" and self.embeddings:
             problems.append("train.embeddings: the embedding cache holds frozen trunk features; pretraining trains "
                             "the trunk itself, so it cannot use a cache (drop --embeddings)")
+        if self.high_res_hold_steps < 0:
+            problems.append(f"train.high_res_hold_steps must be >= 0, got {self.high_res_hold_steps}")
         if self.lr <= 0:
             problems.append(f"train.lr must be > 0, got {self.lr}")
         if self.memo_gb < 0:

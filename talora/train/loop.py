@@ -46,7 +46,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
         batch = mode.batch(step, np.random.default_rng([cfg.seed, rank, step]))
         with autocast(cfg, device):
             losses = mode.loss(trainable, batch)
-        backward_and_step(losses["loss"], scaler, optimizer, module.parameters(), cfg.grad_clip)
+        held = mode.held_parameters(step)
+        backward_and_step(losses["loss"], scaler, optimizer, module.parameters(), cfg.grad_clip,
+                          before_step=(lambda: drop_gradients(held)) if held else None)
         scheduler.step()
         samples += mode.samples(batch) * world
 
@@ -78,6 +80,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 ray.train.report(report)
             if fail_at and done == fail_at and start_step == 0 and rank == 0:
                 raise RuntimeError(f"injected failure after step {done} (TALORA_FAIL_AT_STEP)")
+
+
+def drop_gradients(parameters: list[torch.nn.Parameter]) -> None:
+    """No update for these this step (AdamW skips a parameter whose gradient is None: no decay either)."""
+    for p in parameters:
+        p.grad = None
 
 
 def worker_setup(loop_config: dict):

@@ -5,6 +5,7 @@ A mode builds its model and data on a worker and supplies:
 - `batch(step, rng)`: one step's batch on the device (images drawn from seeded epoch orders);
 - `loss(trainable, batch)`: its losses (the loop runs this under autocast);
 - `samples(batch)`: samples the batch holds, for the rate in the log;
+- `held_parameters(step)`: parameters this step must not update (their gradients are dropped);
 - `validate()`: this worker's validation metrics, all-reduced, with `val_score` (the best-checkpoint metric);
 - `write_artifact(directory)`: the file users take away.
 
@@ -95,6 +96,9 @@ class TaskMode:
     def samples(self, batch) -> int:
         return len(batch.image_index)
 
+    def held_parameters(self, step: int) -> list[torch.nn.Parameter]:
+        return []
+
     def validate(self) -> dict[str, float]:
         from talora.train.optim import autocast
         from talora.train.validate import group_metrics, reduce_ious, validate
@@ -147,6 +151,12 @@ class PretrainMode:
         self.vocab = label_vocab(self.train_set)
         self.backbone = load_backbone(spec.model.sam.sam_type, spec.model.sam.checkpoint, storage)  # a start point, or random
         self.backbone.model.requires_grad_(True)
+        self.held: list[torch.nn.Parameter] = []
+        if spec.model.sam.checkpoint is None and cfg.high_res_hold_steps:
+            self.held = [p for skip in self.backbone.high_res_skips() for p in skip.parameters()]
+            with torch.no_grad():
+                for p in self.held:
+                    p.zero_()
         self.module = PretrainStep(self.backbone, spec.model.tail_blocks or 1, self.vocab).to(device)
         self.module.train()
         memo_bytes = int(cfg.memo_gb * 2**30)
@@ -171,6 +181,9 @@ class PretrainMode:
 
     def samples(self, batch) -> int:
         return len(batch.images)
+
+    def held_parameters(self, step: int) -> list[torch.nn.Parameter]:
+        return self.held if step < self.cfg.high_res_hold_steps else []
 
     def validate(self) -> dict[str, float]:
         from talora.train.optim import autocast

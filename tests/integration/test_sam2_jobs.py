@@ -61,7 +61,8 @@ def test_the_embedding_cache_and_a_hypernet_run_on_sam2_tiny(ray_cluster, demo, 
 
 def test_pretraining_a_sam2_tiny_base_from_the_demo_config_then_a_static_lora_on_it(ray_cluster, demo, tmp_path):
     """`--sam-type sam2_tiny` on the shipped vit_tiny pretraining config: the job pretrains a SAM 2
-    base, whose sam.safetensors a static run then adapts; a vit_tiny base is refused by name."""
+    base (its high-resolution skips held at zero over the first steps), whose sam.safetensors a static
+    run then adapts; a vit_tiny base is refused by name."""
     from talora.backbones import detect_variant
     from talora.loading import read_state_dict
 
@@ -71,7 +72,10 @@ def test_pretraining_a_sam2_tiny_base_from_the_demo_config_then_a_static_lora_on
                                       "--max-steps", "2", "--val-every", "2", "--name", "pretrain", *data], ray_cluster)
     assert done.returncode == 0, done.stderr[-3000:]
     base = job_summary(done)["best_checkpoint"] + "/sam.safetensors"
-    assert detect_variant(read_state_dict(base)) == "sam2_tiny"
+    state = read_state_dict(base)
+    assert detect_variant(state) == "sam2_tiny"
+    skips = [k for k in state if k.startswith(("sam_mask_decoder.conv_s0.", "sam_mask_decoder.conv_s1."))]
+    assert len(skips) == 4 and not any(state[k].any() for k in skips)  # held at zero by the config's 500 steps
 
     static = ["--config", "configs/demo_cpu.yaml", "--mode", "static", "--task", "supercategory:vehicle",
               "--max-steps", "2", "--val-every", "2", *data]

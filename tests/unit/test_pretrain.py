@@ -9,7 +9,11 @@ import torch
 from talora.data.coco import CocoDataset
 from talora.data.synthetic import write_demo_dataset
 from talora.loading import load_backbone
-from talora.train.config import TrainConfig
+from talora.storage import StorageOptions
+from talora.train.config import TrainConfig, load_run_spec
+from talora.train.loop import drop_gradients
+from talora.train.modes import PretrainMode
+from talora.train.optim import backward_and_step, build_optimizer, grad_scaler
 from talora.train.pretrain import (
     BACKGROUND,
     ImageMemo,
@@ -23,10 +27,14 @@ from talora.train.pretrain import (
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory):
+def demo_files(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
-    written = write_demo_dataset(str(out), num_train=4, num_val=1, seed=5)
-    return CocoDataset.load(written["train"])
+    return write_demo_dataset(str(out), num_train=4, num_val=1, seed=5)
+
+
+@pytest.fixture(scope="module")
+def demo(demo_files):
+    return CocoDataset.load(demo_files["train"])
 
 
 @pytest.fixture(scope="module")
@@ -120,3 +128,32 @@ def test_validation_scores_a_perfect_head_and_reports_every_metric(demo, memo):
     n_instances = sum(len(e.masks) for e in entries)
     assert sums["val_point_miou"][1] == sums["val_box_miou"][1] == n_instances
     assert 0 <= sums["val_head_category"][0] <= sums["val_head_category"][1] > 0
+
+
+@pytest.mark.parametrize("sam_type, num_skips", [("sam2_tiny", 2), ("vit_tiny", 0)])
+def test_high_res_skips_of_a_random_base_start_at_zero_and_move_only_after_the_hold(demo_files, sam_type, num_skips):
+    """SAM 2's conv_s0 / conv_s1 are zero and get no update for `high_res_hold_steps`, then train like
+    the rest; SAM 1 has no such skips, so the setting changes nothing there."""
+    spec = load_run_spec(f"""
+model: {{sam: {{sam_type: {sam_type}}}}}
+train: {{mode: pretrain, train_annotations: {demo_files["train"]}, high_res_hold_steps: 1, lr: 0.01, warmup_steps: 0}}
+""")
+    torch.manual_seed(0)
+    mode = PretrainMode(spec, StorageOptions(), 0, 1, torch.device("cpu"))
+    skips = [p for skip in mode.backbone.high_res_skips() for p in skip.parameters()]
+    assert len(mode.backbone.high_res_skips()) == num_skips
+    assert all(p.abs().sum() == 0 for p in skips)
+    assert mode.held_parameters(0) == skips and mode.held_parameters(1) == []
+
+    optimizer = build_optimizer(mode.module.parameters(), spec.train, 1)
+    scaler = grad_scaler(spec.train, torch.device("cpu"))
+    trunk = mode.backbone.model.image_encoder.trunk.blocks[0] if num_skips else mode.backbone.model.image_encoder.blocks[0]
+    for step in range(2):
+        before = [p.detach().clone() for p in skips], trunk.attn.qkv.weight.detach().clone()
+        held = mode.held_parameters(step)
+        loss = mode.loss(mode.module, mode.batch(step, np.random.default_rng(step)))["loss"]
+        backward_and_step(loss, scaler, optimizer, mode.module.parameters(), 1.0,
+                          before_step=(lambda: drop_gradients(held)) if held else None)
+        assert not torch.equal(trunk.attn.qkv.weight, before[1])  # everything else trains at every step
+        moved = [not torch.equal(p, b) for p, b in zip(skips, before[0])]
+        assert not any(moved) if step == 0 else all(moved)
