@@ -31,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--storage-path", help="checkpoints and metrics: local path or URI")
     p.add_argument("--name", help="run name; the same name + storage path resumes")
     p.add_argument("--max-steps", type=int)
+    p.add_argument("--lr", type=float, help="peak learning rate for the global batch (train.lr)")
     p.add_argument("--val-every", type=int)
     p.add_argument("--max-failures", type=int)
     p.add_argument("--embeddings", help="embedding cache run URI (from jobs/embed_images.py)")
@@ -46,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def overrides_from_args(args: argparse.Namespace) -> dict:
     train_flags = ("mode", "num_workers", "cpus_per_worker", "use_gpu", "amp", "amp_dtype", "storage_path", "name",
-                   "max_steps", "val_every", "max_failures", "embeddings", "train_annotations", "val_annotations", "task")
+                   "max_steps", "lr", "val_every", "max_failures", "embeddings", "train_annotations", "val_annotations", "task")
     overrides: dict = {"train": {k: getattr(args, k) for k in train_flags if getattr(args, k) is not None}}
     if args.adapter_type:
         overrides.setdefault("model", {})["hypernet"] = {"adapter_type": args.adapter_type}

@@ -141,9 +141,11 @@ def test_training_flags_override_one_field_and_keep_the_rest_of_the_config():
     # section would show here.
     text = "model:\n  sam:\n    sam_type: sam2_tiny\n    checkpoint: base.safetensors\n  hypernet:\n    hidden_dim: 64\n" \
            "train:\n  train_annotations: a.json\n"
-    args = job.build_parser().parse_args(["--config", "c.yaml", "--sam-type", "vit_b", "--adapter-type", "tucker"])
+    args = job.build_parser().parse_args(["--config", "c.yaml", "--sam-type", "vit_b", "--adapter-type", "tucker",
+                                          "--lr", "1e-4"])
     spec = load_run_spec(text, job.overrides_from_args(args))
     assert spec.model.sam.sam_type == "vit_b" and spec.model.sam.checkpoint == "base.safetensors"
+    assert spec.train.lr == 1e-4 and spec.train.train_annotations == "a.json"
     assert spec.model.hypernet.adapter_type == "tucker" and spec.model.hypernet.hidden_dim == 64
     args = job.build_parser().parse_args(["--config", "c.yaml", "--sam-checkpoint", "other.safetensors"])
     spec = load_run_spec(text, job.overrides_from_args(args))
