@@ -235,10 +235,12 @@ class Backbone(base.Backbone):
         modules, with the high-resolution maps unpacked from the embedding (tested equal to
         MaskDecoder.forward row by row)."""
         decoder, d = self.model.sam_mask_decoder, self.decoder_dim
-        if rows is not None:
-            image_embeddings = image_embeddings[rows]  # (n, 4d, h, h): the row's image and prompt
         embedding, s8, s4 = image_embeddings.split([d, d, 2 * d], dim=1)
-        feat_s1, feat_s0 = F.pixel_shuffle(s8, 2), F.pixel_shuffle(s4, 4)  # (P, d/4, 2h, 2h), (P, d/8, 4h, 4h)
+        feat_s1, feat_s0 = F.pixel_shuffle(s8, 2), F.pixel_shuffle(s4, 4)  # (·, d/4, 2h, 2h), (·, d/8, 4h, 4h)
+        if rows is not None:
+            # Only the embedding goes per row into the transformer; the high-resolution maps stay one
+            # per image until the upscaling adds them (a row's copy of all four would be 4x as large).
+            embedding = embedding[rows]  # (n, d, h, h)
         src = embedding + dense  # (P, d, h, h)
         P, C, h, w = src.shape
         s = 1 if decoder.pred_obj_scores else 0  # the object-score token comes first
@@ -252,8 +254,9 @@ class Backbone(base.Backbone):
         mask_tokens_out = hs[:, s + 1 : s + 1 + decoder.num_mask_tokens, :]  # (P, M, d)
 
         dc1, ln1, act1, dc2, act2 = decoder.output_upscaling
-        upscaled = act1(ln1(dc1(src.transpose(1, 2).reshape(P, C, h, w)) + feat_s1))
-        upscaled = act2(dc2(upscaled) + feat_s0)  # (P, d/8, 4h, 4w)
+        per_row = (lambda feat: feat[rows]) if rows is not None else (lambda feat: feat)
+        upscaled = act1(ln1(dc1(src.transpose(1, 2).reshape(P, C, h, w)) + per_row(feat_s1)))
+        upscaled = act2(dc2(upscaled) + per_row(feat_s0))  # (P, d/8, 4h, 4w)
         hyper_in = torch.stack(
             [mlp(mask_tokens_out[:, i, :]) for i, mlp in enumerate(decoder.output_hypernetworks_mlps)], dim=1
         )  # (P, M, d/8)

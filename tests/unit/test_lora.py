@@ -227,9 +227,11 @@ def test_lora_linear_without_adapter_is_the_base_linear():
 
 def test_decoder_rows_index_embeddings_and_a_grouped_adapter_equals_the_per_row_copies(preset_model, make_adapter):
     # The instance pass: many point rows of a few (embedding, adapter) pairs, without copying either per row.
+    # Three images, so a row reading another image's high-resolution maps (SAM 2) would show.
     preset_model.eval()
     adapter = make_adapter(preset_model.targets, rows=3)
-    embeddings = preset_model.embed_tail(preset_model.embed_trunk(_image()).expand(3, -1, -1, -1), adapter)
+    trunk = torch.cat([preset_model.embed_trunk(_image(seed)) for seed in range(3)])
+    embeddings = preset_model.embed_tail(trunk, adapter)
     rows = torch.tensor([0, 0, 1, 2, 2, 2])
     coords, labels = _points(len(rows))
     got = preset_model.decode(embeddings, adapter, coords, labels, rows=rows)
