@@ -47,7 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def overrides_from_args(args: argparse.Namespace) -> dict:
     train_flags = ("mode", "num_workers", "cpus_per_worker", "use_gpu", "amp", "amp_dtype", "storage_path", "name",
-                   "max_steps", "lr", "val_every", "max_failures", "embeddings", "train_annotations", "val_annotations", "task")
+                   "max_steps", "lr", "val_every", "max_failures", "embeddings", "train_annotations", "val_annotations",
+                   "task")
     overrides: dict = {"train": {k: getattr(args, k) for k in train_flags if getattr(args, k) is not None}}
     if args.adapter_type:
         overrides.setdefault("model", {})["hypernet"] = {"adapter_type": args.adapter_type}

@@ -22,7 +22,8 @@ and the image embedding carries the decoder's high-resolution maps the same way 
 lossless (the same numbers, only moved) and costs nothing in memory; `decode_rows` unpacks.
 
 Shapes: B images, P rows, S input side, g = S/32, h = S/16, d = the decoder width, C4 = the last
-stage's channels; trunk (B, g, g, C4 + 16d) = [C4 | s16 4d | s8 4d | s4 8d], embedding (P, 4d, h, h) = [embedding d | s8 d | s4 2d].
+stage's channels; trunk (B, g, g, C4 + 16d) = [C4 | s16 4d | s8 4d | s4 8d], embedding (P, 4d, h, h) =
+[embedding d | s8 d | s4 2d].
 """
 
 from __future__ import annotations
@@ -254,6 +255,7 @@ class Backbone(base.Backbone):
         mask_tokens_out = hs[:, s + 1 : s + 1 + decoder.num_mask_tokens, :]  # (P, M, d)
 
         dc1, ln1, act1, dc2, act2 = decoder.output_upscaling
+        # Indexed at each use, so one high-resolution map at a time exists per row.
         per_row = (lambda feat: feat[rows]) if rows is not None else (lambda feat: feat)
         upscaled = act1(ln1(dc1(src.transpose(1, 2).reshape(P, C, h, w)) + per_row(feat_s1)))
         upscaled = act2(dc2(upscaled) + per_row(feat_s0))  # (P, d/8, 4h, 4w)
