@@ -9,7 +9,7 @@ OFFLINE    := HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 RAY_USAGE_STATS_ENABLED=0
 PYTEST_ARGS ?=
 DEMO_PROMPT ?= segment vehicles
 
-.PHONY: setup test test-unit test-integration demo bench bench-scale bench-other demo-models demo-compare clean
+.PHONY: setup test test-unit test-integration demo bench bench-scale bench-other demo-models demo-compare gpu-carry gpu-check clean
 
 setup: $(VENV)/.installed
 
@@ -120,6 +120,21 @@ demo-compare: setup
 		--train-annotations $(MODELS_DATA)/train/instances.json --val-annotations $(MODELS_DATA)/val/instances.json \
 		$(foreach t,$(STATIC_TASKS),--static-run $(MODELS_RUNS)/static-$(subst +,_,$(subst :,_,$(t)))) \
 		--out $(MODELS_RUNS)/report-compare
+
+# The GPU check (docs/gpu-check.md). `make gpu-carry` here (PyPI, after setup) builds .gpu-carry/, the
+# wheels a bare device lacks; `make gpu-check` there installs them and runs every GPU section (no venv:
+# the device's own python3 and CUDA torch); `make gpu-check DRY=1` is the same script on this CPU.
+GPU_OUT ?= $(if $(OUT),$(OUT),runs/gpu-check)
+gpu-carry: setup
+	$(OFFLINE) $(PY) jobs/gpu_check.py carry --out .gpu-carry
+
+ifdef DRY
+gpu-check: setup
+	$(OFFLINE) $(PY) jobs/gpu_check.py run --dry-run --out $(GPU_OUT)
+else
+gpu-check:
+	$(OFFLINE) python3 jobs/gpu_check.py run --out $(GPU_OUT)
+endif
 
 clean:
 	rm -rf runs .pytest_cache

@@ -158,6 +158,12 @@ class Backbone:
         then `predict(point_coords=, point_labels=, multimask_output=)`): the speed suite's reference."""
         raise NotImplementedError
 
+    def fast_reference_predictor(self):
+        """(predictor, None) with the family's fastest published predictor for this variant (random
+        weights, its own precision and compilation; the same `set_image` / `predict` calls), or
+        (None, why there is none here): the speed suite's `reference_fast`."""
+        return None, f"the {self.variant.family} family has no fast reference predictor"
+
     # Where a family's adaptable Linears live, as module-path regexes (group 1: the block or layer
     # index, or the path kept as the module type; group 2: the path inside the block or layer).
     ENCODER_BLOCK: re.Pattern

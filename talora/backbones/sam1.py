@@ -16,7 +16,7 @@ from functools import partial
 
 import numpy as np
 import torch
-from segment_anything import sam_model_registry
+from segment_anything import SamPredictor, sam_model_registry
 from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 from segment_anything.utils.transforms import ResizeLongestSide
 from torch.nn import functional as F
@@ -124,6 +124,15 @@ class _FrameTransform(ResizeLongestSide):
     @staticmethod
     def get_preprocess_shape(oldh: int, oldw: int, long_side_length: int) -> tuple[int, int]:
         return longest_side_shape(oldh, oldw, long_side_length)
+
+
+class _ReferencePredictor(SamPredictor):
+    """SamPredictor, whose `predict` also works under bf16/fp16 autocast: segment_anything 1.0 turns
+    the decoder's scores and low-res logits to numpy as they come (numpy has no bfloat16)."""
+
+    def predict_torch(self, *args, **kwargs):
+        masks, iou_predictions, low_res_masks = super().predict_torch(*args, **kwargs)
+        return masks, iou_predictions.float(), low_res_masks.float()
 
 
 class Backbone(base.Backbone):
@@ -236,9 +245,21 @@ class Backbone(base.Backbone):
         return masks, iou_pred, iou_token_out
 
     def reference_predictor(self):
-        from segment_anything import SamPredictor
+        return _ReferencePredictor(self.model)  # LoRA layers with no adapter set run the base weights
 
-        return SamPredictor(self.model)  # LoRA layers with no adapter set run the base weights
+    def fast_reference_predictor(self):
+        """pytorch-labs' segment-anything-fast: its `sam_model_fast_registry` builds the variant in
+        bf16 with its Triton attention kernel and torch.compile; its `SamPredictor` is a drop-in one."""
+        try:
+            from segment_anything_fast import SamPredictor as FastPredictor
+            from segment_anything_fast import sam_model_fast_registry
+        except ImportError:
+            return None, ("pytorch-labs' segment-anything-fast is not importable: the PyPI project of that name is "
+                          "another model (FastSAM) and pytorch-labs' package is not on PyPI; carry a wheel built from "
+                          "its repository (make gpu-carry EXTRA_WHEELS=...)")
+        if self.variant.name not in sam_model_fast_registry:
+            return None, f"segment-anything-fast has no {self.variant.name}"
+        return FastPredictor(sam_model_fast_registry[self.variant.name]().to(self.device)), None
 
     # --- LoRA targets (found by base.Backbone.find_targets) ----------------------------------------
     ENCODER_BLOCK, DECODER_LAYER, DECODER_FINAL = _ENCODER_BLOCK, _DECODER_LAYER, _DECODER_FINAL

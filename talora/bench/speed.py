@@ -61,6 +61,7 @@ class SpeedConfig:
     tasks_per_image: int = 2
     min_run_time: float = 2.0  # seconds of timed runs per path (at least one run)
     job: bool = True  # run the labelling job end to end (needs Ray)
+    train_step: bool = True  # time the hypernet (and, on CPU presets, pretraining) train steps
     precision: str = "fp32"  # autocast of the model paths (PredictConfig.precision)
     storage: StorageOptions = field(default_factory=StorageOptions)
 
@@ -80,8 +81,9 @@ def median_seconds(fn, min_run_time: float) -> tuple[float, int]:
     return measurement.median, len(measurement.times)
 
 
-def run_speed(config: SpeedConfig) -> dict:
-    """Every speed measurement; returns {"machine", "config", "speed"} (results.json)."""
+def run_speed(config: SpeedConfig, model=None) -> dict:
+    """Every speed measurement; returns {"machine", "config", "speed"} (results.json). `model`: the
+    TaskAwareSam to time (default: built for the variant), so runs at several precisions share one."""
     from talora.loading import load_model, model_spec
     from talora.predictor import PredictConfig, TaskAwarePredictor
     from talora.variants import get_variant
@@ -93,7 +95,9 @@ def run_speed(config: SpeedConfig) -> dict:
     speed: dict = {}
     with tempfile.TemporaryDirectory(prefix="talora-bench-") as tmp:
         dataset, images = bench_images(config, tmp)  # a bad prefix fails here, before any model is built
-        model = load_model(model_spec(sam_type, untrained=sam_type != "vit_tiny")).to(device)
+        if model is None:
+            model = load_model(model_spec(sam_type, untrained=sam_type != "vit_tiny"))
+        model = model.to(device)
         predictor = TaskAwarePredictor(model, PredictConfig(points_per_side=config.points_per_side,
                                                             precision=config.precision))
         resized = [(predictor.resize(image), image.shape[:2]) for image in images]
@@ -110,11 +114,12 @@ def run_speed(config: SpeedConfig) -> dict:
         for k, entry in speed["prompts"].items():
             entry["vs_one"] = entry["s_per_image"] / speed["prompts"]["1"]["s_per_image"]
         speed["reference"] = sam_reference(model, images, resized, config)
+        speed["reference_fast"] = fast_reference(model, images, config, speed["reference"])
         speed["breakdown"] = breakdown(predictor, dataset, images, prompts, config)
         speed["eval"] = eval_backends(predictor, dataset, images, prompts, config) if dataset else {
             "absent": "--images has no annotations to score against"}
-        speed["train"] = train_speed(config, device)
-        if get_variant(sam_type).cpu_preset and dataset is not None:
+        speed["train"] = train_speed(config, device) if config.train_step else {"absent": "train_step off"}
+        if config.train_step and get_variant(sam_type).cpu_preset and dataset is not None:
             speed["train"]["pretrain_step_s"] = median_seconds(pretrain_step(dataset, sam_type, device),
                                                                config.min_run_time)[0]
         if config.job:
@@ -135,7 +140,8 @@ def targets(speed: dict) -> dict:
     train, job, evaluation = speed["train"], speed.get("job") or {}, speed["eval"]
     measured = {
         "job_vs_floor": (job.get("vs_floor"), 0.85),
-        "cache_vs_on_the_fly": (train["cached_steps_per_s"] / train["on_the_fly_steps_per_s"], 5.0),
+        "cache_vs_on_the_fly": (train["cached_steps_per_s"] / train["on_the_fly_steps_per_s"]
+                                if "cached_steps_per_s" in train else None, 5.0),
         "eval_vs_pycocotools": (evaluation["pycocotools_s"] / evaluation["faster_coco_eval_s"]
                                 if evaluation.get("faster_coco_eval_s") else None, 3.0),
     }
@@ -216,7 +222,7 @@ def breakdown(predictor, dataset, images: list[np.ndarray], prompts: list[str], 
 
     n = len(images)
     adapter = predictor.model.adapters(prompts)
-    with torch.no_grad():
+    with torch.no_grad(), predictor.autocast():  # as predict_rows runs the tail and the semantic row
         resized = [predictor.resize(image) for image in images]
         sizes = [(tuple(r.shape[:2]), tuple(image.shape[:2])) for r, image in zip(resized, images)]
         trunks = [predictor.trunk(r) for r in resized]
@@ -249,7 +255,7 @@ def breakdown(predictor, dataset, images: list[np.ndarray], prompts: list[str], 
         "writing": write,
     }
     out = {}
-    with torch.no_grad():
+    with torch.no_grad(), predictor.autocast():
         for name, fn in stages.items():
             out[f"{name}_s"] = per_image(fn, n, config)
     out["sum_s"] = sum(out.values())
@@ -276,6 +282,27 @@ def sam_reference(model, images: list[np.ndarray], resized, config: SpeedConfig)
     talora_s = per_image(lambda i: semantic.predict_resized(*resized[i], [PROMPTS[0]]), len(images), config)
     return {"sam_predictor_s_per_image": sam_s, "talora_semantic_s_per_image": talora_s,
             "vs_sam_predictor": sam_s / talora_s}
+
+
+def fast_reference(model, images: list[np.ndarray], config: SpeedConfig, reference: dict) -> dict:
+    """Seconds per image of the family's fast predictor (`Backbone.fast_reference_predictor`: for SAM
+    1, segment-anything-fast, which runs in bf16) with the same calls as `sam_reference`, beside
+    talora's one-prompt semantic path at this run's precision; {"absent": why} where there is none."""
+    if config.precision != "bf16":
+        return {"absent": "the fast reference runs in bf16; see this suite's bf16 run"}
+    fast, why_not = model.backbone.fast_reference_predictor()
+    if fast is None:
+        return {"absent": why_not}
+
+    def fast_image(i: int) -> None:
+        h, w = images[i].shape[:2]
+        with torch.no_grad():
+            fast.set_image(images[i])
+            fast.predict(point_coords=np.array([[w / 2, h / 2]]), point_labels=np.array([1]), multimask_output=False)
+
+    fast_s = per_image(fast_image, len(images), config)
+    return {"fast_predictor_s_per_image": fast_s, "talora_semantic_s_per_image": reference["talora_semantic_s_per_image"],
+            "vs_fast_predictor": fast_s / reference["talora_semantic_s_per_image"]}
 
 
 def image_bytes(image: np.ndarray) -> bytes:
@@ -428,7 +455,7 @@ def describe(config: SpeedConfig) -> dict:
             "num_images": config.num_images, "timed_images": config.timed_images, "prompts": config.prompts,
             "points_per_side": config.points_per_side, "precision": config.precision,
             "batch_images": config.batch_images, "tasks_per_image": config.tasks_per_image,
-            "min_run_time": config.min_run_time, "job": config.job}
+            "min_run_time": config.min_run_time, "job": config.job, "train_step": config.train_step}
 
 
 def markdown(results: dict) -> str:

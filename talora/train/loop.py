@@ -12,6 +12,7 @@ batches an uninterrupted one would have.
 
 from __future__ import annotations
 
+import statistics
 import time
 
 import numpy as np
@@ -42,7 +43,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
     worker_nodes = gather_worker_nodes(world)
     fail_at = loop_config.get("fail_at_step", 0)  # test hook: fail once, right after that step's checkpoint
     started, samples, memo_full_said = time.perf_counter(), 0, False
+    step_seconds: list[float] = []  # this launch's steps, batch to optimiser step (validation excluded)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     for step in range(start_step, cfg.max_steps):
+        step_started = time.perf_counter()
         batch = mode.batch(step, np.random.default_rng([cfg.seed, rank, step]))
         with autocast(cfg, device):
             losses = mode.loss(trainable, batch)
@@ -55,6 +60,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         done = step + 1
         metrics = {"step": done, **{k: float(v.detach()) for k, v in losses.items()}, "lr": scheduler.get_last_lr()[0],
                    "start_step": start_step, "worker_nodes": worker_nodes}
+        step_seconds.append(time.perf_counter() - step_started)  # the float() of each loss above waited for the device
         if rank == 0 and (done % cfg.log_every == 0 or done == cfg.max_steps):
             elapsed = time.perf_counter() - started
             parts = " ".join(f"{k} {v:.3f}" for k, v in metrics.items() if k.startswith(("loss_", "iou_")))
@@ -70,7 +76,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             module.eval()
             val = mode.validate()
             module.train()
-            report = {**metrics, **val}
+            report = {**metrics, **val, **step_timing(step_seconds, device)}
             if rank == 0:
                 history[-1] = report
                 say(f"{mode.name}: validation " + " ".join(f"{k} {v:.4f}" for k, v in val.items()))
@@ -80,6 +86,15 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 ray.train.report(report)
             if fail_at and done == fail_at and start_step == 0 and rank == 0:
                 raise RuntimeError(f"injected failure after step {done} (TALORA_FAIL_AT_STEP)")
+
+
+def step_timing(step_seconds: list[float], device: torch.device) -> dict[str, float]:
+    """The median step of this launch (robust to the first steps' warm-up) and, on CUDA, the
+    worker's peak allocated GPU memory so far."""
+    timing = {"step_s_median": statistics.median(step_seconds)}
+    if device.type == "cuda":
+        timing["gpu_peak_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+    return timing
 
 
 def drop_gradients(parameters: list[torch.nn.Parameter]) -> None:

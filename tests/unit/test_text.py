@@ -47,3 +47,30 @@ def test_model_adapters_are_cached_by_prompt_only_at_inference(tiny_config, text
     assert not tiny_model._adapter_cache  # training invalidates it
     adapter = tiny_model.adapters(["segment vehicles"])
     assert adapter.weights[name][0].requires_grad  # and the graph reaches the hypernet
+
+
+def test_an_embedding_table_stands_in_for_the_model_with_the_same_embeddings(text_encoder, tmp_path, monkeypatch):
+    from talora.text import TABLE_ENV, TextEncoder, write_embedding_table
+
+    path = str(tmp_path / "table.safetensors")
+    assert write_embedding_table(["segment vehicles", "segment  red objects", "segment vehicles"], path,
+                                 text_encoder) == 2
+    monkeypatch.setenv(TABLE_ENV, path)
+    table = TextEncoder()
+    assert table.model is None and table.dim == 384
+    prompts = ["segment red objects", "segment vehicles"]
+    assert torch.equal(table.encode(prompts), text_encoder.encode(prompts))
+    with pytest.raises(ValueError, match=r"'segment fruit' is not in the text-embedding table .*table.safetensors"):
+        table.encode(["segment vehicles", "segment fruit"])
+
+
+def test_a_file_that_is_not_a_table_is_refused_naming_the_variable(tmp_path, monkeypatch):
+    from safetensors.torch import save_file
+
+    from talora.text import TABLE_ENV, TextEncoder
+
+    path = str(tmp_path / "other.safetensors")
+    save_file({"weights": torch.zeros(2)}, path)
+    monkeypatch.setenv(TABLE_ENV, path)
+    with pytest.raises(ValueError, match=f"{TABLE_ENV}=.*other.safetensors is not a text-embedding table"):
+        TextEncoder()
