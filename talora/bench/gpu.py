@@ -27,6 +27,7 @@ import argparse
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -98,7 +99,7 @@ def check_prompts() -> list[str]:
     return sorted({p for t in tasks for p in t.prompts()} | set(PROMPTS))
 
 
-# --- the sections (each runs in its own process: `python -m talora.bench.gpu SECTION ...`) ---------------
+# --- the sections (each runs in its own process: `python -m talora.bench.gpu --name SECTION ...`) -------
 
 
 def speed_section(plan: Plan, sam_type: str, with_job: bool) -> dict:
@@ -187,7 +188,7 @@ def tests_section(plan: Plan) -> dict:
 # --- the driver ---------------------------------------------------------------------------------------
 
 
-def section_command(plan_name: str, name: str, plan: Plan, json_path: Path) -> list[str] | None:
+def section_command(plan_name: str, name: str, plan: Plan, json_path: Path) -> list[str]:
     base = [sys.executable, "-m", "talora.bench.gpu", "--plan", plan_name, "--json", str(json_path)]
     if name == "tests":
         return [*base, "--name", "tests"]
@@ -195,6 +196,19 @@ def section_command(plan_name: str, name: str, plan: Plan, json_path: Path) -> l
         return [*base, "--name", "train"]
     index = int(name.split("-")[1])
     return [*base, "--name", "speed", "--sam-type", plan.variants[index], *(["--job"] if index == 0 else [])]
+
+
+def run_section(command: list[str], log, limit: float) -> str:
+    """Runs a section in a process group of its own, so that a section past its limit is stopped
+    with everything it started (pytest, Ray's processes) and holds no GPU memory for the next."""
+    process = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        code = process.wait(timeout=limit)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+        return f"timed out after {limit:.0f} s"
+    return "ok" if code == 0 else f"failed (exit {code})"
 
 
 def section_key(name: str, plan: Plan) -> str:
@@ -223,12 +237,10 @@ def run_check(out: str, dry_run: bool = False, prepared: dict | None = None, log
         log(f"gpu-check: {key} (at most {limit:.0f} s)")
         t0 = time.perf_counter()
         with open(out_dir / f"{key}.log", "w") as section_log:
-            try:
-                done = subprocess.run(section_command("dry" if dry_run else "gpu", name, plan, json_path), cwd=REPO,
-                                      stdout=section_log, stderr=subprocess.STDOUT, timeout=limit)
-                status = "ok" if done.returncode == 0 and json_path.is_file() else f"failed (exit {done.returncode})"
-            except subprocess.TimeoutExpired:
-                status = f"timed out after {limit:.0f} s"
+            status = run_section(section_command("dry" if dry_run else "gpu", name, plan, json_path), section_log,
+                                 limit)
+            if status == "ok" and not json_path.is_file():
+                status = "failed (no results written)"
         sections[key] = {"status": status, "seconds": round(time.perf_counter() - t0, 1), "log": f"{key}.log"}
         if json_path.is_file():
             gpu[key] = json.loads(json_path.read_text())

@@ -160,3 +160,32 @@ def test_the_gpu_plan_trains_a_random_vit_h_with_the_t4_preset_model_and_fits_it
     command = section_command("gpu", "speed-0", GPU, tmp_path / "x.json")
     assert command[command.index("--sam-type") + 1] == "vit_h" and "--job" in command
     assert "--job" not in section_command("gpu", "speed-1", GPU, tmp_path / "x.json")
+
+
+def test_a_section_past_its_limit_is_stopped_with_the_processes_it_started(tmp_path):
+    import os
+    import time
+
+    from talora.bench.gpu import run_section
+
+    pid_file = tmp_path / "child.pid"
+    script = ("import subprocess, sys, time; "
+              "c = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)']); "
+              f"open({str(pid_file)!r}, 'w').write(str(c.pid)); time.sleep(600)")
+    with open(tmp_path / "log", "w") as log:
+        # the section records its child's pid before the limit: the limit is long enough on a busy machine
+        status = run_section([sys.executable, "-c", script], log, limit=10)
+    assert status == "timed out after 10 s"
+    child = int(pid_file.read_text())
+    for _ in range(100):  # SIGKILL is delivered asynchronously: wait on the process's state, not a clock
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            break
+        if open(f"/proc/{child}/stat").read().split()[2] == "Z":
+            break  # killed, not yet reaped by its (killed) parent's reaper
+        time.sleep(0.05)
+    else:
+        raise AssertionError(f"the section's child {child} outlived it")
+    with open(tmp_path / "log", "w") as log:
+        assert run_section([sys.executable, "-c", "raise SystemExit(3)"], log, limit=20) == "failed (exit 3)"
