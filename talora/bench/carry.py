@@ -105,7 +105,8 @@ def carry_closure(roots=ROOTS, python: str = TARGET_PYTHON, device_image=DEVICE_
         for text in installed[name].requires or []:
             dependency = Requirement(text)
             extras = [""] + sorted(requirement.extras)
-            if dependency.marker is None or any(dependency.marker.evaluate({**environment, "extra": e}) for e in extras):
+            if dependency.marker is None or any(dependency.marker.evaluate({**environment, "extra": e})
+                                                for e in extras):
                 stack.append(dependency)
     return dict(sorted(carried.items()))
 
@@ -179,7 +180,8 @@ def build_carry(out: Path, prompts: list[str], python: str = TARGET_PYTHON, plat
         wheel = fetch_wheel(name, version, wheels, python, platform)
         if name == "ray":
             before, after = strip_wheel(wheel, RAY_UNUSED)
-            log(f"gpu-carry: {wheel.name}: {before / 1e6:.1f} MB -> {after / 1e6:.1f} MB without {', '.join(RAY_UNUSED)}")
+            log(f"gpu-carry: {wheel.name}: {before / 1e6:.1f} MB -> {after / 1e6:.1f} MB "
+                f"without {', '.join(RAY_UNUSED)}")
         files[wheel.name] = wheel.stat().st_size
     count = write_embedding_table(prompts, str(out / TEXT_TABLE))
     manifest = {"python": python, "platform": platform, "wheels": files, "text_table": TEXT_TABLE,
@@ -260,7 +262,8 @@ def activate(carry: Path, site: Path, environ: dict = os.environ) -> dict:
         for path in reversed(paths):
             if path not in sys.path:
                 sys.path.insert(0, path)
-        environ["PYTHONPATH"] = os.pathsep.join(paths + [p for p in environ.get("PYTHONPATH", "").split(os.pathsep) if p])
+        inherited = [p for p in environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+        environ["PYTHONPATH"] = os.pathsep.join(paths + inherited)
         still = missing_modules()
         if still:
             raise ModuleNotFoundError(f"after installing {carry} into {site}, {', '.join(still)} still cannot be "

@@ -180,7 +180,8 @@ def tests_section(plan: Plan) -> dict:
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
     print(done.stdout + done.stderr, flush=True)  # into the section's log
     last = ([line for line in done.stdout.strip().splitlines() if line.strip()] or [""])[-1].strip("= ")
-    counts = {word.rstrip("s"): int(n) for n, word in re.findall(r"(\d+) (passed|failed|errors?|tests?|deselected)", last)}
+    found = re.findall(r"(\d+) (passed|failed|errors?|tests?|deselected)", last)
+    counts = {word.rstrip("s"): int(n) for n, word in found}
     return {"returncode": done.returncode, "summary": last, "collected_only": plan.device != "cuda",
             **{k: counts.get(k, 0) for k in ("passed", "failed", "error", "test")}}
 
@@ -357,7 +358,8 @@ def summary(results: dict) -> str:
                     f"vs SAM predictor {speed['reference']['vs_sam_predictor']:.2f}x")
             job = speed.get("job")
             if job:
-                line += (f"; job {job['images']} img in {job['wall_s']:.1f} s, first commit {job['first_commit_s']:.1f} s, "
+                line += (f"; job {job['images']} img in {job['wall_s']:.1f} s, "
+                         f"first commit {job['first_commit_s']:.1f} s, "
                          f"steady {_fmt(job['images_per_s'])} img/s, vs floor {_fmt(job['vs_floor'])}")
             lines.append(line)
     train = gpu.get("train") or {}
