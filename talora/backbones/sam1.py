@@ -255,8 +255,8 @@ class Backbone(base.Backbone):
             from segment_anything_fast import sam_model_fast_registry
         except ImportError:
             return None, ("pytorch-labs' segment-anything-fast is not importable: the PyPI project of that name is "
-                          "another model (FastSAM) and pytorch-labs' package is not on PyPI; carry a wheel built from "
-                          "its repository (make gpu-carry EXTRA_WHEELS=...)")
+                          "another model (FastSAM) and pytorch-labs' package is not on PyPI; add a wheel built from "
+                          "its repository to .gpu-carry/wheels/ and to manifest.json's wheels")
         if self.variant.name not in sam_model_fast_registry:
             return None, f"segment-anything-fast has no {self.variant.name}"
         return FastPredictor(sam_model_fast_registry[self.variant.name]().to(self.device)), None

@@ -189,7 +189,8 @@ def tests_section(plan: Plan) -> dict:
 # --- the driver ---------------------------------------------------------------------------------------
 
 
-def section_command(plan_name: str, name: str, plan: Plan, json_path: Path) -> list[str]:
+def section_command(name: str, plan: Plan, json_path: Path) -> list[str]:
+    plan_name = "dry" if plan is DRY else "gpu"
     base = [sys.executable, "-m", "talora.bench.gpu", "--plan", plan_name, "--json", str(json_path)]
     if name == "tests":
         return [*base, "--name", "tests"]
@@ -238,8 +239,7 @@ def run_check(out: str, dry_run: bool = False, prepared: dict | None = None, log
         log(f"gpu-check: {key} (at most {limit:.0f} s)")
         t0 = time.perf_counter()
         with open(out_dir / f"{key}.log", "w") as section_log:
-            status = run_section(section_command("dry" if dry_run else "gpu", name, plan, json_path), section_log,
-                                 limit)
+            status = run_section(section_command(name, plan, json_path), section_log, limit)
             if status == "ok" and not json_path.is_file():
                 status = "failed (no results written)"
         sections[key] = {"status": status, "seconds": round(time.perf_counter() - t0, 1), "log": f"{key}.log"}

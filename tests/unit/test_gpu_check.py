@@ -157,9 +157,10 @@ def test_the_gpu_plan_trains_a_random_vit_h_with_the_t4_preset_model_and_fits_it
     keys = [section_key(name, GPU) for name in SECTIONS]
     assert keys == ["tests", "speed-vit_h", "train", "speed-sam2.1_hiera_l"]
     assert sum(GPU.limits[k] for k in keys) <= GPU.deadline_s <= 480 - 20  # the install comes before
-    command = section_command("gpu", "speed-0", GPU, tmp_path / "x.json")
+    command = section_command("speed-0", GPU, tmp_path / "x.json")
     assert command[command.index("--sam-type") + 1] == "vit_h" and "--job" in command
-    assert "--job" not in section_command("gpu", "speed-1", GPU, tmp_path / "x.json")
+    assert "--job" not in section_command("speed-1", GPU, tmp_path / "x.json")
+    assert command[command.index("--plan") + 1] == "gpu"
 
 
 def test_a_section_past_its_limit_is_stopped_with_the_processes_it_started(tmp_path):
