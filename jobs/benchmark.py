@@ -1,7 +1,7 @@
 """Benchmarks: quality against the alternatives a user would pick, speed against the compute floor.
 
     python jobs/benchmark.py --suite speed [--images URI] [--num-images N] [--prompts K] \\
-        [--device cpu|cuda] [--sam-type vit_tiny|vit_h] [--config PRESET] --out DIR
+        [--device cpu|cuda] [--sam-type VARIANT] [--config PRESET] --out DIR
     python jobs/benchmark.py --suite quality --train-annotations URI --val-annotations URI \\
         [--sam-checkpoint URI] [--hypernet URI | --hypernet-steps S] \\
         [--oracle-tasks N | --oracle-task ID ...] [--oracle-steps S] [--val-images N] [--ablations] --out DIR
@@ -26,9 +26,9 @@ import sys
 import torch
 
 from talora.bench import quality, scale, speed
-from talora.jobs_common import add_storage_flags, run_main, storage_from_args
-from talora.storage import join, read_bytes
-from talora.variants import SAM_TYPES
+from talora.cli.common import add_storage_flags, run_main, storage_from_args
+from talora.io.storage import join, read_bytes
+from talora.backbones.variants import DEFAULT_VARIANT, SAM_TYPES
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts", type=int, default=None, help="K prompts of the floor and naive paths (default 2)")
     p.add_argument("--points-per-side", type=int, default=None, help="instance grid (default 16, as the job's)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--sam-type", default="vit_tiny", choices=SAM_TYPES)
+    p.add_argument("--sam-type", default=DEFAULT_VARIANT, choices=SAM_TYPES)
     p.add_argument("--config", help="a training preset. speed: its model (random weights) and batch for the train "
                    "step; quality: how oracles and hypernets are trained (default configs/demo_cpu.yaml)")
     p.add_argument("--batch-images", type=int, default=None, help="train step: images (default 8, or the preset's)")

@@ -14,9 +14,9 @@ import argparse
 import json
 import sys
 
-from talora.variants import SAM_TYPES
-from talora.embed import EmbedConfig, run_embed_job
-from talora.jobs_common import add_layout_flags, add_storage_flags, init_ray, layout_from_args, run_main, storage_from_args
+from talora.backbones.variants import DEFAULT_VARIANT, SAM_TYPES
+from talora.train.embed import EmbedConfig, run_embed_job
+from talora.cli.common import add_layout_flags, add_storage_flags, init_ray, layout_from_args, run_main, storage_from_args
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", default=None, help="image prefix; sub-folders are shards")
     p.add_argument("--annotations", default=None, help="COCO instances JSON; images from --image-root or beside it")
     p.add_argument("--image-root", default=None)
-    p.add_argument("--sam-type", choices=SAM_TYPES, default="vit_tiny")
+    p.add_argument("--sam-type", choices=SAM_TYPES, default=DEFAULT_VARIANT)
     p.add_argument("--sam-checkpoint", default=None, help="local path or any fsspec URI")
     p.add_argument("--tail-blocks", type=int, default=None, help="k adapted blocks (default per variant; 0 = decoder-only)")
     p.add_argument("--shard-size", type=int, default=1000)

@@ -12,7 +12,7 @@ import argparse
 import json
 import sys
 
-from talora.jobs_common import add_storage_flags, run_main, storage_from_args
+from talora.cli.common import add_storage_flags, run_main, storage_from_args
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     storage = storage_from_args(args)
 
     def job() -> int:
-        from talora.evaluate import EvalConfig, evaluate, parse_task_map
+        from talora.eval.evaluate import EvalConfig, evaluate, parse_task_map
 
         task_map = parse_task_map(args.task_map)
         report = evaluate(EvalConfig(args.predictions, args.annotations, args.output, args.image_root, task_map,

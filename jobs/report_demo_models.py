@@ -17,8 +17,8 @@ import json
 import sys
 
 from talora.bench.demo_models import DemoReportConfig, demo_models_report, markdown
-from talora.jobs_common import add_storage_flags, run_main, storage_from_args
-from talora.storage import join, write_bytes
+from talora.cli.common import add_storage_flags, run_main, storage_from_args
+from talora.io.storage import join, write_bytes
 
 
 def build_parser() -> argparse.ArgumentParser:

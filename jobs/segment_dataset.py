@@ -15,8 +15,8 @@ import argparse
 import json
 import sys
 
-from talora.variants import SAM_TYPES
-from talora.jobs_common import add_layout_flags, add_storage_flags, init_ray, layout_from_args, run_main, storage_from_args
+from talora.backbones.variants import DEFAULT_VARIANT, SAM_TYPES
+from talora.cli.common import add_layout_flags, add_storage_flags, init_ray, layout_from_args, run_main, storage_from_args
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,10 +29,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", default=None, help="image prefix: sub-folders are shards (default: the demo bucket)")
     p.add_argument("--output", default="runs/labels", help="prediction prefix (local path or URI)")
     p.add_argument("--annotations", default=None, help="optional COCO JSON: use its image ids")
-    p.add_argument("--sam-type", choices=SAM_TYPES, default="vit_tiny")
+    p.add_argument("--sam-type", choices=SAM_TYPES, default=DEFAULT_VARIANT)
     p.add_argument("--sam-checkpoint", default=None, help="the base SAM (default: the one the hypernet file names)")
     p.add_argument("--hypernet", default=None,
-                   help="trained hypernet file (local path or URI); default for vit_tiny: the shipped demo hypernet")
+                   help=f"trained hypernet file (local path or URI); default for {DEFAULT_VARIANT}: the shipped demo hypernet")
     p.add_argument("--adapter", default=None, help="a static adapter file instead of a hypernet")
     p.add_argument("--untrained", action="store_true",
                    help="no trained weights: a random base and the untrained hypernet (Delta W = 0), for smoke runs")
@@ -70,9 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace):
-    from talora.label import LabelConfig, parse_prompt_thresholds, read_prompts_file
-    from talora.loading import model_spec
-    from talora.predictor import PredictConfig
+    from talora.label.job import LabelConfig, parse_prompt_thresholds, read_prompts_file
+    from talora.model.loading import model_spec
+    from talora.predict.predictor import PredictConfig
 
     prompts, thresholds = list(args.prompt), ()
     if args.prompts_file:
@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     storage = storage_from_args(args)
 
     def job() -> int:
-        from talora.label import demo_bucket, run_label_job
+        from talora.label.job import demo_bucket, run_label_job
 
         if args.images is None:  # the embedded default: the demo bucket
             args.images, demo_annotations = demo_bucket()

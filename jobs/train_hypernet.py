@@ -14,8 +14,8 @@ import argparse
 import json
 import sys
 
-from talora.jobs_common import add_storage_flags, init_ray, run_main, storage_from_args
-from talora.variants import SAM_TYPES
+from talora.cli.common import add_storage_flags, init_ray, run_main, storage_from_args
+from talora.backbones.variants import SAM_TYPES
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def job() -> int:
         from talora.data.synthetic import ensure_demo_dataset
-        from talora.storage import read_bytes
+        from talora.io.storage import read_bytes
         from talora.train.config import load_run_spec
         from talora.train.trainer import run_training
 

@@ -6,11 +6,14 @@ Data flows one way: text -> hypernet -> adapter -> SAM (encoder tail + mask deco
 import importlib.util as _util
 import sys as _sys
 
+from talora.backbones.variants import FAMILIES
+
 __version__ = "0.1.0"
 
 # A python without talora's dependencies (a Ray head started outside the venv runs every job's
 # `python` from its own PATH) gets one sentence saying where to run from, not a deep traceback.
-_missing = [m for m in ("torch", "ray", "fsspec", "pyarrow", "segment_anything") if _util.find_spec(m) is None]
+_needed = ("torch", "ray", "fsspec", "pyarrow", *(m for f in FAMILIES.values() for m in f.modules))
+_missing = [m for m in _needed if _util.find_spec(m) is None]
 if _missing:
     raise ModuleNotFoundError(
         f"talora needs {', '.join(_missing)}, which this python ({_sys.executable}) does not have: run it from "

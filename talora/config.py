@@ -16,12 +16,12 @@ from typing import Any, TypeVar
 
 import yaml
 
-from talora.variants import SAM_TYPES, get_variant
+from talora.backbones.variants import DEFAULT_VARIANT, SAM_TYPES, get_variant
 
 
 @dataclass(frozen=True)
 class SamConfig:
-    sam_type: str = "vit_tiny"  # a variant of talora.variants (vit_tiny | vit_b | vit_l | vit_h)
+    sam_type: str = DEFAULT_VARIANT  # a variant of talora.backbones.variants
     checkpoint: str | None = None  # local path or any fsspec URI; None = random init
 
     def __post_init__(self) -> None:
@@ -42,7 +42,7 @@ class LoraConfig:
     # Adapt the encoder tail: decoder-only LoRA was measured to fail, because the frozen image
     # embedding does not carry what tasks name (docs/design.md).
     image_encoder: bool = True
-    tail_blocks: int | None = None  # k; None = the variant's default (talora.variants)
+    tail_blocks: int | None = None  # k; None = the variant's default (talora.backbones.variants)
     mask_decoder: bool = True  # decoder transformer attention + MLP blocks
     output_mlps: bool = False  # decoder output_hypernetworks_mlps
     iou_head: bool = False  # decoder iou_prediction_head
@@ -103,7 +103,7 @@ class ModelConfig:
         return self.lora.tail_blocks or get_variant(self.sam.sam_type).tail_blocks
 
 
-def default_config(sam_type: str = "vit_tiny", **sam_kwargs: Any) -> ModelConfig:
+def default_config(sam_type: str = DEFAULT_VARIANT, **sam_kwargs: Any) -> ModelConfig:
     """The recommended config per variant: a small hypernet for CPU presets, the 4x8x512 one otherwise."""
     small = get_variant(sam_type).cpu_preset
     hypernet = HyperNetConfig(hidden_dim=128, num_layers=2, num_heads=4) if small else HyperNetConfig()

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from talora.config import default_config
-from talora.storage import StorageOptions
+from talora.io.storage import StorageOptions
 
 # Fake credentials only: moto accepts any, and nothing here may reach a real account.
 os.environ["AWS_ACCESS_KEY_ID"] = "testing"
@@ -56,7 +56,7 @@ def s3(moto_server):
 
 @pytest.fixture(scope="session")
 def text_encoder():
-    from talora.text import TextEncoder
+    from talora.core.text import TextEncoder
 
     return TextEncoder()
 
@@ -69,7 +69,7 @@ def tiny_config():
 @pytest.fixture
 def tiny_model(tiny_config):
     """An untrained vit_tiny TaskAwareSam in float64 (equivalence tests cannot flake)."""
-    from talora.loading import build_task_aware_sam
+    from talora.model.loading import build_task_aware_sam
 
     torch.manual_seed(0)
     return as_float64(build_task_aware_sam(tiny_config))
@@ -94,7 +94,7 @@ def float64():
 def make_adapter():
     """make_adapter(targets, rows=None, zero_b=False, seed=0): a random adapter over `targets`
     (shared when rows is None), float64, with B non-zero unless zero_b."""
-    from talora.lora import Adapter
+    from talora.core.lora import Adapter
 
     def make(targets, rows=None, zero_b=False, seed=0, rank=4, scale=2.0):
         g = torch.Generator().manual_seed(seed)

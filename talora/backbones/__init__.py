@@ -1,4 +1,4 @@
-"""Building the registered SAM variants (talora.variants): one module per family, behind `Backbone`.
+"""Building the registered SAM variants (talora.backbones.variants): one module per family, behind `Backbone`.
 
 A family module is imported the first time one of its variants is built, so importing this
 package costs nothing.
@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
-from talora.variants import VARIANTS, get_variant
+from talora.backbones.variants import VARIANTS, get_variant
 
 if TYPE_CHECKING:
     import torch

@@ -14,7 +14,7 @@ names are module paths inside it) and answers, for that family:
 A family module (``talora/backbones/<family>.py``) defines its `Backbone` subclass and two
 functions the registry calls: ``build_model(variant_name)`` (random init) and ``detect_variant(state_dict)``
 (which of its variants a checkpoint holds, or None). Its CPU-side resize, used without building a
-model or importing torch, is its entry in ``talora.frames.RESIZERS``.
+model or importing torch, is the frame geometry its `Family` entry names (``talora.backbones.frames.FRAMES``).
 
 Shapes: B = images, P = rows, S = the square input side, h x w = the embedding grid, L = the
 low-res mask side (4h), C = trunk channels, C' = decoder channels, M = masks per row.
@@ -31,10 +31,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-if TYPE_CHECKING:
-    from talora.variants import Variant
+from talora.backbones.variants import Variant
+from talora.core.lora import LoraLinear, LoraTarget
+
+if TYPE_CHECKING:  # annotations only: the config module reads this package's registry
     from talora.config import LoraConfig
-    from talora.lora import LoraTarget
 
 
 class Backbone:
@@ -158,6 +159,13 @@ class Backbone:
         then `predict(point_coords=, point_labels=, multimask_output=)`): the speed suite's reference."""
         raise NotImplementedError
 
+    def automatic_mask_generator(self, **options):
+        """The family's own automatic mask generator on this base with LoRA inactive (`generate(image)`
+        -> a list of {segmentation, bbox, area, predicted_iou, ...}). `options` are the keyword
+        arguments the families share: points_per_side, points_per_batch, pred_iou_thresh,
+        stability_score_thresh, stability_score_offset, box_nms_thresh, output_mode."""
+        raise NotImplementedError
+
     def fast_reference_predictor(self):
         """(predictor, None) with the family's fastest published predictor for this variant (random
         weights, its own precision and compilation; the same `set_image` / `predict` calls), or
@@ -189,8 +197,6 @@ class Backbone:
         """Every Linear that `lora` adapts (the last `tail_blocks` encoder blocks and the decoder), in
         module order, each with its (depth, module type) identity for the hypernet: tail blocks
         first, then the decoder's layers, its final attention, then its heads."""
-        from talora.lora import LoraLinear, LoraTarget
-
         first = self.first_tail_block(tail_blocks)
         num_layers = self.num_decoder_layers()
         heads_depth = tail_blocks + num_layers + 1  # after the decoder's final attention

@@ -16,14 +16,14 @@ from functools import partial
 
 import numpy as np
 import torch
-from segment_anything import SamPredictor, sam_model_registry
+from segment_anything import SamAutomaticMaskGenerator, SamPredictor, sam_model_registry
 from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 from segment_anything.utils.transforms import ResizeLongestSide
 from torch.nn import functional as F
 
 from talora.backbones import base
 from talora.backbones.sam1_fused import fuse_attention
-from talora.frames import longest_side_shape, resize_longest_side
+from talora.backbones.frames import longest_side_shape, resize_longest_side
 
 # (patch-embedding width, encoder depth) -> variant: enough to tell the variants apart from a state dict.
 _ENCODER_SHAPES = {"vit_h": (1280, 32), "vit_l": (1024, 24), "vit_b": (768, 12), "vit_tiny": (128, 4)}
@@ -246,6 +246,9 @@ class Backbone(base.Backbone):
 
     def reference_predictor(self):
         return _ReferencePredictor(self.model)  # LoRA layers with no adapter set run the base weights
+
+    def automatic_mask_generator(self, **options):
+        return SamAutomaticMaskGenerator(self.model, **options)
 
     def fast_reference_predictor(self):
         """pytorch-labs' segment-anything-fast: its `sam_model_fast_registry` builds the variant in

@@ -33,10 +33,13 @@ import re
 import numpy as np
 import torch
 import torch.nn.functional as F
+from sam2.automatic_mask_generator import SAM2AutomaticMaskGenerator
+from sam2.build_sam import build_sam2
+from sam2.sam2_image_predictor import SAM2ImagePredictor
 from torch import nn
 
 from talora.backbones import base
-from talora.frames import resize_square
+from talora.backbones.frames import resize_square
 
 # The package's configs per variant; sam2_tiny is the hiera_t config made small (CPU tests, demo).
 CONFIGS = {
@@ -89,7 +92,6 @@ class Sam2Image(nn.Module):
 
 def build_sam2_base(name: str):
     """The package's whole `SAM2Base` of variant `name` (random weights), from its builder and config."""
-    from sam2.build_sam import build_sam2
 
     overrides = TINY_OVERRIDES if name == "sam2_tiny" else []
     return build_sam2(CONFIGS[name], ckpt_path=None, device="cpu", mode="eval", hydra_overrides_extra=overrides)
@@ -270,19 +272,30 @@ class Backbone(base.Backbone):
         decoder = self.model.sam_mask_decoder
         return [decoder.conv_s0, decoder.conv_s1] if decoder.use_high_res_features else []
 
-    def reference_predictor(self):
-        """`SAM2ImagePredictor` on a whole `SAM2Base` of this variant holding this base's image-path
-        weights (the predictor needs the package's own model; its video modules stay unused)."""
-        from sam2.sam2_image_predictor import SAM2ImagePredictor
-
+    def package_model(self):
+        """A whole `SAM2Base` of this variant holding this base's image-path weights: the package's
+        predictor and mask generator need its own model (its video modules stay unused)."""
         model = build_sam2_base(self.variant.name)
         missing, unexpected = model.load_state_dict(self.base_state_dict(), strict=False)
         if unexpected or any(k.startswith(IMAGE_PATH) for k in missing):
             raise ValueError(f"{self.variant.name}: the base does not fit SAM2Base ({unexpected or missing})")
-        predictor = SAM2ImagePredictor(model.to(self.device))
-        side = self.image_size  # the predictor assumes 1024-px feature sizes; sam2_tiny runs at 256
+        return model.to(self.device)
+
+    def fit_feature_sizes(self, predictor: SAM2ImagePredictor) -> SAM2ImagePredictor:
+        """The predictor assumes 1024-px feature sizes; the CPU preset runs at 256."""
+        side = self.image_size
         predictor._bb_feat_sizes = [(side // 4, side // 4), (side // 8, side // 8), (side // 16, side // 16)]
         return predictor
+
+    def reference_predictor(self):
+        """`SAM2ImagePredictor` on the package's own model with this base's weights."""
+        return self.fit_feature_sizes(SAM2ImagePredictor(self.package_model()))
+
+    def automatic_mask_generator(self, **options):
+        """`SAM2AutomaticMaskGenerator` on the package's own model with this base's weights."""
+        generator = SAM2AutomaticMaskGenerator(self.package_model(), **options)
+        self.fit_feature_sizes(generator.predictor)
+        return generator
 
     # --- LoRA targets (found by base.Backbone.find_targets) ----------------------------------------
     ENCODER_BLOCK, DECODER_LAYER, DECODER_FINAL = _ENCODER_BLOCK, _DECODER_LAYER, _DECODER_FINAL

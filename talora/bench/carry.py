@@ -7,10 +7,10 @@ scipy, opencv, pytest ...: `DEVICE_IMAGE`). What talora needs beyond it is compu
 the dependency closure of `ROOTS` over this environment's installed metadata, minus the image's
 packages and torch's own family. Each is fetched for the device's Python and platform at this
 environment's version, as a wheel from PyPI, or built here when PyPI has only an sdist (pure
-Python: sam2 without its CUDA extension, iopath, antlr4). Ray's 79 MB wheel is repacked without
+Python: a SAM family without its compiled extension, iopath, antlr4). Ray's 79 MB wheel is repacked without
 `ray/jars` (Java workers), `ray/rllib`, `ray/serve` and `ray/llm` (44 MB). The MiniLM package
 (84 MB, its model inside) does not fit: a table of its embeddings for every prompt the check
-uses travels instead (talora.text, TALORA_TEXT_EMBEDDINGS).
+uses travels instead (talora.core.text, TALORA_TEXT_EMBEDDINGS).
 
     make gpu-carry      # here: builds .gpu-carry/ (git-ignored) and prints its size and the tree's
     make gpu-check      # there: installs .gpu-carry/wheels into .gpu-site/ (PYTHONPATH), then the check
@@ -22,6 +22,7 @@ be imported (the package checks them on import), so jobs/gpu_check.py loads this
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
 import re
@@ -38,10 +39,25 @@ MANIFEST = "manifest.json"
 TEXT_TABLE = "text_embeddings.safetensors"
 TRAVEL_LIMIT = 64 * 2**20  # what travels with the working tree, in all
 
+
+
+def _load_families() -> dict:
+    """talora.backbones.variants' FAMILIES, loaded from its file (standard library only) like this one."""
+    spec = importlib.util.spec_from_file_location("talora_variants", REPO / "talora" / "backbones" / "variants.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve the module's annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module.FAMILIES
+
+
+FAMILIES = _load_families()
 # What the check imports beyond the device image (extras as talora's pyproject names them).
-ROOTS = ("ray[data,train]", "segment-anything", "sam2", "pycocotools")
+ROOTS = ("ray[data,train]", *(r for f in FAMILIES.values() for r in f.requirements), "pycocotools")
 # Modules whose absence means the carry must be installed.
-NEEDED_MODULES = ("ray", "ray.data", "ray.train.torch", "segment_anything", "sam2", "pycocotools", "hydra")
+NEEDED_MODULES = ("ray", "ray.data", "ray.train.torch", *(m for f in FAMILIES.values() for m in f.modules),
+                  "pycocotools")
+# The environment for building a wheel from its sdist (a family may switch off a compiled extension).
+BUILD_ENV = {k: v for f in FAMILIES.values() for k, v in f.build_env}
 TARGET_PYTHON = "3.12"
 TARGET_PLATFORM = "manylinux2014_x86_64"
 # Dropped from Ray's wheel: nothing talora runs imports them.
@@ -141,9 +157,9 @@ def fetch_wheel(name: str, version: str, out: Path, python: str, platform: str) 
     built = False
     done = _pip("download", "--no-deps", "--only-binary=:all:", "--python-version", python, "--platform", platform,
                 "--implementation", "cp", "-d", str(out), f"{name}=={version}")
-    if done.returncode != 0:  # no wheel for that interpreter on PyPI: build one (sam2: without its CUDA extension)
+    if done.returncode != 0:  # no wheel for that interpreter on PyPI: build one (pure Python, see BUILD_ENV)
         done = _pip("wheel", "--no-deps", "--no-build-isolation", "-w", str(out), f"{name}=={version}",
-                    env={"SAM2_BUILD_CUDA": "0"})
+                    env=BUILD_ENV)
         built = True
         if done.returncode != 0:
             raise RuntimeError(f"no wheel of {name}=={version} for Python {python}: {done.stderr.strip()[-800:]}")
@@ -168,7 +184,7 @@ def build_carry(out: Path, prompts: list[str], python: str = TARGET_PYTHON, plat
                 log=print) -> dict:
     """`out`/wheels/*.whl for the device, `out`/text_embeddings.safetensors (`prompts`), and
     `out`/manifest.json; refuses a carry that would not travel. Returns the manifest."""
-    from talora.text import write_embedding_table
+    from talora.core.text import write_embedding_table
 
     out = Path(out)
     if out.exists():

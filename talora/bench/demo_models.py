@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from talora.markdown import fmt, table
-from talora.storage import StorageOptions
+from talora.io.storage import StorageOptions
 
 
 @dataclass(frozen=True)
@@ -35,15 +35,15 @@ class DemoReportConfig:
 
 def score_static_run(run: str, dataset, image_ids, storage: StorageOptions | None):
     """(task id, IoU) of a finished static run's latest checkpoint on its task, as validated in training."""
-    from talora.loading import build_task_aware_sam
-    from talora.static import StaticLora
-    from talora.storage import join, read_bytes
-    from talora.tasks import TaskSet
+    from talora.model.loading import build_task_aware_sam
+    from talora.adapters.static import StaticLora
+    from talora.io.storage import join, read_bytes
+    from talora.data.tasks import TaskSet
     from talora.train.checkpoint import run_checkpoint
     from talora.train.config import load_run_spec
     from talora.train.step import TrainStep
     from talora.train.validate import per_task, score_tasks, validation_rows
-    from talora.weights import read_weights
+    from talora.io.weights import read_weights
 
     checkpoint = run_checkpoint(run, "latest", storage)
     spec = load_run_spec(read_bytes(join(checkpoint, "config.yaml"), storage).decode())
@@ -57,12 +57,12 @@ def score_static_run(run: str, dataset, image_ids, storage: StorageOptions | Non
 
 def demo_models_report(config: DemoReportConfig) -> dict:
     from talora.data.coco import CocoDataset
-    from talora.loading import load_task_aware_sam
-    from talora.metrics import mean, reference_scores
-    from talora.probe import probe_base
-    from talora.static import StaticLora
-    from talora.tasks import TaskSet
-    from talora.text import TextEncoder
+    from talora.model.loading import load_task_aware_sam
+    from talora.eval.metrics import mean, reference_scores
+    from talora.eval.probe import probe_base
+    from talora.adapters.static import StaticLora
+    from talora.data.tasks import TaskSet
+    from talora.core.text import TextEncoder
     from talora.train.pretrain import ImageMemo, PretrainStep, validate_pretrain
     from talora.train.step import TrainStep
     from talora.train.validate import per_task, score_tasks, validation_rows

@@ -35,6 +35,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from talora.backbones.variants import FAMILIES, cpu_preset, largest
+
 REPO = Path(__file__).resolve().parents[2]
 TRAIN_PRECISIONS = ("fp32", "bf16", "fp16")
 AMP = {"fp32": {"amp": False}, "bf16": {"amp": True, "amp_dtype": "bfloat16"},
@@ -58,19 +60,23 @@ class Plan:
     resume_steps: int
     cpus_per_worker: float
     # seconds each section may take at most (a section also gets no more than what the deadline leaves)
-    limits: dict[str, float] = field(default_factory=dict)
+    limits: dict[str, float] = field(default_factory=dict)  # by SECTIONS name
     deadline_s: float = 480.0
 
 
 # The device's 8 minutes: each section's limit, and a deadline for them all (the install comes before).
-GPU = Plan("cuda", ("vit_h", "sam2.1_hiera_l"), ("bf16", "fp32"), job_images=200, timed_images=4, min_run_time=0.5,
-           points_per_side=16, train_variant="vit_h", train_preset="configs/t4_vit_h.yaml", train_steps=30,
+# The GPU plan runs each family's largest variant, the dry run each family's CPU preset; the first
+# family's also runs the labelling job and the training runs (its preset names the same variant).
+_LARGEST = tuple(largest(family) for family in FAMILIES)
+_PRESETS = tuple(cpu_preset(family) for family in FAMILIES)
+GPU = Plan("cuda", _LARGEST, ("bf16", "fp32"), job_images=200, timed_images=4, min_run_time=0.5,
+           points_per_side=16, train_variant=_LARGEST[0], train_preset="configs/t4_vit_h.yaml", train_steps=30,
            resume_steps=10, cpus_per_worker=4.0,
-           limits={"tests": 70, "speed-vit_h": 170, "train": 150, "speed-sam2.1_hiera_l": 70}, deadline_s=460.0)
-DRY = Plan("cpu", ("vit_tiny", "sam2_tiny"), ("bf16", "fp32"), job_images=8, timed_images=2, min_run_time=0.01,
-           points_per_side=4, train_variant="vit_tiny", train_preset="configs/demo_cpu.yaml", train_steps=3,
+           limits={"tests": 70, "speed-0": 170, "train": 150, "speed-1": 70}, deadline_s=460.0)
+DRY = Plan("cpu", _PRESETS, ("bf16", "fp32"), job_images=8, timed_images=2, min_run_time=0.01,
+           points_per_side=4, train_variant=_PRESETS[0], train_preset="configs/demo_cpu.yaml", train_steps=3,
            resume_steps=2, cpus_per_worker=1.0,
-           limits={"tests": 300, "speed-vit_tiny": 600, "train": 600, "speed-sam2_tiny": 600}, deadline_s=3600.0)
+           limits={"tests": 300, "speed-0": 600, "train": 600, "speed-1": 600}, deadline_s=3600.0)
 # (the dry run's limits only stop a hang: it must finish on a busy 2-core CI machine; its time is reported)
 SECTIONS = ("tests", "speed-0", "train", "speed-1")  # speed-i: plan.variants[i]
 
@@ -86,7 +92,7 @@ def check_prompts() -> list[str]:
     from talora.bench.speed import PROMPTS
     from talora.data.coco import CocoDataset
     from talora.data.synthetic import CATEGORIES, PALETTES
-    from talora.tasks import TaskSet
+    from talora.data.tasks import TaskSet
 
     colours = sorted({c for palette in PALETTES.values() for c in palette})
     box = [0, 0, 4, 0, 4, 4, 0, 4]
@@ -105,7 +111,7 @@ def check_prompts() -> list[str]:
 def speed_section(plan: Plan, sam_type: str, with_job: bool) -> dict:
     """The speed suite at each of the plan's precisions on one model; {"machine", precision: speed}."""
     from talora.bench import speed
-    from talora.loading import load_model, model_spec
+    from talora.model.loading import load_model, model_spec
 
     model = load_model(model_spec(sam_type))  # the shipped demo models where a variant has them, else random weights
     out: dict = {}
@@ -124,7 +130,7 @@ def speed_section(plan: Plan, sam_type: str, with_job: bool) -> dict:
 def train_spec(plan: Plan, precision: str, data: dict, runs: str, steps: int):
     """The plan's training preset with a check's train section: a hypernet on a random base (the
     GPU plan; the dry run keeps the demo preset's shipped base), a few steps, one worker."""
-    from talora.storage import read_bytes
+    from talora.io.storage import read_bytes
     from talora.train.config import load_run_spec
 
     train = {"mode": "hypernet", "train_annotations": data["train"], "val_annotations": data["val"],
@@ -140,7 +146,7 @@ def train_spec(plan: Plan, precision: str, data: dict, runs: str, steps: int):
 def train_section(plan: Plan) -> dict:
     """Ray Train hypernet runs at each AMP precision, then a relaunch that resumes the bf16 run."""
     from talora.data.synthetic import write_demo_dataset
-    from talora.jobs_common import init_ray
+    from talora.cli.common import init_ray
     from talora.train.trainer import run_training
 
     tmp = tempfile.mkdtemp(prefix="talora-gpu-train-")
@@ -231,7 +237,7 @@ def run_check(out: str, dry_run: bool = False, prepared: dict | None = None, log
     for name in SECTIONS:
         key = section_key(name, plan)
         left = plan.deadline_s - (time.perf_counter() - started)
-        limit = min(plan.limits.get(key, 120.0), left - 5)
+        limit = min(plan.limits.get(name, 120.0), left - 5)
         if limit < 20:
             sections[key] = {"status": "skipped", "why": f"{left:.0f} s left of the {plan.deadline_s:.0f} s deadline"}
             continue
@@ -276,7 +282,7 @@ def targets(gpu: dict, plan: Plan) -> dict:
     rate = job.get("images_per_s")
     measured = {
         # (value, bound, "min" | "max", why a value is None)
-        "one_prompt_vs_segment_anything_fast": (fast.get("vs_fast_predictor"), 1.0, "min",
+        "one_prompt_vs_fast_reference": (fast.get("vs_fast_predictor"), 1.0, "min",
                                                 fast.get("absent", "the speed section did not finish")),
         "k8_vs_k1": (_get(speed, "prompts", "8", "vs_one"), 2.0, "max", "the speed section did not finish"),
         "job_vs_floor": (job.get("vs_floor"), 0.85, "min", "no steady-state rate (see the job's numbers)"),

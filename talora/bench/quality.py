@@ -4,7 +4,7 @@ instead, on the same frozen SAM, the same validation images and the same tasks.
 Methods, each scored per group (seen prompt, held-out paraphrase, held-out composition) by task
 mIoU (its semantic masks) and mask AP / AP50 (its instances; COCOeval with the tasks as categories):
 
-- amg: no adapter at all: segment_anything's `SamAutomaticMaskGenerator` on the same base (the
+- amg: no adapter at all: the family's own automatic mask generator on the same base (the
   same grid and filters as the instance pass), every mask labelled with every task and scored by
   its predicted IoU; its semantic mask is the union of its masks;
 - no_adapter: the task-aware model with Delta W = 0 (one prompt-free answer for every task);
@@ -37,9 +37,10 @@ import numpy as np
 import torch
 from pycocotools import mask as mask_utils
 
-from talora.bench.report import machine, png_bytes, verdicts, write_files
-from talora.storage import StorageOptions
-from talora.tasks import GROUPS
+from talora.bench.report import machine, verdicts, write_files
+from talora.io.images import figure_png
+from talora.io.storage import StorageOptions
+from talora.data.tasks import GROUPS
 
 METHODS = ("amg", "no_adapter", "hypernet", "random_text", "gt_region", "gt_region_base")
 DEMO_MODELS_DATA = "data/demo-models"  # the shipped hypernet's training and validation data (make demo-models)
@@ -97,7 +98,7 @@ def demo_annotations(root: str = DEMO_MODELS_DATA) -> tuple[str, str]:
 def train_run(spec, name: str, workdir: str, storage: StorageOptions) -> str:
     """Trains `spec` under `workdir`/`name`-<digest of the spec> (Ray Train) and returns the run URI.
     A finished run of the same spec is reused: training is the expensive part of a rerun."""
-    from talora.storage import join, read_bytes
+    from talora.io.storage import join, read_bytes
     from talora.train.checkpoint import SUMMARY
     from talora.train.config import dump_run_spec
     from talora.train.trainer import run_training
@@ -133,7 +134,7 @@ def run_spec(config: QualityConfig, train: str, val: str, model=None, **train_fi
 def trained_hypernet(config: QualityConfig, train: str, val: str, steps: int, name: str = "hypernet", **model_fields):
     """The hypernet file of a hypernet run of `steps` steps (model overrides: {section: {field: value}})."""
     from talora.config import ModelConfig, from_dict, to_dict
-    from talora.storage import join
+    from talora.io.storage import join
     from talora.train.checkpoint import run_checkpoint
 
     spec = run_spec(config, train, val, max_steps=steps, mode="hypernet")
@@ -179,7 +180,7 @@ class MethodScores:
     """Task IoU and COCO results of one method, by group."""
 
     def __init__(self) -> None:
-        from talora.metrics import TaskIoU
+        from talora.eval.metrics import TaskIoU
 
         self.ious = TaskIoU()
         self.results: dict[str, list[dict]] = {g: [] for g in GROUPS}
@@ -193,8 +194,8 @@ class MethodScores:
 
     def summary(self, gt: dict, category_of: dict[str, int], rows, backend: str, semantic: bool = True) -> dict:
         """{group: {miou, ap, ap50, tasks}} for each group with rows; None for a group without."""
-        from talora.evaluate import coco_stats
-        from talora.metrics import mean
+        from talora.eval.evaluate import coco_stats
+        from talora.eval.metrics import mean
 
         per_key = self.ious.per_key()
         out = {}
@@ -214,7 +215,7 @@ def decode_rle(rle: dict) -> np.ndarray:
 
 
 def prepare(model, dataset, image_ids: list[int], tasks) -> list[Prepared]:
-    from talora.tasks import semantic_mask
+    from talora.data.tasks import semantic_mask
 
     prepared = []
     with torch.no_grad():
@@ -259,14 +260,12 @@ def score_shared(predictor, images: list[Prepared], rows, category_of, adapter) 
 
 
 def score_amg(model, predict_config, images: list[Prepared], rows, category_of) -> MethodScores:
-    """segment_anything's automatic mask generator on the frozen base (no adapter is set outside
+    """The family's own automatic mask generator on the frozen base (no adapter is set outside
     talora's adapter contexts), with the instance pass's grid and filters."""
-    from segment_anything import SamAutomaticMaskGenerator
+    from talora.predict.predictor import Detection, encode_mask
 
-    from talora.predictor import Detection, encode_mask
-
-    generator = SamAutomaticMaskGenerator(
-        model.sam, points_per_side=predict_config.points_per_side, points_per_batch=predict_config.points_per_batch,
+    generator = model.backbone.automatic_mask_generator(
+        points_per_side=predict_config.points_per_side, points_per_batch=predict_config.points_per_batch,
         pred_iou_thresh=predict_config.score_thresh, stability_score_thresh=predict_config.stability_thresh,
         stability_score_offset=predict_config.stability_offset, box_nms_thresh=predict_config.nms_thresh,
         output_mode="coco_rle")
@@ -307,12 +306,12 @@ def random_prompts(rows, seed: int) -> dict[str, str]:
 def run_quality(config: QualityConfig) -> dict:
     """Every quality measurement; returns {"machine", "config", "quality"} (results.json)."""
     from talora.data.coco import CocoDataset
-    from talora.loading import DEMO_HYPERNET, check_checkpoint, load_task_aware_sam
-    from talora.metrics import reference_scores
-    from talora.predictor import PredictConfig, TaskAwarePredictor
-    from talora.static import StaticLora
-    from talora.tasks import TaskSet, task_ground_truth
-    from talora.text import TextEncoder
+    from talora.model.loading import DEMO_HYPERNET, check_checkpoint, load_task_aware_sam
+    from talora.eval.metrics import reference_scores
+    from talora.predict.predictor import PredictConfig, TaskAwarePredictor
+    from talora.adapters.static import StaticLora
+    from talora.data.tasks import TaskSet, task_ground_truth
+    from talora.core.text import TextEncoder
     from talora.train.validate import per_task, validation_rows
 
     storage = config.storage
@@ -333,7 +332,7 @@ def run_quality(config: QualityConfig) -> dict:
     start = time.perf_counter()
     hypernet = config.hypernet
     if hypernet is None and (config.hypernet_steps or config.train_annotations):
-        from talora.jobs_common import init_ray
+        from talora.cli.common import init_ray
 
         spec = run_spec(config, train_uri, val_uri, max_steps=1)
         if spec.model.sam.checkpoint:  # a base of another variant than the preset's fails here, not in a worker
@@ -390,7 +389,7 @@ def run_quality(config: QualityConfig) -> dict:
     t0 = time.perf_counter()
     if oracle_ids:
         from talora.bench.demo_models import score_static_run
-        from talora.jobs_common import init_ray
+        from talora.cli.common import init_ray
 
         init_ray()
         oracle_model = dataclasses.replace(model.config, sam=dataclasses.replace(model.config.sam, checkpoint=base))
@@ -412,7 +411,7 @@ def run_quality(config: QualityConfig) -> dict:
                "hypernet_per_task": hyper_per_task, "seconds": timings}
     quality["targets"] = targets(quality)
     if config.ablations:
-        from talora.jobs_common import init_ray
+        from talora.cli.common import init_ray
 
         init_ray()
         quality["ablations"] = ablations(config, train_uri, val_uri, val, image_ids, tasks)
@@ -445,9 +444,9 @@ def ablations(config: QualityConfig, train_uri: str, val_uri: str, val, image_id
     encoder tail k = 1, 2; each with its task mIoU per group, the values its hypernet generates per
     adapter, and the seconds per prompt of the adapted part (tail + semantic decode) on one image."""
     from talora.bench.speed import median_seconds
-    from talora.loading import load_task_aware_sam
-    from talora.metrics import mean
-    from talora.text import TextEncoder
+    from talora.model.loading import load_task_aware_sam
+    from talora.eval.metrics import mean
+    from talora.core.text import TextEncoder
     from talora.train.step import TrainStep
     from talora.train.validate import per_task, score_tasks, validation_rows
 
@@ -539,7 +538,7 @@ def plot_methods(results: dict) -> bytes:
     ax.set_xticks(x, names, rotation=20, ha="right")
     ax.set(ylim=(0, 1), title="seen prompts, same base and images")
     ax.legend()
-    return png_bytes(fig)
+    return figure_png(fig)
 
 
 def write_results(results: dict, out: str, storage: StorageOptions | None = None) -> list[str]:

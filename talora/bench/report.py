@@ -7,7 +7,7 @@ import platform
 
 import torch
 
-from talora.storage import StorageOptions
+from talora.io.storage import StorageOptions
 
 
 def machine(device: torch.device) -> dict:
@@ -25,22 +25,9 @@ def verdicts(measured: dict[str, tuple[float | None, float]]) -> dict:
     return {k: {"value": v, "target": t, "met": None if v is None else v >= t} for k, (v, t) in measured.items()}
 
 
-def png_bytes(fig) -> bytes:
-    """A matplotlib figure as PNG bytes (the figure is closed)."""
-    import io
-
-    import matplotlib.pyplot as plt
-
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100)
-    plt.close(fig)
-    return buffer.getvalue()
-
-
 def write_files(files: dict[str, bytes], out: str, storage: StorageOptions | None = None) -> list[str]:
     """Each {name: bytes} under `out` (any URI); returns the written URIs."""
-    from talora.storage import join, write_bytes
+    from talora.io.storage import join, write_bytes
 
     for name, data in files.items():
         write_bytes(join(out, name), data, storage)

@@ -27,7 +27,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from talora.storage import StorageOptions
+from talora.io.storage import StorageOptions
 
 JOBS = Path(__file__).resolve().parents[2] / "jobs"  # the job scripts of a source checkout
 
@@ -56,7 +56,7 @@ def run_driver(argv: list[str], ray_address: str, log: str) -> dict:
     """Runs `jobs/segment_dataset.py ARGV` as its own process on the Ray at `ray_address`; returns
     its exit code, its run's _summary.json, peak RSS (MB), CPU seconds and wall seconds. The
     process's output goes to `log`."""
-    from talora.predictions import read_summary
+    from talora.batch.rows import read_summary
 
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env["RAY_ADDRESS"] = ray_address
@@ -75,7 +75,7 @@ def run_driver(argv: list[str], ray_address: str, log: str) -> dict:
 
 
 def label_argv(images: str, output: str, max_shards: int) -> list[str]:
-    """The labelling job on a bucket of empty files: untrained vit_tiny (every image is an error row)."""
+    """The labelling job on a bucket of empty files: the untrained default variant (every image is an error row)."""
     return ["--prompt", "segment vehicles", "--images", images, "--output", output, "--untrained",
             "--points-per-side", "4", "--batch-size", "8", "--max-shards", str(max_shards)]
 
@@ -94,8 +94,8 @@ def run_scale(config: ScaleConfig) -> dict:
     import torch
 
     from talora.bench.report import machine
-    from talora.jobs_common import init_ray
-    from talora.shards import list_images, plan_shards
+    from talora.cli.common import init_ray
+    from talora.batch.shards import list_images, plan_shards
 
     with tempfile.TemporaryDirectory(dir=config.workdir) as tmp:
         buckets = {"large": (config.shards, write_bucket(os.path.join(tmp, "large"), config.shards,

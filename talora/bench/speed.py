@@ -10,7 +10,7 @@ measured side by side in one run, on the same model and the same images.
 - naive: the loop a first implementation writes — per image and prompt, encode the text, generate
   the adapter, run the whole encoder, decode — and `speedup` = naive ÷ floor seconds;
 - prompts: K = 1, 2, 4, 8 on the floor path, seconds per image and the ratio to K = 1;
-- reference: the family's own predictor (segment_anything's `SamPredictor`, sam2's
+- reference: the family's own predictor (`Backbone.reference_predictor`: SAM's `SamPredictor`, SAM 2.1's
   `SAM2ImagePredictor`) on the same base (set_image, then one point, one mask) against talora's
   one-prompt semantic path (mode "semantic"), images/s ratio `vs_sam_predictor`: the GPU aim
   compares talora with SAM at the same precision;
@@ -22,7 +22,7 @@ measured side by side in one run, on the same model and the same images.
 - eval: COCOeval through pycocotools and faster-coco-eval on the same predictions, stats equal;
 - memory: the benchmark process's peak RSS (and peak GPU memory on CUDA).
 
-Models: the shipped demo models on vit_tiny; random weights of the real architecture otherwise
+Models: the shipped demo models on the default variant; random weights of the real architecture otherwise
 (official checkpoints cannot be fetched offline; speed does not depend on the values). Timing is
 `torch.utils.benchmark.Timer.blocked_autorange` (warm-up, CUDA synchronised, median of timed
 blocks). Numbers belong to the machine they were taken on: the results record it.
@@ -38,9 +38,11 @@ import numpy as np
 import torch
 from torch.utils.benchmark import Timer
 
-from talora.bench.report import machine, png_bytes, verdicts, write_files
+from talora.backbones.variants import DEFAULT_VARIANT
+from talora.bench.report import machine, verdicts, write_files
 from talora.config import ModelConfig
-from talora.storage import StorageOptions
+from talora.io.images import figure_png
+from talora.io.storage import StorageOptions
 
 # Prompts of the demo domain, the first K of which the floor labels (any text works: these have tasks).
 PROMPTS = ("segment vehicles", "segment red objects", "segment all circles", "segment fruit", "segment blue objects",
@@ -84,9 +86,9 @@ def median_seconds(fn, min_run_time: float) -> tuple[float, int]:
 def run_speed(config: SpeedConfig, model=None) -> dict:
     """Every speed measurement; returns {"machine", "config", "speed"} (results.json). `model`: the
     TaskAwareSam to time (default: built for the variant), so runs at several precisions share one."""
-    from talora.loading import load_model, model_spec
-    from talora.predictor import PredictConfig, TaskAwarePredictor
-    from talora.variants import get_variant
+    from talora.model.loading import load_model, model_spec
+    from talora.predict.predictor import PredictConfig, TaskAwarePredictor
+    from talora.backbones.variants import get_variant
 
     device = torch.device(config.device)
     sam_type = config.model.sam.sam_type
@@ -96,7 +98,7 @@ def run_speed(config: SpeedConfig, model=None) -> dict:
     with tempfile.TemporaryDirectory(prefix="talora-bench-") as tmp:
         dataset, images = bench_images(config, tmp)  # a bad prefix fails here, before any model is built
         if model is None:
-            model = load_model(model_spec(sam_type, untrained=sam_type != "vit_tiny"))
+            model = load_model(model_spec(sam_type, untrained=sam_type != DEFAULT_VARIANT))
         model = model.to(device)
         predictor = TaskAwarePredictor(model, PredictConfig(points_per_side=config.points_per_side,
                                                             precision=config.precision))
@@ -150,10 +152,11 @@ def targets(speed: dict) -> dict:
 
 def bench_images(config: SpeedConfig, tmp: str):
     """(the COCO dataset of the images, or None; the first `timed_images` decoded images)."""
-    from talora.data.coco import CocoDataset, decode_image
+    from talora.data.coco import CocoDataset
+    from talora.io.images import decode_image
     from talora.data.synthetic import write_demo_dataset
-    from talora.shards import plan_shards
-    from talora.storage import read_bytes
+    from talora.batch.shards import plan_shards
+    from talora.io.storage import read_bytes
 
     if config.images is None:  # in shard folders, as a bucket is laid out
         written = write_demo_dataset(tmp, num_train=0, num_val=config.num_images, seed=21,
@@ -181,10 +184,10 @@ def job_speed(config: SpeedConfig, tmp: str, prompts: list[str], floor) -> dict:
     import os
     import time
 
-    from talora.jobs_common import init_ray
-    from talora.label import LabelConfig, run_label_job
-    from talora.loading import model_spec
-    from talora.predictor import PredictConfig
+    from talora.cli.common import init_ray
+    from talora.label.job import LabelConfig, run_label_job
+    from talora.model.loading import model_spec
+    from talora.predict.predictor import PredictConfig
 
     sam_type = config.model.sam.sam_type
     generated = config.images is None
@@ -192,7 +195,7 @@ def job_speed(config: SpeedConfig, tmp: str, prompts: list[str], floor) -> dict:
     init_ray()
     ray_start = time.perf_counter() - started
     label = LabelConfig(prompts=tuple(prompts), images=os.path.join(tmp, "val", "images") if generated else config.images,
-                        output=os.path.join(tmp, "labels"), model=model_spec(sam_type, untrained=sam_type != "vit_tiny"),
+                        output=os.path.join(tmp, "labels"), model=model_spec(sam_type, untrained=sam_type != DEFAULT_VARIANT),
                         predict=PredictConfig(points_per_side=config.points_per_side, precision=config.precision),
                         annotations=os.path.join(tmp, "val", "instances.json") if generated else None,
                         max_images=None if generated else config.num_images, storage=config.storage)
@@ -216,9 +219,9 @@ def job_speed(config: SpeedConfig, tmp: str, prompts: list[str], floor) -> dict:
 
 def breakdown(predictor, dataset, images: list[np.ndarray], prompts: list[str], config: SpeedConfig) -> dict:
     """Seconds per image of each stage of `TaskAwarePredictor.predict_resized` (and around it)."""
-    from talora.data.coco import decode_image
-    from talora.predictions import PARQUET, SCHEMA, detection_rows
-    from talora.predictor import encode_mask
+    from talora.io.images import decode_image
+    from talora.batch.rows import PARQUET, SCHEMA, detection_rows
+    from talora.predict.predictor import encode_mask
 
     n = len(images)
     adapter = predictor.model.adapters(prompts)
@@ -267,7 +270,7 @@ def sam_reference(model, images: list[np.ndarray], resized, config: SpeedConfig)
     LoRA inactive): set_image, then one point at the image centre, one mask; beside talora's
     one-prompt semantic path on the same images and precision. vs_sam_predictor > 1: talora labels
     more images per second."""
-    from talora.predictor import PredictConfig, TaskAwarePredictor
+    from talora.predict.predictor import PredictConfig, TaskAwarePredictor
 
     semantic = TaskAwarePredictor(model, PredictConfig(mode="semantic", precision=config.precision))
     sam = model.backbone.reference_predictor()
@@ -326,8 +329,8 @@ def naive_image(predictor, resized: np.ndarray, size: tuple[int, int], prompts: 
 
 def eval_backends(predictor, dataset, images: list[np.ndarray], prompts: list[str], config: SpeedConfig) -> dict:
     """COCOeval seconds through each backend on the floor's own predictions, and whether the stats agree."""
-    from talora.evaluate import coco_stats
-    from talora.tasks import TaskSet, task_ground_truth
+    from talora.eval.evaluate import coco_stats
+    from talora.data.tasks import TaskSet, task_ground_truth
 
     tasks = TaskSet.from_dataset(dataset)
     mapped = {p: tasks.for_prompt(p) for p in prompts if tasks.for_prompt(p) is not None}
@@ -355,8 +358,8 @@ def train_speed(config: SpeedConfig, device: torch.device) -> dict:
     """Steps/s of one hypernet step from cached trunk features vs encoding its images on the fly."""
     from talora.data.coco import CocoDataset
     from talora.data.synthetic import write_demo_dataset
-    from talora.loading import build_task_aware_sam
-    from talora.tasks import TaskSet
+    from talora.model.loading import build_task_aware_sam
+    from talora.data.tasks import TaskSet
     from talora.train.batches import build_batch
     from talora.train.config import TrainConfig
     from talora.train.optim import autocast, backward_and_step, grad_scaler
@@ -414,7 +417,7 @@ def train_speed(config: SpeedConfig, device: torch.device) -> dict:
 
 def pretrain_step(dataset, sam_type: str, device: torch.device):
     """One step of the whole SAM: 8 images x 4 prompts (configs/demo_pretrain.yaml's batch)."""
-    from talora.loading import load_backbone
+    from talora.model.loading import load_backbone
     from talora.train.config import TrainConfig
     from talora.train.optim import backward_and_step
     from talora.train.pretrain import ImageMemo, PretrainStep, build_pretrain_batch, label_vocab
@@ -494,7 +497,7 @@ def plot_prompts(results: dict) -> bytes:
     ax.plot([int(k) for k in ks], [results["speed"]["prompts"][k]["s_per_image"] * 1e3 for k in ks], marker="o")
     ax.set(xlabel="prompts per image", ylabel="ms per image", title=f"floor, {results['config']['sam_type']}",
            xticks=[int(k) for k in ks])
-    return png_bytes(fig)
+    return figure_png(fig)
 
 
 def write_results(results: dict, out: str, storage: StorageOptions | None = None) -> list[str]:

@@ -9,16 +9,15 @@ annotation id, and the rest still loads; a file without the COCO top-level keys 
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 from dataclasses import dataclass, field
 
 import numpy as np
-from PIL import Image, ImageOps
 from pycocotools import mask as mask_utils
 
-from talora.storage import StorageOptions, join, read_bytes
+from talora.io.images import decode_image
+from talora.io.storage import StorageOptions, join, read_bytes
 
 log = logging.getLogger(__name__)
 
@@ -191,27 +190,3 @@ def _to_rle(segmentation, image: ImageRecord, ann_id, warn) -> dict | None:
         return {"size": [h, w], "counts": counts.encode() if isinstance(counts, str) else counts}
     warn(f"annotation {ann_id}: segmentation is neither polygons nor RLE; skipped")
     return None
-
-
-DEFAULT_MAX_PIXELS = 100_000_000
-
-
-def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """Encoded image bytes -> (H, W, 3) uint8 RGB: EXIF orientation applied, grey/RGBA/CMYK/16-bit
-    converted (16-bit scaled to 8-bit, not clipped); an animated image gives its first frame.
-    An image over `max_pixels` is refused from its header, before its pixels are decoded."""
-    if not data:
-        raise ValueError("empty file (0 bytes)")
-    image = Image.open(io.BytesIO(data))
-    width, height = image.size
-    if width * height > max_pixels:
-        raise ValueError(f"image of {width}x{height} = {width * height} pixels exceeds the limit of {max_pixels}")
-    image = ImageOps.exif_transpose(image)
-    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-        array = np.asarray(image, dtype=np.float64)
-        # 16-bit modes span 0..65535 whatever this image's own range (a dark image stays dark);
-        # 32-bit "I" carries no range, so values above 8 bits mean 16-bit data.
-        top = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
-        image = Image.fromarray((array / top * 255.0 + 0.5).astype(np.uint8))
-    return np.asarray(image.convert("RGB"))
-

@@ -15,7 +15,6 @@ is relative to ``{out}/{split}/images``).
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import os
@@ -26,7 +25,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 from pycocotools import mask as mask_utils
 
-from talora.storage import StorageOptions, filesystem, write_bytes
+from talora.io.images import encode_image
+from talora.io.storage import StorageOptions, filesystem, write_bytes
 
 CATEGORIES = [
     {"id": 1, "name": "car", "supercategory": "vehicle"},
@@ -188,12 +188,7 @@ def make_split(num_images: int, seed: int, config: SyntheticConfig = SyntheticCo
         image, objects = render_image(rng, config)
         ext = config.image_format
         file_name = f"{i:06d}.{ext}" if not shard_size else f"shard-{i // shard_size:05d}/{i:06d}.{ext}"
-        buffer = io.BytesIO()
-        if ext == "png":
-            Image.fromarray(image).save(buffer, format="PNG", compress_level=1)
-        else:
-            Image.fromarray(image).save(buffer, format="JPEG", quality=95)
-        files[file_name] = buffer.getvalue()
+        files[file_name] = encode_image(image, ext)
         image_id = i + 1
         images.append({"id": image_id, "file_name": file_name, "height": config.image_size, "width": config.image_size})
         for category, color_name, mask in objects:

@@ -1,1 +1,4 @@
-"""Training on Ray Train: config, losses, batches, the per-worker loop, and the trainer."""
+"""Training on Ray Train: config, losses, task sampling, batches, the per-worker loop, the SAM
+embedding cache job (`embed`), pretraining and the trainer.
+
+May import talora.model, adapters, batch, data, backbones, core, io and config; never label or eval."""

@@ -1,7 +1,7 @@
 """Training batches: (image, task) rows with their semantic, positive and negative samples.
 
 Shapes: B = images, R = (image, task) rows, Q = point rows, L = the low-res mask grid (4h = 64 for
-vit_tiny, 256 for 1024-px SAM), S = the model input size.
+the 256-px CPU presets, 256 for 1024-px SAM), S = the model input size.
 
 Every step's randomness comes from a generator seeded by (seed, rank, step), and its images from
 seeded epoch orders (`epoch_images`), so a resumed run draws the same batches as an uninterrupted
@@ -18,8 +18,8 @@ import torch
 
 from talora.backbones.base import Backbone
 from talora.data.coco import CocoDataset, ImageRecord
-from talora.data.sampling import sample_task
-from talora.tasks import Task
+from talora.train.sampling import sample_task
+from talora.data.tasks import Task
 
 
 @dataclass

@@ -16,8 +16,8 @@ import tempfile
 
 import torch
 
-from talora.storage import StorageOptions, join, read_bytes, write_bytes
-from talora.weights import read_weights, write_weights
+from talora.io.storage import StorageOptions, join, read_bytes, write_bytes
+from talora.io.weights import read_weights, write_weights
 
 CHECKPOINT_FILES = ("trainable.safetensors", "optimizer.pt", "state.json", "config.yaml")
 SUMMARY = "summary.json"

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 import yaml
 
+from talora.backbones.variants import DEFAULT_VARIANT
 from talora.config import ModelConfig, default_config, from_dict, to_dict
 
 MODES = ("hypernet", "static", "pretrain")
@@ -115,7 +116,7 @@ def load_run_spec(text: str, overrides: dict | None = None) -> RunSpec:
         raise ValueError(f"unknown config key(s): {unknown}; expected 'model' and 'train'")
     data = deep_merge(data, overrides or {})
     model_data = data.get("model") or {}
-    sam_type = (model_data.get("sam") or {}).get("sam_type", "vit_tiny")
+    sam_type = (model_data.get("sam") or {}).get("sam_type", DEFAULT_VARIANT)
     base = to_dict(default_config(sam_type))
     merged = {k: {**base[k], **(model_data.get(k) or {})} if isinstance(base[k], dict) else model_data.get(k, base[k])
               for k in base}

@@ -18,7 +18,7 @@ import time
 import numpy as np
 import torch
 
-from talora.storage import StorageOptions
+from talora.io.storage import StorageOptions
 from talora.train.checkpoint import resume, save_checkpoint, say
 from talora.train.optim import autocast, backward_and_step, build_optimizer, grad_scaler, lr_scheduler
 

@@ -20,7 +20,7 @@ import os
 import numpy as np
 import torch
 
-from talora.storage import StorageOptions
+from talora.io.storage import StorageOptions
 from talora.train.batches import build_batch, epoch_images
 from talora.train.memo import TrunkMemo
 
@@ -37,10 +37,10 @@ class TaskMode:
         import ray.train
 
         from talora.data.coco import CocoDataset
-        from talora.loading import build_task_aware_sam
-        from talora.static import StaticLora
-        from talora.tasks import TaskSet
-        from talora.text import TextEncoder
+        from talora.model.loading import build_task_aware_sam
+        from talora.adapters.static import StaticLora
+        from talora.data.tasks import TaskSet
+        from talora.core.text import TextEncoder
         from talora.train.step import TrainStep
         from talora.train.validate import validation_rows
 
@@ -117,11 +117,11 @@ class TaskMode:
         """A hypernet file (`--hypernet`) or a static adapter file (`--adapter`)."""
         spec = self.spec
         if spec.train.mode == "hypernet":
-            from talora.loading import save_hypernet
+            from talora.model.loading import save_hypernet
 
             save_hypernet(self.model, os.path.join(directory, "hypernet.safetensors"))
             return
-        from talora.adapter_file import AdapterHeader, save_adapter
+        from talora.model.files import AdapterHeader, save_adapter
 
         header = AdapterHeader(spec.model.sam.sam_type, spec.model.lora.rank, spec.model.lora.alpha,
                                spec.train.task or "all objects", "static",
@@ -136,13 +136,13 @@ class TaskMode:
 
 class PretrainMode:
     """The whole SAM and its per-cell heads; the artifact is the base SAM itself (`sam.safetensors`,
-    loadable by `talora.loading.load_backbone`)."""
+    loadable by `talora.model.loading.load_backbone`)."""
 
     name = "pretrain"
 
     def __init__(self, spec, storage: StorageOptions, rank: int, world: int, device: torch.device) -> None:
         from talora.data.coco import CocoDataset
-        from talora.loading import load_backbone
+        from talora.model.loading import load_backbone
         from talora.train.pretrain import ImageMemo, PretrainStep, label_vocab
 
         self.spec, self.cfg, self.device, self.rank = spec, spec.train, device, rank
@@ -196,7 +196,7 @@ class PretrainMode:
         return val
 
     def write_artifact(self, directory: str) -> None:
-        from talora.loading import save_backbone
+        from talora.model.loading import save_backbone
 
         save_backbone(self.backbone, os.path.join(directory, "sam.safetensors"))
 
@@ -209,7 +209,7 @@ MODES = {"hypernet": TaskMode, "static": TaskMode, "pretrain": PretrainMode}
 
 def task_lists(tasks, spec) -> tuple[list, list]:
     """(training tasks, validation tasks) of a mode: every non-held-out task (hypernet), or one (static)."""
-    from talora.tasks import Task
+    from talora.data.tasks import Task
 
     if spec.train.mode != "static":
         return [t for t in tasks if not t.heldout], list(tasks)

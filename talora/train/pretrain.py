@@ -1,4 +1,4 @@
-"""Pretraining the demo base: the whole `vit_tiny` SAM, promptable, with semantic trunk features.
+"""Pretraining the demo base: the whole default-variant SAM (`DEFAULT_VARIANT`), promptable, with semantic trunk features.
 
 Two objectives in one step (a base can only be adapted to what its trunk encodes; docs/design.md):
 - promptable segmentation, SAM-style: per image, instances prompted by one interior point
@@ -25,7 +25,7 @@ from torch import nn
 
 from talora.backbones.base import Backbone
 from talora.data.coco import CocoDataset
-from talora.storage import StorageOptions
+from talora.io.storage import StorageOptions
 from talora.train.losses import mask_iou, mask_losses
 from talora.train.memo import LruMemo
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from talora.model import TaskAwareSam
+from talora.model.task_aware_sam import TaskAwareSam
 from talora.train.batches import Batch
 from talora.train.config import TrainConfig
 from talora.train.losses import mask_losses, presence_loss

@@ -17,7 +17,7 @@ import time
 
 import yaml
 
-from talora.storage import StorageOptions, absolute, join, protocol_of, pyarrow_filesystem, read_bytes, require_shared, write_bytes
+from talora.io.storage import StorageOptions, absolute, join, protocol_of, pyarrow_filesystem, read_bytes, require_shared, write_bytes
 from talora.train.checkpoint import SUMMARY
 from talora.train.config import RunSpec, dump_run_spec, result_affecting
 
@@ -70,7 +70,7 @@ def run_training(spec: RunSpec, storage: StorageOptions | None = None) -> dict:
             require_shared(uri)
             read_bytes(uri, storage)  # a missing file fails here, before any worker starts
     if spec.model.sam.checkpoint:
-        from talora.loading import check_checkpoint
+        from talora.model.loading import check_checkpoint
 
         require_shared(spec.model.sam.checkpoint, "--sam-checkpoint")
         check_checkpoint(spec.model.sam.checkpoint, spec.model.sam.sam_type, storage)  # another variant's base fails here
@@ -79,8 +79,8 @@ def run_training(spec: RunSpec, storage: StorageOptions | None = None) -> dict:
 
     datasets = {}
     if cfg.embeddings:
-        from talora.embed import cache_dataset, cache_key_inputs, check_cache_key
-        from talora.loading import load_backbone
+        from talora.train.embed import cache_dataset, cache_key_inputs, check_cache_key
+        from talora.model.loading import load_backbone
 
         backbone = load_backbone(spec.model.sam.sam_type, spec.model.sam.checkpoint, storage)
         tail = spec.model.tail_blocks

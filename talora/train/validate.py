@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from talora.metrics import TaskIoU
-from talora.tasks import Task, semantic_mask
+from talora.eval.metrics import TaskIoU
+from talora.data.tasks import Task, semantic_mask
 
 
 def validation_rows(tasks: list[Task], static: bool) -> list[tuple[Task, str, str]]:

@@ -10,10 +10,11 @@ import torch
 from pycocotools import mask as mask_utils
 
 from talora.config import default_config
-from talora.data.coco import CocoDataset, decode_image
+from talora.data.coco import CocoDataset
+from talora.io.images import decode_image
 from talora.data.synthetic import make_split
-from talora.loading import build_task_aware_sam, load_backbone, load_model, model_spec
-from talora.predictor import PredictConfig, TaskAwarePredictor
+from talora.model.loading import build_task_aware_sam, load_backbone, load_model, model_spec
+from talora.predict.predictor import PredictConfig, TaskAwarePredictor
 from talora.train.config import TrainConfig
 from talora.train.optim import autocast, backward_and_step, grad_scaler
 from talora.train.pretrain import (
@@ -156,8 +157,8 @@ def test_trunk_memo_keeps_gpu_features_in_cpu_memory_and_validation_scores_them_
     """CUDA twin of tests/unit/test_memo.py: features computed on the GPU are held in CPU memory
     (not GPU memory), and validation moves each image's back, scoring what the CPU scores."""
     from talora.data.synthetic import write_demo_dataset
-    from talora.static import StaticLora
-    from talora.tasks import TaskSet
+    from talora.adapters.static import StaticLora
+    from talora.data.tasks import TaskSet
     from talora.train.memo import TrunkMemo
     from talora.train.validate import validate, validation_rows
 

@@ -8,14 +8,15 @@ import numpy as np
 import pytest
 import torch
 
-from talora.commit import RunOutput
-from talora.data.coco import CocoDataset, decode_image
+from talora.batch.commit import RunOutput
+from talora.data.coco import CocoDataset
+from talora.io.images import decode_image
 from talora.data.synthetic import write_demo_dataset
-from talora.embed import cache_dataset, cache_key_inputs, check_cache_key, features_of, read_cache
-from talora.loading import load_backbone, save_backbone
+from talora.train.embed import cache_dataset, cache_key_inputs, check_cache_key, features_of, read_cache
+from talora.model.loading import load_backbone, save_backbone
 from tests.conftest import job_summary, run_job
-from talora.storage import read_bytes, write_bytes
-from talora.predictions import PARQUET
+from talora.io.storage import read_bytes, write_bytes
+from talora.batch.rows import PARQUET
 
 pytestmark = pytest.mark.integration
 JOB = os.path.join(os.path.dirname(__file__), "..", "..", "jobs", "embed_images.py")

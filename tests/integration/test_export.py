@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from talora.label_export import ExportConfig, export_run
-from talora.storage import filesystem, read_bytes
+from talora.label.export import ExportConfig, export_run
+from talora.io.storage import filesystem, read_bytes
 from tests.unit.test_label_export import labelled_run
 
 pytestmark = pytest.mark.integration

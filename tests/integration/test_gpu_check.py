@@ -48,7 +48,7 @@ def test_the_dry_run_runs_every_section_and_writes_every_number_under_gpu(tmp_pa
                                "step": DRY.train_steps + DRY.resume_steps, "resumed": True}
     assert train["bf16_vs_fp32"] == pytest.approx(train["fp32"]["step_s_median"] / train["bf16"]["step_s_median"])
 
-    assert set(gpu["targets"]) == {"one_prompt_vs_segment_anything_fast", "k8_vs_k1", "job_vs_floor",
+    assert set(gpu["targets"]) == {"one_prompt_vs_fast_reference", "k8_vs_k1", "job_vs_floor",
                                    "actor_device_utilisation", "train_bf16_vs_fp32"}
     for target in gpu["targets"].values():
         assert (target["value"] is None) == (target["met"] is None) and (target["met"] is not None or target["why"])

@@ -99,7 +99,7 @@ def test_working_dir_package_stays_small_with_venv_and_data_present(tmp_path):
     assert out.stat().st_size - models < 2 * 2**20 and models < 12 * 2**20, f"{out.stat().st_size} bytes"
     files = [n for n in names if not n.endswith("/")]  # an empty directory entry carries no bytes
     assert not any(n.startswith((".venv/", "data/", "runs/", ".git/")) for n in files)
-    assert "jobs/segment_dataset.py" in names and "talora/label.py" in names
+    assert "jobs/segment_dataset.py" in names and "talora/label/job.py" in names
 
 
 def test_ray_job_submit_runs_the_labelling_job_to_completion(head, tmp_path):

@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from talora.commit import RunOutput
+from talora.batch.commit import RunOutput
 from talora.data.synthetic import write_demo_dataset
-from talora.predictions import read_run
-from talora.storage import read_bytes, write_bytes
+from talora.batch.rows import read_run
+from talora.io.storage import read_bytes, write_bytes
 from tests.conftest import job_summary, run_job
-from talora.predictions import PARQUET
+from talora.batch.rows import PARQUET
 
 pytestmark = pytest.mark.integration
 FAST = ["--points-per-side", "4", "--batch-size", "2"]

@@ -10,13 +10,13 @@ import torch
 import yaml
 from pycocotools import mask as mask_utils
 
-from talora.commit import RunOutput
+from talora.batch.commit import RunOutput
 from talora.data.synthetic import write_demo_dataset
-from talora.predictions import read_run
-from talora.loading import load_backbone, save_backbone
+from talora.batch.rows import read_run
+from talora.model.loading import load_backbone, save_backbone
 from tests.conftest import job_command, run_job
-from talora.predictions import PARQUET
-from talora.loading import save_hypernet
+from talora.batch.rows import PARQUET
+from talora.model.loading import save_hypernet
 
 pytestmark = pytest.mark.integration
 
@@ -42,7 +42,7 @@ def labelled_setup(s3):
     torch.manual_seed(0)
     save_backbone(load_backbone("vit_tiny"), "s3://talora-test/models/base.safetensors", s3)
     from talora.config import default_config
-    from talora.loading import build_task_aware_sam
+    from talora.model.loading import build_task_aware_sam
 
     hypernet = build_task_aware_sam(default_config("vit_tiny"))
     with torch.no_grad():  # a hypernet whose adapters differ per prompt
@@ -97,8 +97,8 @@ def test_labelling_spreads_over_nodes_and_equals_the_in_process_predictor(cluste
 
     # The same images through the predictor in this process: the single-node reference.
     from talora.data.coco import CocoDataset
-    from talora.loading import ModelSpec, load_model
-    from talora.predictor import PredictConfig, TaskAwarePredictor
+    from talora.model.loading import ModelSpec, load_model
+    from talora.predict.predictor import PredictConfig, TaskAwarePredictor
 
     model = load_model(ModelSpec("vit_tiny", "s3://talora-test/models/base.safetensors",
                                  "s3://talora-test/models/hypernet.safetensors"), s3)
@@ -172,7 +172,7 @@ def test_training_runs_one_worker_per_node(cluster, s3, tmp_path):
     }))
     done = run_job("train_hypernet", ["--config", str(config), "--s3-endpoint-url", s3.endpoint_url], cluster[0].address)
     assert done.returncode == 0, done.stderr[-3000:]
-    from talora.storage import read_bytes
+    from talora.io.storage import read_bytes
 
     history = [json.loads(x) for x in read_bytes("s3://talora-test/mn-runs/mn/metrics.jsonl", s3).splitlines()]
     assert len(history[-1]["worker_nodes"].split(",")) == 2 and np.isfinite(history[-1]["loss"])

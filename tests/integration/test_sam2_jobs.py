@@ -5,10 +5,10 @@ import json
 import pytest
 import yaml
 
-from talora.commit import RunOutput
+from talora.batch.commit import RunOutput
 from talora.data.synthetic import write_demo_dataset
-from talora.embed import features_of, read_cache
-from talora.predictions import PARQUET, read_run
+from talora.train.embed import features_of, read_cache
+from talora.batch.rows import PARQUET, read_run
 from tests.conftest import job_summary, run_job
 
 pytestmark = pytest.mark.integration
@@ -35,7 +35,7 @@ def test_a_sam2_tiny_labelling_job_writes_rows_through_the_commit_protocol(ray_c
 def test_the_embedding_cache_and_a_hypernet_run_on_sam2_tiny(ray_cluster, demo, tmp_path):
     import torch
 
-    from talora.loading import load_backbone, save_backbone
+    from talora.model.loading import load_backbone, save_backbone
 
     torch.manual_seed(0)
     base = str(tmp_path / "sam2_tiny.safetensors")  # one base for the cache and the training run
@@ -64,7 +64,7 @@ def test_pretraining_a_sam2_tiny_base_from_the_demo_config_then_a_static_lora_on
     base (its high-resolution skips held at zero over the first steps), whose sam.safetensors a static
     run then adapts; a vit_tiny base is refused by name."""
     from talora.backbones import detect_variant
-    from talora.loading import read_state_dict
+    from talora.model.loading import read_state_dict
 
     data = ["--train-annotations", demo["train"], "--val-annotations", demo["val"], "--cpus-per-worker", "0.5",
             "--storage-path", str(tmp_path / "runs")]

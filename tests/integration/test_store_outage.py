@@ -7,9 +7,9 @@ from urllib.parse import urlparse
 
 import pytest
 
-from talora.commit import RunOutput
+from talora.batch.commit import RunOutput
 from talora.data.synthetic import write_demo_dataset
-from talora.predictions import PARQUET
+from talora.batch.rows import PARQUET
 from tests.conftest import job_summary, run_job
 
 pytestmark = pytest.mark.integration

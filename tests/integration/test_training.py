@@ -7,11 +7,11 @@ import s3fs
 import torch
 import yaml
 
-from talora.adapter_file import load_adapter
+from talora.model.files import load_adapter
 from talora.data.synthetic import write_demo_dataset
-from talora.loading import load_task_aware_sam
-from talora.loading import load_backbone, save_backbone
-from talora.storage import read_bytes
+from talora.model.loading import load_task_aware_sam
+from talora.model.loading import load_backbone, save_backbone
+from talora.io.storage import read_bytes
 from tests.conftest import job_summary, run_job
 
 pytestmark = pytest.mark.integration

@@ -3,11 +3,11 @@
 import pytest
 import torch
 
-from talora.adapter_file import AdapterCache
+from talora.model.files import AdapterCache
 
 
 def _model(tiny_config, text_encoder, seed):
-    from talora.loading import build_task_aware_sam
+    from talora.model.loading import build_task_aware_sam
 
     torch.manual_seed(0)
     model = build_task_aware_sam(tiny_config, text_encoder)

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from talora.backbones import build_backbone, detect_variant
-from talora.frames import image_resizer
-from talora.variants import SAM_TYPES, VARIANTS, get_variant
+from talora.backbones.frames import image_resizer
+from talora.backbones.variants import SAM_TYPES, VARIANTS, get_variant
 from talora.config import LoraConfig, default_config
 
 BUILDABLE_HERE = ("vit_tiny", "vit_b", "sam2_tiny")  # vit_l / vit_h / hiera_l build too, but take GBs on a CPU
@@ -106,8 +106,8 @@ def test_the_cpu_resize_gives_segment_anythings_pixels_without_importing_torch()
             assert np.array_equal(image_resizer("vit_tiny" if side == 256 else "vit_h")(image),
                                   ResizeLongestSide(side).apply_image(image))
     # What a decode task's worker imports: no torch (its import would slow every fresh worker).
-    code = ("import sys, numpy as np; from talora.frames import decode_stage, image_resizer; "
-            "from talora.pipeline import read_image_bytes; image_resizer('vit_h')(np.zeros((8, 8, 3), np.uint8)); "
+    code = ("import sys, numpy as np; from talora.backbones.frames import decode_stage, image_resizer; "
+            "from talora.batch.pipeline import read_image_bytes; image_resizer('vit_h')(np.zeros((8, 8, 3), np.uint8)); "
             "decode_stage({'bytes': [b'x'], 'error': [''], 'uri': ['a']}, 100, 'vit_h'); "
             "assert 'torch' not in sys.modules, 'torch was imported'")
     subprocess.run([sys.executable, "-c", code], check=True)

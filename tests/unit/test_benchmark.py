@@ -119,8 +119,8 @@ def test_the_naive_loop_shares_and_caches_nothing_across_prompts(text_encoder):
 
     from talora.bench.speed import naive_image
     from talora.config import default_config
-    from talora.loading import build_task_aware_sam
-    from talora.predictor import PredictConfig, TaskAwarePredictor
+    from talora.model.loading import build_task_aware_sam
+    from talora.predict.predictor import PredictConfig, TaskAwarePredictor
 
     torch.manual_seed(0)
     model = build_task_aware_sam(default_config("vit_tiny"), text_encoder)

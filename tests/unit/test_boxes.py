@@ -6,7 +6,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from talora.boxes import read_boxes
+from talora.label.boxes import read_boxes
 
 PROMPTS = ["segment vehicles", "segment fruit"]
 

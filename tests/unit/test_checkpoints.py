@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from talora.adapter_file import AdapterHeader, load_adapter, save_adapter
+from talora.model.files import AdapterHeader, load_adapter, save_adapter
 from talora.config import default_config
-from talora.loading import (
+from talora.model.loading import (
     build_task_aware_sam,
     check_checkpoint,
     load_backbone,
@@ -13,7 +13,7 @@ from talora.loading import (
     save_backbone,
     save_hypernet,
 )
-from talora.storage import read_bytes, write_bytes
+from talora.io.storage import read_bytes, write_bytes
 
 
 def _assert_same_weights(a, b):
@@ -162,8 +162,8 @@ def test_a_per_row_adapter_cannot_be_saved_as_one_prompt(tiny_model, make_adapte
 def test_a_runs_latest_and_best_checkpoint_come_from_its_summary(tmp_path, s3, capsys):
     import json
 
-    from talora.cli import main
-    from talora.storage import write_bytes
+    from talora.cli.main import main
+    from talora.io.storage import write_bytes
     from talora.train.checkpoint import run_checkpoint
 
     run = tmp_path / "run"

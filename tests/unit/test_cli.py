@@ -5,11 +5,11 @@ import sys
 
 import torch
 
-from talora.adapter_file import load_adapter
-from talora.cli import main
+from talora.model.files import load_adapter
+from talora.cli.main import main
 from talora.config import default_config
-from talora.loading import build_task_aware_sam
-from talora.loading import save_hypernet
+from talora.model.loading import build_task_aware_sam
+from talora.model.loading import save_hypernet
 
 
 def test_info_json_lists_targets_and_parameter_counts(capsys):

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from pycocotools.coco import COCO
 
-from talora.data.coco import CocoDataset, decode_image
+from talora.data.coco import CocoDataset
+from talora.io.images import decode_image
 
 FIXTURE = Path(__file__).parent.parent / "fixtures" / "coco3" / "instances.json"
 

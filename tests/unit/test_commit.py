@@ -4,14 +4,14 @@ import textwrap
 
 import pytest
 
-from talora.commit import Manifest, RunOutput, ShardTracker, run_key
-from talora.predictions import PARQUET
+from talora.batch.commit import Manifest, RunOutput, ShardTracker, run_key
+from talora.batch.rows import PARQUET
 
 # A writer that processes shards a and b (two parts each) and can die between parts and manifest.
 WRITER = textwrap.dedent("""
     import os, sys
-    from talora.commit import RunOutput, ShardTracker
-    from talora.predictions import PARQUET
+    from talora.batch.commit import RunOutput, ShardTracker
+    from talora.batch.rows import PARQUET
     out, die_in = sys.argv[1], sys.argv[2]
     run = RunOutput(out, "run1", None, PARQUET)
     todo = {s: [f"{s}/{i}.jpg" for i in range(4)] for s in ("a", "b") if s not in run.committed_shards()}

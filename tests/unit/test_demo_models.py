@@ -5,13 +5,13 @@ import os
 import pytest
 import torch
 
-from talora.cli import main
-from talora.loading import ModelSpec, model_spec
-from talora.loading import (DEMO_HYPERNET, DEMO_SAM_CHECKPOINT, build_task_aware_sam, load_backbone,
+from talora.cli.main import main
+from talora.model.loading import ModelSpec, model_spec
+from talora.model.loading import (DEMO_HYPERNET, DEMO_SAM_CHECKPOINT, build_task_aware_sam, load_backbone,
                             load_task_aware_sam, save_backbone)
-from talora.storage import DEMO_ASSETS, absolute, protocol_of, read_bytes, resolve
-from talora.weights import read_weights
-from talora.loading import save_hypernet
+from talora.io.storage import DEMO_ASSETS, absolute, protocol_of, read_bytes, resolve
+from talora.io.weights import read_weights
+from talora.model.loading import save_hypernet
 
 
 def test_demo_uris_resolve_inside_the_installed_package_and_stay_portable():
@@ -78,9 +78,9 @@ def test_the_shipped_hypernet_beats_the_no_adapter_baseline_on_demo_val_images(t
     0.096); asserted with room for numerical drift across machines, not for a broken model."""
     from talora.data.coco import CocoDataset
     from talora.data.synthetic import write_demo_dataset
-    from talora.metrics import mean
-    from talora.static import StaticLora
-    from talora.tasks import TaskSet
+    from talora.eval.metrics import mean
+    from talora.adapters.static import StaticLora
+    from talora.data.tasks import TaskSet
     from talora.train.step import TrainStep
     from talora.train.validate import per_task, score_tasks, validation_rows
 
@@ -97,7 +97,7 @@ def test_the_shipped_hypernet_beats_the_no_adapter_baseline_on_demo_val_images(t
 
 
 def test_adapter_command_defaults_to_the_shipped_hypernet(tmp_path, capsys):
-    from talora.adapter_file import load_adapter
+    from talora.model.files import load_adapter
 
     out = tmp_path / "a.safetensors"
     assert main(["adapter", "--prompt", "segment vehicles", "--out", str(out)]) == 0

@@ -3,14 +3,14 @@
 
 import pytest
 
-from talora.commit import RunOutput, ShardTracker
+from talora.batch.commit import RunOutput, ShardTracker
 from talora.data.coco import CocoDataset
 from talora.data.synthetic import write_demo_dataset
-from talora.evaluate import EvalConfig, evaluate
-from talora.predictor import encode_mask
-from talora.predictions import SCHEMA, detection_rows
-from talora.tasks import TaskSet, semantic_mask
-from talora.predictions import PARQUET
+from talora.eval.evaluate import EvalConfig, evaluate
+from talora.predict.predictor import encode_mask
+from talora.batch.rows import SCHEMA, detection_rows
+from talora.data.tasks import TaskSet, semantic_mask
+from talora.batch.rows import PARQUET
 
 
 @pytest.fixture
@@ -114,7 +114,7 @@ def test_faster_coco_eval_gives_the_same_stats_as_pycocotools(tmp_path, demo):
 
 
 def test_the_best_presence_threshold_maximises_image_level_f1():
-    from talora.evaluate import best_f1
+    from talora.eval.evaluate import best_f1
 
     truth = {1: True, 2: True, 3: False, 4: False, 5: True}
     scores = {1: 0.9, 2: 0.6, 3: 0.7, 4: 0.55}  # image 5: no semantic row (missed)

@@ -4,10 +4,10 @@ import json
 
 import torch
 
-from talora.adapter_file import AdapterHeader, save_adapter
-from talora.cli import main
-from talora.lora import merge_adapter, remove_lora
-from talora.loading import load_backbone, save_backbone
+from talora.model.files import AdapterHeader, save_adapter
+from talora.cli.main import main
+from talora.core.lora import merge_adapter, remove_lora
+from talora.model.loading import load_backbone, save_backbone
 
 
 def _saved_adapter(model, make_adapter, tmp_path):
@@ -29,7 +29,7 @@ def _encode_decode(sam, image, coords, labels):
 
 def test_merge_writes_a_sam_checkpoint_equal_to_the_merged_adapter(tmp_path, make_adapter):
     from talora.config import default_config
-    from talora.loading import build_task_aware_sam
+    from talora.model.loading import build_task_aware_sam
 
     torch.manual_seed(0)
     model = build_task_aware_sam(default_config("vit_tiny"))
@@ -52,7 +52,7 @@ def test_peft_loads_the_exported_folder_with_outputs_equal_to_the_merged_adapter
     from peft import PeftModel
 
     from talora.config import default_config
-    from talora.loading import build_task_aware_sam
+    from talora.model.loading import build_task_aware_sam
 
     torch.manual_seed(0)
     model = build_task_aware_sam(default_config("vit_tiny"))

@@ -92,7 +92,7 @@ def test_activate_changes_nothing_where_every_module_is_importable(tmp_path):
 def test_the_text_table_covers_every_prompt_of_any_demo_dataset():
     from talora.data.coco import CocoDataset
     from talora.data.synthetic import SyntheticConfig, make_split
-    from talora.tasks import TaskSet
+    from talora.data.tasks import TaskSet
 
     covered = set(check_prompts())
     for palette in ("demo", "other"):
@@ -106,7 +106,7 @@ def test_the_fast_reference_is_measured_where_segment_anything_fast_is_installed
     from segment_anything import SamPredictor
 
     from talora.bench.speed import fast_reference, speed_config
-    from talora.loading import load_model, model_spec
+    from talora.model.loading import load_model, model_spec
 
     model = load_model(model_spec("vit_tiny"))
     images = [np.full((64, 96, 3), 120, np.uint8)]
@@ -141,7 +141,7 @@ def test_targets_say_met_or_by_how_much_missed_and_why_a_value_is_absent():
     assert out["job_vs_floor"]["met"] is True
     assert out["actor_device_utilisation"]["value"] == pytest.approx(0.8) and out["actor_device_utilisation"]["met"]
     assert out["train_bf16_vs_fp32"]["met"] is True
-    fast = out["one_prompt_vs_segment_anything_fast"]
+    fast = out["one_prompt_vs_fast_reference"]
     assert fast["value"] is None and fast["met"] is None and fast["why"] == "not installed"
 
 
@@ -156,7 +156,7 @@ def test_the_gpu_plan_trains_a_random_vit_h_with_the_t4_preset_model_and_fits_it
     assert (train.max_steps, train.batch_images, train.tasks_per_image, train.num_workers) == (30, 1, 2, 1)
     keys = [section_key(name, GPU) for name in SECTIONS]
     assert keys == ["tests", "speed-vit_h", "train", "speed-sam2.1_hiera_l"]
-    assert sum(GPU.limits[k] for k in keys) <= GPU.deadline_s <= 480 - 20  # the install comes before
+    assert sum(GPU.limits[name] for name in SECTIONS) <= GPU.deadline_s <= 480 - 20  # the install comes before
     command = section_command("speed-0", GPU, tmp_path / "x.json")
     assert command[command.index("--sam-type") + 1] == "vit_h" and "--job" in command
     assert "--job" not in section_command("speed-1", GPU, tmp_path / "x.json")

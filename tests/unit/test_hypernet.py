@@ -3,8 +3,8 @@ import torch
 import torch.nn.functional as F
 
 from talora.config import HyperNetConfig
-from talora.hypernet import TaskAwareHyperNet
-from talora.lora import LoraTarget
+from talora.adapters.hypernet import TaskAwareHyperNet
+from talora.core.lora import LoraTarget
 
 
 def test_untrained_hypernet_emits_zero_delta_w_for_every_target(tiny_model):
@@ -80,7 +80,7 @@ def test_digest_changes_with_the_weights(tiny_model):
 def test_tucker_hypernet_starts_at_zero_delta_and_learns_the_core(tiny_config):
     import dataclasses
 
-    from talora.loading import build_task_aware_sam
+    from talora.model.loading import build_task_aware_sam
 
     config = dataclasses.replace(tiny_config, hypernet=dataclasses.replace(tiny_config.hypernet, adapter_type="tucker"))
     torch.manual_seed(0)

@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 from pycocotools import mask as mask_utils
 
-from talora.commit import RunOutput, ShardTracker
+from talora.batch.commit import RunOutput, ShardTracker
 from talora.data.coco import CocoDataset
 from talora.data.synthetic import write_demo_dataset
-from talora.label_export import ExportConfig, export_run, polygon
-from talora.predictions import PARQUET, SCHEMA, detection_rows, error_row, write_summary
-from talora.predictor import encode_mask
+from talora.label.export import ExportConfig, export_run, polygon
+from talora.batch.rows import PARQUET, SCHEMA, detection_rows, error_row, write_summary
+from talora.predict.predictor import encode_mask
 
 PROMPTS = ["segment vehicles", "segment fruit"]
 

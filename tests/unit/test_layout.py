@@ -2,7 +2,7 @@
 
 import pytest
 
-from talora.pipeline import ActorLayout
+from talora.batch.pipeline import ActorLayout
 
 
 def test_a_two_core_machine_gets_one_single_thread_actor_per_core_and_room_for_decoding():
@@ -39,9 +39,9 @@ def test_a_bad_layout_is_refused_naming_the_flag(field, value, message):
 def test_the_status_file_counts_shards_and_estimates_images_and_eta_from_the_shards_done(tmp_path):
     import json
 
-    from talora.commit import RunOutput, ShardTracker
-    from talora.pipeline import progress, status
-    from talora.predictions import PARQUET
+    from talora.batch.commit import RunOutput, ShardTracker
+    from talora.batch.pipeline import progress, status
+    from talora.batch.rows import PARQUET
 
     run = RunOutput(str(tmp_path), "k", None, PARQUET)
     tracker = ShardTracker(run, ["a", "b", "c", "d"])
@@ -63,7 +63,7 @@ def test_the_status_file_counts_shards_and_estimates_images_and_eta_from_the_sha
 
 
 def test_the_steady_rate_counts_images_after_the_first_commit_and_is_none_for_one_burst():
-    from talora.pipeline import steady_rate
+    from talora.batch.pipeline import steady_rate
 
     assert steady_rate(90, first_commit=10.0, start=0.0, end=40.0) == 3.0  # 90 images in the 30 s after it
     assert steady_rate(3, first_commit=59.63, start=0.0, end=59.64) is None  # they came back with the first shard

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from talora.lora import (
+from talora.core.lora import (
     Adapter,
     LoraLinear,
     inject_lora,
@@ -17,7 +17,7 @@ from talora.lora import (
     use_adapter,
 )
 from talora.config import LoraConfig
-from talora.variants import VARIANTS
+from talora.backbones.variants import VARIANTS
 from talora.backbones.sam1 import Backbone, _build_sam_tiny, build_sam_vit_tiny
 
 ATOL = 1e-8
@@ -47,7 +47,7 @@ def preset_model(request, float64):
     """An untrained TaskAwareSam of each CPU preset (one per backbone family), in float64: the
     guarantees below hold for every family."""
     from talora.config import default_config
-    from talora.loading import build_task_aware_sam
+    from talora.model.loading import build_task_aware_sam
 
     torch.manual_seed(0)
     return float64(build_task_aware_sam(default_config(request.param)))
@@ -144,8 +144,8 @@ def test_shared_adapter_equals_the_same_adapter_expanded_per_row(preset_model, m
 def test_per_row_tail_with_windowed_attention_equals_each_row_alone(make_adapter, float64):
     # SAM's windowed blocks fold windows into the batch axis (P-major); per-row LoRA must follow.
     from talora.config import ModelConfig
-    from talora.model import TaskAwareSam, build_presence_head
-    from talora.hypernet import TaskAwareHyperNet
+    from talora.model.task_aware_sam import TaskAwareSam, build_presence_head
+    from talora.adapters.hypernet import TaskAwareHyperNet
     from talora.config import HyperNetConfig
 
     torch.manual_seed(0)

@@ -6,8 +6,8 @@ import torch
 
 from talora.data.coco import CocoDataset
 from talora.data.synthetic import write_demo_dataset
-from talora.static import StaticLora
-from talora.tasks import TaskSet
+from talora.adapters.static import StaticLora
+from talora.data.tasks import TaskSet
 from talora.train.config import TrainConfig
 from talora.train.memo import TrunkMemo
 from talora.train.memo import LruMemo, tensor_bytes

@@ -1,8 +1,8 @@
 import numpy as np
 
 from talora.data.coco import CocoDataset
-from talora.metrics import TaskIoU, reference_scores
-from talora.tasks import TaskSet
+from talora.eval.metrics import TaskIoU, reference_scores
+from talora.data.tasks import TaskSet
 
 
 def test_task_iou_sums_intersections_and_unions_over_images():

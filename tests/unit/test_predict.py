@@ -6,8 +6,8 @@ import pytest
 import torch
 from pycocotools import mask as mask_utils
 
-from talora.predictor import PredictConfig, deduplicate, encode_mask, filter_masks
-from talora.predictions import SCHEMA, detection_rows, error_row, validate_table
+from talora.predict.predictor import PredictConfig, deduplicate, encode_mask, filter_masks
+from talora.batch.rows import SCHEMA, detection_rows, error_row, validate_table
 
 
 def test_rows_match_pycocotools_rle_bbox_and_area():
@@ -60,8 +60,8 @@ def test_filters_drop_low_scores_and_unstable_masks_and_nms_keeps_the_best_dupli
 
 
 def test_predictor_gates_semantic_masks_by_presence_and_keeps_instances_in_the_task_region(tiny_config, text_encoder):
-    from talora.loading import build_task_aware_sam
-    from talora.predictor import TaskAwarePredictor
+    from talora.model.loading import build_task_aware_sam
+    from talora.predict.predictor import TaskAwarePredictor
 
     torch.manual_seed(0)
     model = build_task_aware_sam(tiny_config, text_encoder)
@@ -80,7 +80,7 @@ def test_predictor_gates_semantic_masks_by_presence_and_keeps_instances_in_the_t
 
 
 def test_coco_results_keep_instances_of_known_images_and_categories_only():
-    from talora.predictions import coco_results
+    from talora.batch.rows import coco_results
 
     def row(kind, uri, prompt, score=0.5):
         return {"kind": kind, "image_uri": uri, "prompt": prompt, "score": score,
@@ -93,8 +93,8 @@ def test_coco_results_keep_instances_of_known_images_and_categories_only():
 
 
 def test_a_run_written_in_another_part_format_reads_back_through_the_one_reader(tmp_path, monkeypatch):
-    from talora.commit import RunOutput, ShardTracker
-    from talora.predictions import PART_FORMATS, read_run
+    from talora.batch.commit import RunOutput, ShardTracker
+    from talora.batch.rows import PART_FORMATS, read_run
     from tests.unit.test_commit import JsonLinesParts
 
     jsonl = JsonLinesParts()
@@ -110,8 +110,8 @@ def test_a_run_written_in_another_part_format_reads_back_through_the_one_reader(
 
 
 def test_given_regions_replace_the_predicted_ones_in_the_instance_pass_only(tiny_config, text_encoder):
-    from talora.loading import build_task_aware_sam
-    from talora.predictor import TaskAwarePredictor
+    from talora.model.loading import build_task_aware_sam
+    from talora.predict.predictor import TaskAwarePredictor
 
     torch.manual_seed(0)
     model = build_task_aware_sam(tiny_config, text_encoder)
@@ -159,7 +159,7 @@ def test_mask_nms_drops_a_part_nested_in_its_whole_that_box_nms_keeps():
 
 
 def test_a_part_of_the_task_region_no_instance_matches_becomes_an_instance():
-    from talora.predictor import unmatched_parts
+    from talora.predict.predictor import unmatched_parts
 
     region = np.zeros((40, 60), dtype=bool)
     region[2:12, 2:12] = True  # covered by a kept instance below
@@ -181,8 +181,8 @@ def test_a_prompts_detections_do_not_depend_on_the_other_prompts_decoded_with_it
 
     from talora.data.coco import CocoDataset
     from talora.data.synthetic import write_demo_dataset
-    from talora.loading import load_model, model_spec
-    from talora.predictor import TaskAwarePredictor
+    from talora.model.loading import load_model, model_spec
+    from talora.predict.predictor import TaskAwarePredictor
 
     dataset = CocoDataset.load(write_demo_dataset(str(tmp_path), num_train=0, num_val=2, seed=3)["val"])
     predictor = TaskAwarePredictor(load_model(model_spec("vit_tiny")), PredictConfig(points_per_side=8,
@@ -204,15 +204,15 @@ def test_a_prompts_detections_do_not_depend_on_the_other_prompts_decoded_with_it
 
 
 def _demo_predictor(points_per_side=8, **config):
-    from talora.loading import load_model, model_spec
-    from talora.predictor import TaskAwarePredictor
+    from talora.model.loading import load_model, model_spec
+    from talora.predict.predictor import TaskAwarePredictor
 
     return TaskAwarePredictor(load_model(model_spec("vit_tiny")), PredictConfig(points_per_side=points_per_side, **config))
 
 
 def test_a_prompts_own_presence_threshold_overrides_the_jobs(tiny_config, text_encoder):
-    from talora.loading import build_task_aware_sam
-    from talora.predictor import TaskAwarePredictor
+    from talora.model.loading import build_task_aware_sam
+    from talora.predict.predictor import TaskAwarePredictor
 
     torch.manual_seed(0)
     model = build_task_aware_sam(tiny_config, text_encoder)
@@ -229,7 +229,7 @@ def test_a_prompts_own_presence_threshold_overrides_the_jobs(tiny_config, text_e
 
 
 def test_prompt_thresholds_from_flags_and_a_prompts_file_name_what_is_wrong(tmp_path):
-    from talora.label import parse_prompt_thresholds, read_prompts_file
+    from talora.label.job import parse_prompt_thresholds, read_prompts_file
 
     prompts = ["segment cars", "segment a=b"]
     assert parse_prompt_thresholds(["segment cars=0.7", "segment a=b=0.2"], prompts) == (
@@ -247,8 +247,8 @@ def test_prompt_thresholds_from_flags_and_a_prompts_file_name_what_is_wrong(tmp_
 
 
 def test_very_thin_and_very_tall_images_are_labelled_at_their_original_size(tiny_config, text_encoder):
-    from talora.loading import build_task_aware_sam
-    from talora.predictor import TaskAwarePredictor
+    from talora.model.loading import build_task_aware_sam
+    from talora.predict.predictor import TaskAwarePredictor
 
     torch.manual_seed(0)
     model = build_task_aware_sam(tiny_config, text_encoder)
@@ -264,7 +264,7 @@ def test_very_thin_and_very_tall_images_are_labelled_at_their_original_size(tiny
 
 
 def test_the_frame_keeps_one_pixel_of_a_thin_image_and_maps_its_points_into_it(tiny_config):
-    from talora.loading import load_backbone
+    from talora.model.loading import load_backbone
 
     backbone = load_backbone("vit_tiny")
     thin = np.zeros((4, 3000, 3), np.uint8)
@@ -275,7 +275,7 @@ def test_the_frame_keeps_one_pixel_of_a_thin_image_and_maps_its_points_into_it(t
 
 
 def test_error_rows_read_as_sentences_naming_the_file(tmp_path):
-    from talora.frames import decode_stage
+    from talora.backbones.frames import decode_stage
 
     batch = {"uri": ["s3://b/imgs/s/notes.jpg", "s3://b/imgs/s/zero.jpg", "s3://b/imgs/s/gone.jpg"],
              "bytes": [b"this is not an image\n" * 10, b"", b""],
@@ -342,11 +342,11 @@ def test_an_unknown_precision_is_refused():
 
 
 def test_an_image_the_model_fails_on_is_an_error_row_and_the_rest_of_its_batch_is_labelled(tmp_path):
-    from talora.commit import RunOutput
-    from talora.label import LabelActor
-    from talora.loading import model_spec
-    from talora.predictions import PARQUET
-    from talora.storage import StorageOptions
+    from talora.batch.commit import RunOutput
+    from talora.label.job import LabelActor
+    from talora.model.loading import model_spec
+    from talora.batch.rows import PARQUET
+    from talora.io.storage import StorageOptions
 
     actor = LabelActor(model_spec("vit_tiny"), ["segment vehicles"], PredictConfig(points_per_side=4), None, "m",
                        RunOutput(str(tmp_path / "out"), "k", None, PARQUET), StorageOptions())

@@ -8,8 +8,8 @@ import torch
 
 from talora.data.coco import CocoDataset
 from talora.data.synthetic import write_demo_dataset
-from talora.loading import load_backbone
-from talora.storage import StorageOptions
+from talora.model.loading import load_backbone
+from talora.io.storage import StorageOptions
 from talora.train.config import TrainConfig, load_run_spec
 from talora.train.loop import drop_gradients
 from talora.train.modes import PretrainMode

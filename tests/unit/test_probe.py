@@ -2,10 +2,10 @@ import numpy as np
 import pytest
 import torch
 
-from talora.cli import main
+from talora.cli.main import main
 from talora.data.coco import CocoDataset
-from talora.loading import load_backbone
-from talora.probe import cell_labels, linear_probe
+from talora.model.loading import load_backbone
+from talora.eval.probe import cell_labels, linear_probe
 
 from tests.unit.test_coco import FIXTURE
 
@@ -52,7 +52,7 @@ def test_probe_command_reports_each_key_with_its_chance_level(tmp_path, capsys, 
 
 def test_probe_is_fitted_on_the_first_train_images_and_scored_on_the_first_test_images(tmp_path):
     from talora.data.synthetic import write_demo_dataset
-    from talora.probe import collect, probe_base
+    from talora.eval.probe import collect, probe_base
 
     written = write_demo_dataset(str(tmp_path / "demo"), num_train=6, num_val=5, seed=2)
     train, test = CocoDataset.load(written["train"]), CocoDataset.load(written["val"])

@@ -8,11 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from talora.backbones.variants import FAMILIES, cpu_preset
 from talora.bench.quality import (METHODS, MethodScores, Prepared, QualityConfig, draw_oracle_tasks, random_prompts,
-                                  run_quality, write_results)
+                                  run_quality, score_amg, write_results)
 from talora.data.coco import CocoDataset
-from talora.predictor import encode_mask
-from talora.tasks import GROUPS, TaskSet, task_ground_truth
+from talora.predict.predictor import encode_mask
+from talora.data.tasks import GROUPS, TaskSet, task_ground_truth
 from talora.train.validate import validation_rows
 
 REPO = Path(__file__).resolve().parents[2]
@@ -118,3 +119,31 @@ def test_an_unknown_oracle_task_is_refused_before_anything_trains(tmp_path):
     with pytest.raises(ValueError, match="'color:red' is not a task"):
         run_quality(config)
     assert not (tmp_path / "oracle").exists() and not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_amg_runs_the_familys_own_generator_and_scores_every_mask_for_every_task(family, demo):
+    import torch
+
+    from talora.model.loading import load_model, model_spec
+    from talora.predict.predictor import PredictConfig
+
+    dataset, tasks = demo
+    torch.manual_seed(0)
+    model = load_model(model_spec(cpu_preset(family), untrained=True))
+    assert type(model.backbone.automatic_mask_generator()).__module__.split(".")[0] == FAMILIES[family].modules[0]
+    # Every threshold open: random weights still give masks, so each is scored under every task.
+    config = PredictConfig(points_per_side=8, score_thresh=0.0, stability_thresh=0.0)
+    rows = validation_rows(list(tasks), static=False)
+    image_id = dataset.image_ids[0]
+    record = dataset.images[image_id]
+    image = np.random.default_rng(0).integers(0, 256, (record.height, record.width, 3), dtype=np.uint8)
+    truths = {t.id: np.zeros((record.height, record.width), bool) for t in tasks}
+    prepared = Prepared(image_id, image, None, (0, 0), (record.height, record.width), truths)
+    scores = score_amg(model, config, [prepared], rows, {t.id: i + 1 for i, t in enumerate(tasks)})
+    for group in GROUPS:
+        group_rows = [r for r in rows if r[1] == group]
+        found = scores.results[group]
+        assert found and len(found) % len(group_rows) == 0
+        assert {r["category_id"] for r in found} == {i + 1 for i, t in enumerate(tasks) if (t, group) in
+                                                     {(r[0], r[1]) for r in group_rows}}

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from talora.backbones import build_backbone, detect_variant
 from talora.config import LoraConfig, default_config
-from talora.variants import get_variant
+from talora.backbones.variants import get_variant
 
 ATOL = 1e-8
 
@@ -19,7 +19,7 @@ ATOL = 1e-8
 @pytest.fixture
 def sam2_model(text_encoder, float64):
     """An untrained sam2_tiny TaskAwareSam in float64."""
-    from talora.loading import build_task_aware_sam
+    from talora.model.loading import build_task_aware_sam
 
     torch.manual_seed(0)
     return float64(build_task_aware_sam(default_config("sam2_tiny"), text_encoder))
@@ -31,7 +31,7 @@ def _image(seed=0, side=256):
 
 def _reference_decoder(backbone, embedding, coords, labels):
     """The package's MaskDecoder.forward (multimask) on one packed embedding, high-res maps unpacked."""
-    from talora.lora import use_adapter
+    from talora.core.lora import use_adapter
 
     d = backbone.decoder_dim
     image_embedding, s8, s4 = embedding.split([d, d, 2 * d], dim=1)
@@ -104,7 +104,7 @@ def test_targets_are_the_tail_blocks_and_the_decoder_with_the_same_patterns_as_s
 
 
 def test_official_style_checkpoints_load_weights_only_and_another_variant_is_refused(tmp_path, s3):
-    from talora.loading import load_backbone, save_backbone
+    from talora.model.loading import load_backbone, save_backbone
 
     torch.manual_seed(0)
     backbone = build_backbone("sam2_tiny")
@@ -127,7 +127,7 @@ def test_official_style_checkpoints_load_weights_only_and_another_variant_is_ref
 
 
 def _vit_tiny_checkpoint(tmp_path):
-    from talora.loading import save_backbone
+    from talora.model.loading import save_backbone
 
     path = str(tmp_path / "vit_tiny.safetensors")
     save_backbone(build_backbone("vit_tiny"), path)
@@ -135,7 +135,7 @@ def _vit_tiny_checkpoint(tmp_path):
 
 
 def test_frames_stretch_to_the_square_input_and_map_points_boxes_and_masks_there():
-    from talora.frames import image_resizer
+    from talora.backbones.frames import image_resizer
 
     backbone = build_backbone("sam2_tiny")
     assert image_resizer("sam2_tiny")(np.zeros((30, 60, 3), np.uint8)).shape == (256, 256, 3)
@@ -151,7 +151,7 @@ def test_frames_stretch_to_the_square_input_and_map_points_boxes_and_masks_there
 
 
 def test_talora_info_lists_the_sam2_targets(capsys):
-    from talora.cli import main
+    from talora.cli.main import main
 
     assert main(["info", "--sam-type", "sam2.1_hiera_t", "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
@@ -189,8 +189,8 @@ def test_a_pretraining_step_on_sam2_tiny_trains_every_part_and_the_heads(tmp_pat
 def test_talora_adapter_and_predict_take_sam2_tiny(tmp_path, capsys):
     from PIL import Image
 
-    from talora.adapter_file import load_adapter
-    from talora.cli import main
+    from talora.model.files import load_adapter
+    from talora.cli.main import main
 
     out = tmp_path / "adapter.safetensors"
     assert main(["adapter", "--prompt", "segment vehicles", "--sam-type", "sam2_tiny", "--untrained", "--out", str(out)]) == 0

@@ -2,8 +2,8 @@ import numpy as np
 from segment_anything.utils.transforms import ResizeLongestSide
 
 from talora.data.coco import CocoDataset
-from talora.data.sampling import sample_task
-from talora.tasks import TaskSet
+from talora.train.sampling import sample_task
+from talora.data.tasks import TaskSet
 
 from tests.unit.test_coco import FIXTURE
 

@@ -2,8 +2,8 @@
 
 import pytest
 
-from talora.shards import ShardPlan, image_id_for_uri, list_images, plan_shards, shard_items
-from talora.storage import write_bytes
+from talora.batch.shards import ShardPlan, image_id_for_uri, list_images, plan_shards, shard_items
+from talora.io.storage import write_bytes
 
 
 def _touch(root, *names):
@@ -45,14 +45,14 @@ def test_the_planner_never_lists_below_the_prefix(tmp_path, monkeypatch):
 
 
 def test_max_shards_and_max_images_stop_listing_early(tmp_path, monkeypatch):
-    import talora.shards
+    import talora.batch.shards
 
     for shard in range(5):
         _touch(tmp_path, *(f"s{shard}/{i}.jpg" for i in range(3)))
     assert [p.name for p in plan_shards(str(tmp_path), max_shards=2)] == ["s0", "s1"]
     listed = []
-    real = talora.shards.list_images
-    monkeypatch.setattr(talora.shards, "list_images", lambda folder, *a: listed.append(folder) or real(folder, *a))
+    real = talora.batch.shards.list_images
+    monkeypatch.setattr(talora.batch.shards, "list_images", lambda folder, *a: listed.append(folder) or real(folder, *a))
     plans = plan_shards(str(tmp_path), max_images=4)
     assert [(p.name, len(p.uris)) for p in plans] == [("s0", 3), ("s1", 1)]  # the last shard cut
     assert listed == [str(tmp_path / "s0"), str(tmp_path / "s1")]  # s2.. never listed
@@ -85,7 +85,7 @@ def test_a_missing_prefix_is_an_error_naming_it(tmp_path):
 def test_the_embedding_job_plans_a_prefix_by_shard_and_a_coco_json_as_its_list(tmp_path):
     from pathlib import Path
 
-    from talora.embed import EmbedConfig, plan
+    from talora.train.embed import EmbedConfig, plan
 
     _touch(tmp_path, *(f"s{s}/{i}.jpg" for s in range(3) for i in range(2)))
     plans, ids = plan(EmbedConfig(output=str(tmp_path / "out"), images=str(tmp_path)))
@@ -100,7 +100,7 @@ def test_the_embedding_job_plans_a_prefix_by_shard_and_a_coco_json_as_its_list(t
 
 def test_coco_ids_map_to_a_relative_local_prefix_as_the_listing_names_its_images(tmp_path, monkeypatch):
     from talora.data.synthetic import write_demo_dataset
-    from talora.label import LabelConfig, plan
+    from talora.label.job import LabelConfig, plan
 
     monkeypatch.chdir(tmp_path)
     write_demo_dataset("d", num_train=0, num_val=3, seed=0, shard_size=2)

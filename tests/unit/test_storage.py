@@ -2,8 +2,8 @@ import os
 
 import pytest
 
-from talora.storage import StorageOptions, filesystem, read_bytes, write_bytes
-from talora.predictions import PARQUET
+from talora.io.storage import StorageOptions, filesystem, read_bytes, write_bytes
+from talora.batch.rows import PARQUET
 
 
 def test_local_paths_and_file_uris_resolve_to_the_same_file(tmp_path):
@@ -39,7 +39,7 @@ def test_options_only_apply_to_s3():
 
 
 def test_process_local_filesystems_are_refused_for_ray_jobs():
-    from talora.storage import require_shared
+    from talora.io.storage import require_shared
 
     with pytest.raises(ValueError, match="memory:// lives inside one process"):
         require_shared("memory://bucket/x", "--output")
@@ -48,7 +48,7 @@ def test_process_local_filesystems_are_refused_for_ray_jobs():
 
 
 def test_redact_removes_secrets_from_env_options_and_urls(monkeypatch):
-    from talora.storage import redact
+    from talora.io.storage import redact
 
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "envsecret123")
     options = StorageOptions(access_key_id="AKIAFLAG", secret_access_key="flagsecret456")
@@ -58,7 +58,7 @@ def test_redact_removes_secrets_from_env_options_and_urls(monkeypatch):
 
 
 def test_pyarrow_filesystem_reads_s3_through_the_endpoint(s3):
-    from talora.storage import pyarrow_filesystem, write_bytes
+    from talora.io.storage import pyarrow_filesystem, write_bytes
 
     write_bytes("s3://talora-test/pa/x.bin", b"hello", s3)
     fs, path = pyarrow_filesystem("s3://talora-test/pa/x.bin", s3)
@@ -70,8 +70,8 @@ def test_pyarrow_filesystem_reads_s3_through_the_endpoint(s3):
 def test_objects_written_by_another_process_are_seen_despite_a_cached_listing(s3):
     import s3fs
 
-    from talora.commit import Manifest, RunOutput
-    from talora.storage import filesystem
+    from talora.batch.commit import Manifest, RunOutput
+    from talora.io.storage import filesystem
 
     run = RunOutput("s3://talora-test/out", "k", s3, PARQUET)
     run.commit(Manifest("a", [], {"x": 0}, {}))
@@ -89,7 +89,7 @@ def test_objects_written_by_another_process_are_seen_despite_a_cached_listing(s3
 
 
 def test_an_endpoint_that_does_not_answer_is_retried_and_then_named_while_other_errors_are_not(monkeypatch):
-    import talora.storage as storage
+    import talora.io.storage as storage
 
     monkeypatch.setattr(storage, "RETRY_DELAYS_S", (0.0, 0.0))
     calls = []
@@ -113,7 +113,7 @@ def test_an_endpoint_that_does_not_answer_is_retried_and_then_named_while_other_
 def test_reading_from_a_closed_port_fails_with_the_endpoint_named(monkeypatch):
     import socket
 
-    import talora.storage as storage
+    import talora.io.storage as storage
 
     monkeypatch.setattr(storage, "RETRY_DELAYS_S", (0.0,))
     with socket.socket() as s:  # a loopback port nothing listens on
@@ -125,7 +125,7 @@ def test_reading_from_a_closed_port_fails_with_the_endpoint_named(monkeypatch):
 
 
 def test_a_relative_output_inside_a_ray_working_dir_copy_is_refused(tmp_path, monkeypatch):
-    from talora.storage import require_kept
+    from talora.io.storage import require_kept
 
     copy = tmp_path / "session_x" / "runtime_resources" / "working_dir_files" / "_ray_pkg_1"
     copy.mkdir(parents=True)

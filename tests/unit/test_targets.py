@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 from talora.config import LoraConfig, ModelConfig, SamConfig, default_config
-from talora.loading import build_task_aware_sam, load_backbone
+from talora.model.loading import build_task_aware_sam, load_backbone
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,7 @@ import pytest
 
 from talora.data.synthetic import make_split
 from talora.data.coco import CocoDataset
-from talora.tasks import NUM_HELDOUT_TEMPLATES, TEMPLATES, TaskSet, pluralize, task_ground_truth
+from talora.data.tasks import NUM_HELDOUT_TEMPLATES, TEMPLATES, TaskSet, pluralize, task_ground_truth
 
 
 @pytest.fixture(scope="module")

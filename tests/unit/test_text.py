@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from talora.text import validate_prompts
+from talora.core.text import validate_prompts
 
 
 def test_embeddings_are_384_d_unit_vectors_in_prompt_order(text_encoder):
@@ -31,7 +31,7 @@ def test_empty_prompts_are_errors(prompts, match):
 
 
 def test_model_adapters_are_cached_by_prompt_only_at_inference(tiny_config, text_encoder):
-    from talora.loading import build_task_aware_sam
+    from talora.model.loading import build_task_aware_sam
 
     torch.manual_seed(0)
     tiny_model = build_task_aware_sam(tiny_config, text_encoder)  # its parts passed in
@@ -50,7 +50,7 @@ def test_model_adapters_are_cached_by_prompt_only_at_inference(tiny_config, text
 
 
 def test_an_embedding_table_stands_in_for_the_model_with_the_same_embeddings(text_encoder, tmp_path, monkeypatch):
-    from talora.text import TABLE_ENV, TextEncoder, write_embedding_table
+    from talora.core.text import TABLE_ENV, TextEncoder, write_embedding_table
 
     path = str(tmp_path / "table.safetensors")
     assert write_embedding_table(["segment vehicles", "segment  red objects", "segment vehicles"], path,
@@ -67,7 +67,7 @@ def test_an_embedding_table_stands_in_for_the_model_with_the_same_embeddings(tex
 def test_a_file_that_is_not_a_table_is_refused_naming_the_variable(tmp_path, monkeypatch):
     from safetensors.torch import save_file
 
-    from talora.text import TABLE_ENV, TextEncoder
+    from talora.core.text import TABLE_ENV, TextEncoder
 
     path = str(tmp_path / "other.safetensors")
     save_file({"weights": torch.zeros(2)}, path)

@@ -7,9 +7,9 @@ import torch
 from talora.config import default_config
 from talora.data.coco import CocoDataset
 from talora.data.synthetic import make_split
-from talora.loading import build_task_aware_sam
-from talora.static import StaticLora
-from talora.tasks import TaskSet
+from talora.model.loading import build_task_aware_sam
+from talora.adapters.static import StaticLora
+from talora.data.tasks import TaskSet
 from talora.train.batches import _epoch_order, build_batch, epoch_images
 from talora.train.config import TrainConfig, load_run_spec
 from talora.train.optim import backward_and_step
@@ -21,7 +21,7 @@ from talora.train.step import TrainStep
 def demo():
     coco, files = make_split(6, seed=11)
     dataset = CocoDataset.from_dict(coco, "root")
-    from talora.data.coco import decode_image
+    from talora.io.images import decode_image
 
     images = {i["id"]: decode_image(files[i["file_name"]]) for i in coco["images"]}
     return dataset, images
@@ -155,7 +155,7 @@ def test_training_flags_override_one_field_and_keep_the_rest_of_the_config():
 def test_a_base_of_another_variant_is_refused_before_any_worker_starts(tmp_path):
     from talora.backbones import build_backbone
     from talora.data.synthetic import write_demo_dataset
-    from talora.loading import save_backbone
+    from talora.model.loading import save_backbone
     from talora.train.trainer import run_training
 
     written = write_demo_dataset(str(tmp_path / "demo"), num_train=2, num_val=1, seed=3)

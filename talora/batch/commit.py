@@ -1,0 +1,170 @@
+"""The commit protocol of every job that writes (labelling, embedding cache).
+
+Layout under an output URI ``OUT``::
+
+    OUT/<run_key>/<shard>/part-<k>.<suffix>    data, deterministic names (format: a PartFormat)
+    OUT/<run_key>/_manifests/<shard>.json      written last: commits the shard
+
+The commit unit is a shard. A manifest lists the shard's part files and every processed item
+with its row count (zero included) and error, if any. It is written last, in one PUT on object
+storage or one ``os.replace`` locally, so a shard is either committed or not. Readers read only
+manifest-listed parts; ``_``-prefixed names are ignored by pyarrow.dataset. A rerun skips
+committed shards and rewrites the same part names for the others, so nothing is duplicated and a
+stale part of an interrupted run is never read (no manifest lists it).
+
+Why not Ray Data's own ``CheckpointConfig(id_column=...)``: it needs one unique id per output
+row, while here one image fans out into many rows (instances x prompts) or none, and "image done
+with zero rows" must be recorded too; so the unit of completion is the shard's manifest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any, Iterable, Protocol
+
+import pyarrow as pa
+
+from talora.io.storage import StorageOptions, filesystem, join, read_bytes, with_retries, write_bytes
+
+MANIFESTS = "_manifests"
+STATUS = "_status.json"  # the driver's progress, rewritten at every commit: for users, never for exactly-once
+
+
+class PartFormat(Protocol):
+    """How a part file's rows become bytes and back (talora.batch.rows.ParquetParts)."""
+
+    suffix: str  # ".parquet"
+
+    def encode(self, rows: list[dict], schema: pa.Schema | None) -> bytes: ...
+
+    def decode(self, data: bytes) -> pa.Table: ...
+
+
+def run_key(inputs: dict[str, Any]) -> str:
+    """A short digest of everything that changes results (models, prompts, thresholds)."""
+    canonical = json.dumps(inputs, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class Manifest:
+    shard: str
+    parts: list[str]  # part file names relative to OUT/<run_key>/<shard>/
+    items: dict[str, int]  # item (image URI) -> rows written, zero included
+    errors: dict[str, str]  # item -> error message, for items that failed
+
+    def to_json(self) -> bytes:
+        return json.dumps({"shard": self.shard, "parts": self.parts, "items": self.items, "errors": self.errors},
+                          indent=1, sort_keys=True).encode()
+
+
+class RunOutput:
+    """Where one run writes: parts, manifests, and what has been committed."""
+
+    def __init__(self, out: str, key: str, storage: StorageOptions | None, part_format: PartFormat) -> None:
+        self.out = out.rstrip("/")
+        self.key = key
+        self.root = join(self.out, key)
+        self.storage = storage
+        self.format = part_format
+
+    def part_name(self, k: int) -> str:
+        return f"part-{k:06d}{self.format.suffix}"
+
+    def part_uri(self, shard: str, k: int) -> str:
+        return join(self.root, shard, self.part_name(k))
+
+    def manifest_uri(self, shard: str) -> str:
+        return join(self.root, MANIFESTS, f"{shard}.json")
+
+    def write_part(self, shard: str, k: int, rows: list[dict], schema: pa.Schema | None = None) -> str:
+        """Writes part k of `shard` (overwriting an uncommitted earlier attempt); returns its name."""
+        write_bytes(self.part_uri(shard, k), self.format.encode(rows, schema), self.storage)
+        return self.part_name(k)
+
+    def commit(self, manifest: Manifest) -> None:
+        """Commits a shard: its manifest is the last thing written."""
+        write_bytes(self.manifest_uri(manifest.shard), manifest.to_json(), self.storage)
+
+    def write_status(self, status: dict) -> None:
+        """OUT/<run_key>/_status.json: where a running job is (one small PUT per committed shard)."""
+        write_bytes(join(self.root, STATUS), json.dumps(status, indent=1).encode(), self.storage)
+
+    def manifests(self) -> dict[str, Manifest]:
+        """Every committed shard's manifest (each one read: for readers of the output)."""
+        found = {}
+        for shard in sorted(self.committed_shards()):
+            data = json.loads(read_bytes(self.manifest_uri(shard), self.storage))
+            found[data["shard"]] = Manifest(data["shard"], data["parts"], data["items"], data.get("errors", {}))
+        return found
+
+    def committed_shards(self) -> set[str]:
+        """The committed shards' names, from one listing of the manifests (none is read)."""
+        fs, path = filesystem(join(self.root, MANIFESTS), self.storage)
+        fs.invalidate_cache(path)  # commits by other processes must be seen: no stale listing
+        if not with_retries(lambda: fs.exists(path), self.root, self.storage):
+            return set()
+        names = (name.rsplit("/", 1)[-1] for name in with_retries(lambda: fs.ls(path, detail=False), self.root,
+                                                                     self.storage))
+        return {name.removesuffix(".json") for name in names if name.endswith(".json") and not name.startswith("_")}
+
+    def committed_part_uris(self) -> list[str]:
+        """Every manifest-listed part, in shard then part order: all a reader may read."""
+        return [join(self.root, shard, part) for shard, m in sorted(self.manifests().items()) for part in m.parts]
+
+    def read_table(self) -> pa.Table | None:
+        """All committed rows as one table (small outputs, tests, evaluation); None if nothing is committed."""
+        tables = [self.format.decode(read_bytes(uri, self.storage)) for uri in self.committed_part_uris()]
+        return pa.concat_tables(tables) if tables else None
+
+
+class ShardTracker:
+    """Driver side of a run: gathers each shard's per-item results as they arrive (from any
+    worker, in any order) and commits the shard once all its items are in. The shard's size comes
+    with its items (`shard_items`, stamped when a task listed the shard), so the driver never holds
+    a shard's list; a committed shard's state is dropped."""
+
+    def __init__(self, run: RunOutput, shards: Iterable[str]) -> None:
+        self.run = run
+        self.waiting = set(shards)  # planned and not committed yet
+        self.committed: set[str] = set()
+        self.items_committed = 0
+        self.open: dict[str, Manifest] = {}  # shards with some items in
+
+    def add(self, shard: str, item: str, rows: int, part: str | None = None, error: str | None = None, *,
+            shard_items: int) -> bool:
+        """Records one processed item of a shard of `shard_items` items; returns True when this
+        completed (and committed) its shard."""
+        if shard in self.committed:
+            return False  # a retried batch's late copy: the shard is already complete
+        if shard not in self.waiting:
+            raise KeyError(f"shard {shard} is not part of this run")
+        found = self.open.setdefault(shard, Manifest(shard, [], {}, {}))
+        found.items[item] = found.items.get(item, 0) + rows
+        if part and part not in found.parts:
+            found.parts.append(part)
+        if error:
+            found.errors[item] = error
+        if len(found.items) > shard_items:
+            raise RuntimeError(f"shard {shard} returned {len(found.items)} items, but was listed with {shard_items}")
+        if len(found.items) < shard_items:
+            return False
+        self.commit(Manifest(shard, sorted(found.parts), dict(sorted(found.items.items())), found.errors))
+        return True
+
+    def commit(self, manifest: Manifest) -> None:
+        """Commits a shard (an empty manifest: a shard whose listing found no image)."""
+        self.run.commit(manifest)
+        self.waiting.discard(manifest.shard)
+        self.open.pop(manifest.shard, None)
+        self.committed.add(manifest.shard)
+        self.items_committed += len(manifest.items)
+
+    def unseen(self) -> list[str]:
+        """Waiting shards of which no item came back: empty, or lost."""
+        return sorted(self.waiting - set(self.open))
+
+    def pending(self) -> list[str]:
+        return sorted(self.waiting)

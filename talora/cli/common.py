@@ -1,0 +1,71 @@
+"""What every job script shares: storage flags, Ray start-up, and error handling that never leaks
+a credential and always exits non-zero on failure."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import traceback
+from typing import Callable
+
+from talora.io.storage import StorageOptions, StorageUnavailable, redact
+
+
+def add_storage_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("object storage (standard AWS_* variables and profiles work unchanged)")
+    g.add_argument("--s3-endpoint-url", default=None, help="S3-compatible endpoint, e.g. http://127.0.0.1:9000")
+    g.add_argument("--s3-profile", default=None, help="AWS profile name")
+    g.add_argument("--s3-anon", action="store_true", help="unsigned requests (public buckets)")
+    g.add_argument("--s3-access-key-id", default=None, help="prefer env vars or roles; never printed")
+    g.add_argument("--s3-secret-access-key", default=None, help="prefer env vars or roles; never printed")
+
+
+def storage_from_args(args: argparse.Namespace) -> StorageOptions:
+    return StorageOptions(endpoint_url=args.s3_endpoint_url, profile=args.s3_profile, anon=args.s3_anon,
+                          access_key_id=args.s3_access_key_id, secret_access_key=args.s3_secret_access_key)
+
+
+def init_ray(address: str | None = None) -> None:
+    """Connects to RAY_ADDRESS (under `ray job submit`) or `address`, else starts a local Ray."""
+    import ray
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if ray.is_initialized():
+        return
+    # The dashboard process also serves the state API that Ray Train's cleanup polls.
+    ray.init(address=address or os.environ.get("RAY_ADDRESS"),
+             log_to_driver=True, configure_logging=False)
+
+
+def add_layout_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("actors (each unset one is chosen from the resources Ray reports)")
+    g.add_argument("--num-actors", type=int, default=None, help="model actors (default: one per GPU share, "
+                   "else one per core for a CPU preset and one per 4 cores for the real SAMs)")
+    g.add_argument("--cpus-per-actor", type=float, default=None, help="default 0.75 per thread")
+    g.add_argument("--gpus-per-actor", type=float, default=None,
+                   help="default 1 where Ray has GPUs; a fraction shares a GPU (0.5: two actors per GPU); 0: CPU only")
+    g.add_argument("--threads-per-actor", type=int, default=None, help="torch threads of each actor")
+
+
+def layout_from_args(args: argparse.Namespace):
+    from talora.batch.pipeline import ActorLayout
+
+    return ActorLayout(args.num_actors, args.cpus_per_actor, args.gpus_per_actor, args.threads_per_actor)
+
+
+def run_main(name: str, job: Callable[[], int], storage: StorageOptions) -> int:
+    """Runs `job`; any failure prints one redacted error line (and a redacted traceback) and returns 1."""
+    try:
+        return job()
+    except (ValueError, FileNotFoundError, KeyError, PermissionError) as e:
+        print(f"{name}: error: {redact(str(e), storage)}", file=sys.stderr)
+        return 2
+    except StorageUnavailable as e:  # the store went away: rerun the same command once it is back
+        print(f"{name}: error: {redact(str(e), storage)}; nothing uncommitted was kept: rerun the same command "
+              "when it answers again", file=sys.stderr)
+        return 1
+    except Exception:
+        print(redact(traceback.format_exc(), storage), file=sys.stderr)
+        print(f"{name}: failed", file=sys.stderr)
+        return 1

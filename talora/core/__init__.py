@@ -1,0 +1,4 @@
+"""The building blocks of every task model: LoRA layers and adapters (`lora`) and the frozen sentence
+encoder that turns a prompt into an embedding (`text`).
+
+May import talora.io only; knows nothing of SAM."""
