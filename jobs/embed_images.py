@@ -16,7 +16,8 @@ import sys
 
 from talora.backbones.variants import DEFAULT_VARIANT, SAM_TYPES
 from talora.train.embed import EmbedConfig, run_embed_job
-from talora.cli.common import add_layout_flags, add_storage_flags, init_ray, layout_from_args, run_main, storage_from_args
+from talora.batch.cluster import init_ray
+from talora.cli.common import add_layout_flags, add_storage_flags, layout_from_args, run_main, storage_from_args
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -14,7 +14,8 @@ import argparse
 import json
 import sys
 
-from talora.cli.common import add_storage_flags, init_ray, run_main, storage_from_args
+from talora.batch.cluster import init_ray
+from talora.cli.common import add_storage_flags, run_main, storage_from_args
 from talora.backbones.variants import SAM_TYPES
 
 

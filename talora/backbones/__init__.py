@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 from talora.backbones.variants import VARIANTS, get_variant
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # annotations only: the registry is read without torch or any family's model code
     import torch
 
     from talora.backbones.base import Backbone

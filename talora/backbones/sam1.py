@@ -253,7 +253,7 @@ class Backbone(base.Backbone):
     def fast_reference_predictor(self):
         """pytorch-labs' segment-anything-fast: its `sam_model_fast_registry` builds the variant in
         bf16 with its Triton attention kernel and torch.compile; its `SamPredictor` is a drop-in one."""
-        try:
+        try:  # optional: pytorch-labs' package is not on PyPI
             from segment_anything_fast import SamPredictor as FastPredictor
             from segment_anything_fast import sam_model_fast_registry
         except ImportError:

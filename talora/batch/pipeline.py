@@ -21,13 +21,17 @@ items has come back, so none is silently dropped.
 
 from __future__ import annotations
 
+import datetime
+import resource
+import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import pyarrow as pa
+import ray
 
-from talora.batch.commit import Manifest, RunOutput, ShardTracker
 from talora.backbones.frames import error_message
+from talora.batch.commit import Manifest, RunOutput, ShardTracker
 from talora.batch.shards import ShardPlan, list_images, shard_items
 from talora.io.storage import StorageOptions, StorageUnavailable, read_bytes
 
@@ -110,9 +114,9 @@ class ShardWriter:
     def __init__(self, run: RunOutput, schema: pa.Schema | None = None, threads: int | None = None) -> None:
         self.run = run  # where parts go, in the run's part format
         self.schema = schema
-        if threads:  # the layout's torch threads (Ray sets OMP_NUM_THREADS from whole CPUs only)
-            import torch
+        import torch  # in the model actors only: the read and decode tasks run this module without torch
 
+        if threads:  # the layout's torch threads (Ray sets OMP_NUM_THREADS from whole CPUs only)
             torch.set_num_threads(threads)
 
     def process(self, batch: dict) -> list[tuple[list[dict], str]]:
@@ -128,14 +132,11 @@ class ShardWriter:
             first_index[shard] = min(first_index.get(shard, int(index)), int(index))
         parts = {shard: self.run.write_part(shard, first_index[shard], rows, self.schema)
                  for shard, rows in by_shard.items() if rows}
-        import resource
-
-        import ray
-        import torch
-
         # Where the work ran, the actor's peak memory and its torch threads: for the job's summary.
         node = ray.get_runtime_context().get_node_id()
         rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        import torch  # as in __init__: never in a decode task
+
         threads = torch.get_num_threads()
         meta: dict[str, list[Any]] = {k: [] for k in META_KEYS}
         for uri, image_id, shard, count, (rows, error) in zip(batch["uri"], batch["image_id"], batch["shard"],
@@ -165,10 +166,6 @@ def run_sharded(
     counts and timings for the job's summary (timed once, around the whole pipeline: its lazy
     stages measured apart would measure nothing). `image_ids`: COCO ids by URI, where known.
     `watch` sees every item's metadata row as it comes back (META_KEYS)."""
-    import time
-
-    import ray
-
     start = time.perf_counter()
     committed = run.committed_shards()  # names only: one listing, no manifest read
     todo = [p for p in plans if p.name not in committed]
@@ -285,8 +282,6 @@ def status(state: str, tracker: ShardTracker, skipped: int, returned: int, error
     """The run's _status.json: shards done of all, images returned, the rates so far and an ETA
     (seconds). Shards are listed by tasks as they go, so the images still to come are estimated
     from the committed shards' mean size (exact once the run is done)."""
-    import datetime
-
     committed, to_do = len(tracker.committed), len(tracker.committed) + len(tracker.waiting)
     per_shard = tracker.items_committed / committed if committed else None
     total = returned if state == "done" else (round(per_shard * to_do) if per_shard is not None else None)

@@ -22,6 +22,7 @@ be imported (the package checks them on import), so jobs/gpu_check.py loads this
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata as metadata
 import importlib.util
 import json
 import os
@@ -29,6 +30,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 import zipfile
 from pathlib import Path
 
@@ -98,9 +100,7 @@ def carry_closure(roots=ROOTS, python: str = TARGET_PYTHON, device_image=DEVICE_
     """{distribution: version} to carry: the closure of `roots` over this environment's installed
     metadata (markers evaluated for the device's Linux CPython `python`), without what the device
     image brings (whose own dependencies it brings too) and without torch's family."""
-    import importlib.metadata as metadata
-
-    from packaging.requirements import Requirement
+    from packaging.requirements import Requirement  # not standard library (see the module docstring)
 
     installed = {canonical(d.metadata["Name"]): d for d in metadata.distributions()}
     environment = {"python_version": python, "python_full_version": f"{python}.0", "sys_platform": "linux",
@@ -184,7 +184,7 @@ def build_carry(out: Path, prompts: list[str], python: str = TARGET_PYTHON, plat
                 log=print) -> dict:
     """`out`/wheels/*.whl for the device, `out`/text_embeddings.safetensors (`prompts`), and
     `out`/manifest.json; refuses a carry that would not travel. Returns the manifest."""
-    from talora.core.text import write_embedding_table
+    from talora.core.text import write_embedding_table  # where the carry is built talora is installed
 
     out = Path(out)
     if out.exists():
@@ -219,8 +219,6 @@ def build_carry(out: Path, prompts: list[str], python: str = TARGET_PYTHON, plat
 
 
 def missing_modules(modules=NEEDED_MODULES) -> list[str]:
-    import importlib.util
-
     missing = []
     for module in modules:
         try:
@@ -235,8 +233,6 @@ def install(carry: Path, site: Path) -> dict:
     """Every carried wheel into `site` (pip --target, no index, no dependency resolution: the
     closure was computed when the carry was built); skipped when `site` already holds this carry.
     Returns {"installed": n, "seconds": s} or {"reused": digest}."""
-    import time
-
     carry, site = Path(carry), Path(site)
     manifest_file = carry / MANIFEST
     if not manifest_file.is_file():

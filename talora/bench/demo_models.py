@@ -16,8 +16,21 @@ from dataclasses import dataclass, field
 
 import torch
 
+from talora.adapters.static import StaticLora
+from talora.core.text import TextEncoder
+from talora.data.coco import CocoDataset
+from talora.data.tasks import TaskSet
+from talora.eval.metrics import mean, reference_scores
+from talora.eval.probe import probe_base
+from talora.io.storage import StorageOptions, join, read_bytes
+from talora.io.weights import read_weights
 from talora.markdown import fmt, table
-from talora.io.storage import StorageOptions
+from talora.model.loading import build_task_aware_sam, load_task_aware_sam
+from talora.train.checkpoint import run_checkpoint
+from talora.train.config import load_run_spec
+from talora.train.pretrain import ImageMemo, PretrainStep, validate_pretrain
+from talora.train.step import TrainStep
+from talora.train.validate import per_task, score_tasks, validation_rows
 
 
 @dataclass(frozen=True)
@@ -35,16 +48,6 @@ class DemoReportConfig:
 
 def score_static_run(run: str, dataset, image_ids, storage: StorageOptions | None):
     """(task id, IoU) of a finished static run's latest checkpoint on its task, as validated in training."""
-    from talora.model.loading import build_task_aware_sam
-    from talora.adapters.static import StaticLora
-    from talora.io.storage import join, read_bytes
-    from talora.data.tasks import TaskSet
-    from talora.train.checkpoint import run_checkpoint
-    from talora.train.config import load_run_spec
-    from talora.train.step import TrainStep
-    from talora.train.validate import per_task, score_tasks, validation_rows
-    from talora.io.weights import read_weights
-
     checkpoint = run_checkpoint(run, "latest", storage)
     spec = load_run_spec(read_bytes(join(checkpoint, "config.yaml"), storage).decode())
     model = build_task_aware_sam(spec.model, storage=storage).eval()
@@ -56,17 +59,6 @@ def score_static_run(run: str, dataset, image_ids, storage: StorageOptions | Non
 
 
 def demo_models_report(config: DemoReportConfig) -> dict:
-    from talora.data.coco import CocoDataset
-    from talora.model.loading import load_task_aware_sam
-    from talora.eval.metrics import mean, reference_scores
-    from talora.eval.probe import probe_base
-    from talora.adapters.static import StaticLora
-    from talora.data.tasks import TaskSet
-    from talora.core.text import TextEncoder
-    from talora.train.pretrain import ImageMemo, PretrainStep, validate_pretrain
-    from talora.train.step import TrainStep
-    from talora.train.validate import per_task, score_tasks, validation_rows
-
     storage = config.storage
     train = CocoDataset.load(config.train_annotations, storage=storage)
     val = CocoDataset.load(config.val_annotations, storage=storage)

@@ -36,6 +36,17 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from talora.backbones.variants import FAMILIES, cpu_preset, largest
+from talora.bench import speed
+from talora.bench.speed import PROMPTS
+from talora.batch.cluster import init_ray
+from talora.data.coco import CocoDataset
+from talora.data.synthetic import CATEGORIES, PALETTES, write_demo_dataset
+from talora.data.tasks import TaskSet
+from talora.io.storage import read_bytes
+from talora.markdown import table
+from talora.model.loading import load_model, model_spec
+from talora.train.config import load_run_spec
+from talora.train.trainer import run_training
 
 REPO = Path(__file__).resolve().parents[2]
 TRAIN_PRECISIONS = ("fp32", "bf16", "fp16")
@@ -89,11 +100,6 @@ def check_prompts() -> list[str]:
     """Every prompt the check can encode: the speed suite's, and every task prompt (train and
     held-out paraphrases) of the demo domain in both palettes, for every colour x category pair
     (a superset of what any generated demo dataset yields). The carry's text table holds these."""
-    from talora.bench.speed import PROMPTS
-    from talora.data.coco import CocoDataset
-    from talora.data.synthetic import CATEGORIES, PALETTES
-    from talora.data.tasks import TaskSet
-
     colours = sorted({c for palette in PALETTES.values() for c in palette})
     box = [0, 0, 4, 0, 4, 4, 0, 4]
     annotations = [{"id": i + 1, "image_id": 1, "category_id": category["id"], "segmentation": [box], "area": 16.0,
@@ -110,9 +116,6 @@ def check_prompts() -> list[str]:
 
 def speed_section(plan: Plan, sam_type: str, with_job: bool) -> dict:
     """The speed suite at each of the plan's precisions on one model; {"machine", precision: speed}."""
-    from talora.bench import speed
-    from talora.model.loading import load_model, model_spec
-
     model = load_model(model_spec(sam_type))  # the shipped demo models where a variant has them, else random weights
     out: dict = {}
     for k, precision in enumerate(plan.precisions):
@@ -130,9 +133,6 @@ def speed_section(plan: Plan, sam_type: str, with_job: bool) -> dict:
 def train_spec(plan: Plan, precision: str, data: dict, runs: str, steps: int):
     """The plan's training preset with a check's train section: a hypernet on a random base (the
     GPU plan; the dry run keeps the demo preset's shipped base), a few steps, one worker."""
-    from talora.io.storage import read_bytes
-    from talora.train.config import load_run_spec
-
     train = {"mode": "hypernet", "train_annotations": data["train"], "val_annotations": data["val"],
              "train_image_root": None, "val_image_root": None, "embeddings": None, "max_steps": steps,
              "batch_images": 1, "tasks_per_image": 2, "warmup_steps": 2, "val_every": plan.train_steps,
@@ -145,10 +145,6 @@ def train_spec(plan: Plan, precision: str, data: dict, runs: str, steps: int):
 
 def train_section(plan: Plan) -> dict:
     """Ray Train hypernet runs at each AMP precision, then a relaunch that resumes the bf16 run."""
-    from talora.data.synthetic import write_demo_dataset
-    from talora.cli.common import init_ray
-    from talora.train.trainer import run_training
-
     tmp = tempfile.mkdtemp(prefix="talora-gpu-train-")
     data = write_demo_dataset(tmp, num_train=8, num_val=2, seed=5)
     init_ray()
@@ -305,8 +301,6 @@ def targets(gpu: dict, plan: Plan) -> dict:
 
 def markdown(results: dict) -> str:
     """results.md: the sections, the targets, then every number with its `gpu.` key."""
-    from talora.markdown import table
-
     machine = results["machine"] or {}
     lines = [f"# GPU check{' (dry run, CPU)' if results['config']['dry_run'] else ''}: "
              f"{machine.get('name', '?')} ({machine.get('device', '?')}), torch {machine.get('torch', '?')}, "

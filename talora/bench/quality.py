@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import os
 import random
 import time
@@ -37,10 +38,28 @@ import numpy as np
 import torch
 from pycocotools import mask as mask_utils
 
+from talora.adapters.static import StaticLora
+from talora.bench.demo_models import score_static_run
 from talora.bench.report import machine, verdicts, write_files
-from talora.io.images import figure_png
-from talora.io.storage import StorageOptions
-from talora.data.tasks import GROUPS
+from talora.bench.timing import median_seconds
+from talora.batch.cluster import init_ray
+from talora.config import ModelConfig, from_dict, to_dict
+from talora.core.text import TextEncoder
+from talora.data.coco import CocoDataset
+from talora.data.synthetic import ensure_demo_dataset
+from talora.data.tasks import GROUPS, TaskSet, semantic_mask, task_ground_truth
+from talora.eval.evaluate import coco_stats
+from talora.eval.metrics import TaskIoU, mean, reference_scores
+from talora.io.images import figure_png, pyplot
+from talora.io.storage import StorageOptions, join, read_bytes
+from talora.markdown import fmt, table
+from talora.model.loading import DEMO_HYPERNET, check_checkpoint, load_task_aware_sam
+from talora.predict.predictor import Detection, PredictConfig, TaskAwarePredictor, encode_mask
+from talora.train.checkpoint import SUMMARY, run_checkpoint
+from talora.train.config import dump_run_spec, load_run_spec
+from talora.train.step import TrainStep
+from talora.train.trainer import run_training
+from talora.train.validate import per_task, score_tasks, validation_rows
 
 METHODS = ("amg", "no_adapter", "hypernet", "random_text", "gt_region", "gt_region_base")
 DEMO_MODELS_DATA = "data/demo-models"  # the shipped hypernet's training and validation data (make demo-models)
@@ -88,8 +107,6 @@ class QualityConfig:
 
 def demo_annotations(root: str = DEMO_MODELS_DATA) -> tuple[str, str]:
     """(train, val) annotations of the demo models' data (3000 + 100 images, seed 0), written on first use."""
-    from talora.data.synthetic import ensure_demo_dataset
-
     train, val = (os.path.join(root, split, "instances.json") for split in ("train", "val"))
     ensure_demo_dataset(val)
     return train, val
@@ -98,11 +115,6 @@ def demo_annotations(root: str = DEMO_MODELS_DATA) -> tuple[str, str]:
 def train_run(spec, name: str, workdir: str, storage: StorageOptions) -> str:
     """Trains `spec` under `workdir`/`name`-<digest of the spec> (Ray Train) and returns the run URI.
     A finished run of the same spec is reused: training is the expensive part of a rerun."""
-    from talora.io.storage import join, read_bytes
-    from talora.train.checkpoint import SUMMARY
-    from talora.train.config import dump_run_spec
-    from talora.train.trainer import run_training
-
     digest = hashlib.sha256(dump_run_spec(spec).encode()).hexdigest()[:10]
     name = f"{name}-{digest}"
     run = join(workdir, name)
@@ -119,8 +131,6 @@ def train_run(spec, name: str, workdir: str, storage: StorageOptions) -> str:
 def run_spec(config: QualityConfig, train: str, val: str, model=None, **train_fields):
     """The preset's spec for one training run: these annotations, `model` (default: the preset's, on
     the base), one validation at the last step, and `train_fields`."""
-    from talora.train.config import load_run_spec
-
     spec = load_run_spec(config.preset)
     if model is None and config.sam_checkpoint:
         model = dataclasses.replace(spec.model, sam=dataclasses.replace(spec.model.sam, checkpoint=config.sam_checkpoint))
@@ -133,10 +143,6 @@ def run_spec(config: QualityConfig, train: str, val: str, model=None, **train_fi
 
 def trained_hypernet(config: QualityConfig, train: str, val: str, steps: int, name: str = "hypernet", **model_fields):
     """The hypernet file of a hypernet run of `steps` steps (model overrides: {section: {field: value}})."""
-    from talora.config import ModelConfig, from_dict, to_dict
-    from talora.io.storage import join
-    from talora.train.checkpoint import run_checkpoint
-
     spec = run_spec(config, train, val, max_steps=steps, mode="hypernet")
     if model_fields:
         data = to_dict(spec.model)
@@ -180,8 +186,6 @@ class MethodScores:
     """Task IoU and COCO results of one method, by group."""
 
     def __init__(self) -> None:
-        from talora.eval.metrics import TaskIoU
-
         self.ious = TaskIoU()
         self.results: dict[str, list[dict]] = {g: [] for g in GROUPS}
 
@@ -194,9 +198,6 @@ class MethodScores:
 
     def summary(self, gt: dict, category_of: dict[str, int], rows, backend: str, semantic: bool = True) -> dict:
         """{group: {miou, ap, ap50, tasks}} for each group with rows; None for a group without."""
-        from talora.eval.evaluate import coco_stats
-        from talora.eval.metrics import mean
-
         per_key = self.ious.per_key()
         out = {}
         for group in GROUPS:
@@ -215,8 +216,6 @@ def decode_rle(rle: dict) -> np.ndarray:
 
 
 def prepare(model, dataset, image_ids: list[int], tasks) -> list[Prepared]:
-    from talora.data.tasks import semantic_mask
-
     prepared = []
     with torch.no_grad():
         for image_id in image_ids:
@@ -262,8 +261,6 @@ def score_shared(predictor, images: list[Prepared], rows, category_of, adapter) 
 def score_amg(model, predict_config, images: list[Prepared], rows, category_of) -> MethodScores:
     """The family's own automatic mask generator on the frozen base (no adapter is set outside
     talora's adapter contexts), with the instance pass's grid and filters."""
-    from talora.predict.predictor import Detection, encode_mask
-
     generator = model.backbone.automatic_mask_generator(
         points_per_side=predict_config.points_per_side, points_per_batch=predict_config.points_per_batch,
         pred_iou_thresh=predict_config.score_thresh, stability_score_thresh=predict_config.stability_thresh,
@@ -305,15 +302,6 @@ def random_prompts(rows, seed: int) -> dict[str, str]:
 
 def run_quality(config: QualityConfig) -> dict:
     """Every quality measurement; returns {"machine", "config", "quality"} (results.json)."""
-    from talora.data.coco import CocoDataset
-    from talora.model.loading import DEMO_HYPERNET, check_checkpoint, load_task_aware_sam
-    from talora.eval.metrics import reference_scores
-    from talora.predict.predictor import PredictConfig, TaskAwarePredictor
-    from talora.adapters.static import StaticLora
-    from talora.data.tasks import TaskSet, task_ground_truth
-    from talora.core.text import TextEncoder
-    from talora.train.validate import per_task, validation_rows
-
     storage = config.storage
     train_uri, val_uri = ((config.train_annotations, config.val_annotations) if config.train_annotations
                           else demo_annotations())
@@ -332,8 +320,6 @@ def run_quality(config: QualityConfig) -> dict:
     start = time.perf_counter()
     hypernet = config.hypernet
     if hypernet is None and (config.hypernet_steps or config.train_annotations):
-        from talora.cli.common import init_ray
-
         spec = run_spec(config, train_uri, val_uri, max_steps=1)
         if spec.model.sam.checkpoint:  # a base of another variant than the preset's fails here, not in a worker
             check_checkpoint(spec.model.sam.checkpoint, spec.model.sam.sam_type, storage)
@@ -388,9 +374,6 @@ def run_quality(config: QualityConfig) -> dict:
     oracles = []
     t0 = time.perf_counter()
     if oracle_ids:
-        from talora.bench.demo_models import score_static_run
-        from talora.cli.common import init_ray
-
         init_ray()
         oracle_model = dataclasses.replace(model.config, sam=dataclasses.replace(model.config.sam, checkpoint=base))
         for task_id in oracle_ids:
@@ -411,8 +394,6 @@ def run_quality(config: QualityConfig) -> dict:
                "hypernet_per_task": hyper_per_task, "seconds": timings}
     quality["targets"] = targets(quality)
     if config.ablations:
-        from talora.cli.common import init_ray
-
         init_ray()
         quality["ablations"] = ablations(config, train_uri, val_uri, val, image_ids, tasks)
     describe = {"train_annotations": train_uri, "val_annotations": val_uri, "val_images": len(image_ids),
@@ -443,13 +424,6 @@ def ablations(config: QualityConfig, train_uri: str, val_uri: str, val, image_id
     """Hypernets trained side by side at equal steps: lora vs tucker adapters, decoder-only vs
     encoder tail k = 1, 2; each with its task mIoU per group, the values its hypernet generates per
     adapter, and the seconds per prompt of the adapted part (tail + semantic decode) on one image."""
-    from talora.bench.speed import median_seconds
-    from talora.model.loading import load_task_aware_sam
-    from talora.eval.metrics import mean
-    from talora.core.text import TextEncoder
-    from talora.train.step import TrainStep
-    from talora.train.validate import per_task, score_tasks, validation_rows
-
     steps = config.ablation_steps or config.hypernet_steps or 1000
     variants = {"lora": {}, "tucker": {"hypernet": {"adapter_type": "tucker"}},
                 "decoder_only": {"lora": {"image_encoder": False}}}
@@ -487,8 +461,6 @@ def ablations(config: QualityConfig, train_uri: str, val_uri: str, val, image_id
 
 def markdown(results: dict) -> str:
     """results.md: one table per group (methods x mIoU / AP / AP50), the oracles, the targets."""
-    from talora.markdown import fmt, table
-
     q, c, m = results["quality"], results["config"], results["machine"]
     lines = [f"# Quality suite: {c['val_images']} images of {c['val_annotations']}", "",
              f"Hypernet {c['hypernet']} on {c['sam_checkpoint']}; {c['tasks']} tasks; "
@@ -524,10 +496,7 @@ def markdown(results: dict) -> str:
 
 def plot_methods(results: dict) -> bytes:
     """Mask AP and task mIoU per method on the seen group, as PNG bytes."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     seen = results["quality"]["groups"].get("seen") or {}
     names = [n for n in METHODS if seen.get(n)]
@@ -543,7 +512,5 @@ def plot_methods(results: dict) -> bytes:
 
 def write_results(results: dict, out: str, storage: StorageOptions | None = None) -> list[str]:
     """results.json, results.md and methods.png under `out`; returns the files."""
-    import json
-
     return write_files({"results.json": json.dumps(results, indent=1).encode(), "results.md": markdown(results).encode(),
                         "methods.png": plot_methods(results)}, out, storage)

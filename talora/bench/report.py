@@ -5,15 +5,14 @@ from __future__ import annotations
 import os
 import platform
 
+import ray
 import torch
 
-from talora.io.storage import StorageOptions
+from talora.io.storage import StorageOptions, join, write_bytes
 
 
 def machine(device: torch.device) -> dict:
     """Cores, torch threads, versions and device name: numbers belong to the machine they were taken on."""
-    import ray
-
     return {"device": device.type, "name": torch.cuda.get_device_name() if device.type == "cuda" else
             (platform.processor() or platform.machine()), "cores": os.cpu_count(),
             "torch_threads": torch.get_num_threads(), "torch": torch.__version__, "ray": ray.__version__,
@@ -27,8 +26,6 @@ def verdicts(measured: dict[str, tuple[float | None, float]]) -> dict:
 
 def write_files(files: dict[str, bytes], out: str, storage: StorageOptions | None = None) -> list[str]:
     """Each {name: bytes} under `out` (any URI); returns the written URIs."""
-    from talora.io.storage import join, write_bytes
-
     for name, data in files.items():
         write_bytes(join(out, name), data, storage)
     return [join(out, name) for name in files]

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -27,7 +26,16 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import ray
+import torch
+
+from talora.batch.rows import read_summary
+from talora.batch.shards import list_images, plan_shards
+from talora.bench.report import machine, write_files
+from talora.bench.timing import median_seconds
+from talora.batch.cluster import init_ray
 from talora.io.storage import StorageOptions
+from talora.markdown import table
 
 JOBS = Path(__file__).resolve().parents[2] / "jobs"  # the job scripts of a source checkout
 
@@ -38,7 +46,7 @@ class ScaleConfig:
     images_per_shard: int = 1000
     small_shards: int = 10
     max_shards: int = 2  # shards each driver run labels
-    repeats: int = 5  # timed repeats of planning and listing (median)
+    min_run_time: float = 2.0  # seconds of timed planning and listing each (median of the runs)
     workdir: str | None = None  # where the buckets go (default: a temporary folder, removed after)
 
 
@@ -56,8 +64,6 @@ def run_driver(argv: list[str], ray_address: str, log: str) -> dict:
     """Runs `jobs/segment_dataset.py ARGV` as its own process on the Ray at `ray_address`; returns
     its exit code, its run's _summary.json, peak RSS (MB), CPU seconds and wall seconds. The
     process's output goes to `log`."""
-    from talora.batch.rows import read_summary
-
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env["RAY_ADDRESS"] = ray_address
     started = time.perf_counter()
@@ -80,23 +86,7 @@ def label_argv(images: str, output: str, max_shards: int) -> list[str]:
             "--points-per-side", "4", "--batch-size", "8", "--max-shards", str(max_shards)]
 
 
-def median_seconds(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
-
-
 def run_scale(config: ScaleConfig) -> dict:
-    import ray
-    import torch
-
-    from talora.bench.report import machine
-    from talora.cli.common import init_ray
-    from talora.batch.shards import list_images, plan_shards
-
     with tempfile.TemporaryDirectory(dir=config.workdir) as tmp:
         buckets = {"large": (config.shards, write_bucket(os.path.join(tmp, "large"), config.shards,
                                                           config.images_per_shard)),
@@ -104,11 +94,11 @@ def run_scale(config: ScaleConfig) -> dict:
                                                                 config.images_per_shard))}
         results: dict = {"planning": {}, "listing": {}, "driver": {}}
         for name, (shards, root) in buckets.items():
-            seconds = median_seconds(lambda: plan_shards(root), config.repeats)
+            seconds = median_seconds(lambda: plan_shards(root), config.min_run_time)[0]
             results["planning"][name] = {"shards": shards, "images": shards * config.images_per_shard,
                                          "seconds": seconds, "s_per_shard": seconds / shards}
         folder = os.path.join(buckets["large"][1], "shard-00000")
-        seconds = median_seconds(lambda: list_images(folder), config.repeats)
+        seconds = median_seconds(lambda: list_images(folder), config.min_run_time)[0]
         results["listing"] = {"images": config.images_per_shard, "s_per_shard": seconds,
                               "s_per_image": seconds / config.images_per_shard}
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # the drivers below join this process's own local head
@@ -134,8 +124,6 @@ def run_scale(config: ScaleConfig) -> dict:
 
 
 def markdown(results: dict) -> str:
-    from talora.markdown import table
-
     r = results["scale"]
     rows = [[f"planning ({p['shards']} shards, {p['images']} images)", f"{p['seconds'] * 1e3:.1f} ms",
              f"{p['s_per_shard'] * 1e6:.1f} us/shard"] for p in r["planning"].values()]
@@ -158,7 +146,5 @@ def markdown(results: dict) -> str:
 
 def write_results(results: dict, out: str, storage: StorageOptions | None = None) -> list[str]:
     """results.json and results.md under `out`; returns the files."""
-    from talora.bench.report import write_files
-
     return write_files({"results.json": json.dumps(results, indent=1).encode(), "results.md": markdown(results).encode()},
                        out, storage)

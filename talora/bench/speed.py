@@ -30,19 +30,41 @@ blocks). Numbers belong to the machine they were taken on: the results record it
 
 from __future__ import annotations
 
+import dataclasses
+import io
+import json
+import os
 import resource
 import tempfile
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from torch.utils.benchmark import Timer
+from PIL import Image
 
-from talora.backbones.variants import DEFAULT_VARIANT
+from talora.backbones.variants import DEFAULT_VARIANT, get_variant
+from talora.batch.rows import PARQUET, SCHEMA, detection_rows
+from talora.batch.shards import plan_shards
 from talora.bench.report import machine, verdicts, write_files
-from talora.config import ModelConfig
-from talora.io.images import figure_png
-from talora.io.storage import StorageOptions
+from talora.bench.timing import median_seconds
+from talora.batch.cluster import init_ray
+from talora.config import ModelConfig, default_config
+from talora.data.coco import CocoDataset
+from talora.data.synthetic import write_demo_dataset
+from talora.data.tasks import TaskSet, task_ground_truth
+from talora.eval.evaluate import coco_stats
+from talora.io.images import decode_image, figure_png, pyplot
+from talora.io.storage import StorageOptions, read_bytes
+from talora.label.job import LabelConfig, run_label_job
+from talora.markdown import table
+from talora.model.loading import build_task_aware_sam, load_backbone, load_model, model_spec
+from talora.predict.predictor import PredictConfig, TaskAwarePredictor, encode_mask
+from talora.train.batches import build_batch
+from talora.train.config import TrainConfig, load_run_spec
+from talora.train.optim import autocast, backward_and_step, grad_scaler
+from talora.train.pretrain import ImageMemo, PretrainStep, build_pretrain_batch, label_vocab
+from talora.train.step import TrainStep
 
 # Prompts of the demo domain, the first K of which the floor labels (any text works: these have tasks).
 PROMPTS = ("segment vehicles", "segment red objects", "segment all circles", "segment fruit", "segment blue objects",
@@ -77,19 +99,9 @@ class SpeedConfig:
             raise ValueError(f"--precision must be fp32, bf16 or fp16, got {self.precision!r}")
 
 
-def median_seconds(fn, min_run_time: float) -> tuple[float, int]:
-    """(median seconds of `fn()`, timed runs) after a warm-up."""
-    measurement = Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time)
-    return measurement.median, len(measurement.times)
-
-
 def run_speed(config: SpeedConfig, model=None) -> dict:
     """Every speed measurement; returns {"machine", "config", "speed"} (results.json). `model`: the
     TaskAwareSam to time (default: built for the variant), so runs at several precisions share one."""
-    from talora.model.loading import load_model, model_spec
-    from talora.predict.predictor import PredictConfig, TaskAwarePredictor
-    from talora.backbones.variants import get_variant
-
     device = torch.device(config.device)
     sam_type = config.model.sam.sam_type
     if device.type == "cuda":
@@ -152,12 +164,6 @@ def targets(speed: dict) -> dict:
 
 def bench_images(config: SpeedConfig, tmp: str):
     """(the COCO dataset of the images, or None; the first `timed_images` decoded images)."""
-    from talora.data.coco import CocoDataset
-    from talora.io.images import decode_image
-    from talora.data.synthetic import write_demo_dataset
-    from talora.batch.shards import plan_shards
-    from talora.io.storage import read_bytes
-
     if config.images is None:  # in shard folders, as a bucket is laid out
         written = write_demo_dataset(tmp, num_train=0, num_val=config.num_images, seed=21,
                                      shard_size=max(1, min(100, config.num_images // 4)))
@@ -181,14 +187,6 @@ def per_image(fn, count: int, config: SpeedConfig) -> float:
 def job_speed(config: SpeedConfig, tmp: str, prompts: list[str], floor) -> dict:
     """The labelling job in this process's Ray over the suite's images; `floor()` re-measures the floor
     at the job's total torch threads (its actors x their threads)."""
-    import os
-    import time
-
-    from talora.cli.common import init_ray
-    from talora.label.job import LabelConfig, run_label_job
-    from talora.model.loading import model_spec
-    from talora.predict.predictor import PredictConfig
-
     sam_type = config.model.sam.sam_type
     generated = config.images is None
     started = time.perf_counter()
@@ -219,10 +217,6 @@ def job_speed(config: SpeedConfig, tmp: str, prompts: list[str], floor) -> dict:
 
 def breakdown(predictor, dataset, images: list[np.ndarray], prompts: list[str], config: SpeedConfig) -> dict:
     """Seconds per image of each stage of `TaskAwarePredictor.predict_resized` (and around it)."""
-    from talora.io.images import decode_image
-    from talora.batch.rows import PARQUET, SCHEMA, detection_rows
-    from talora.predict.predictor import encode_mask
-
     n = len(images)
     adapter = predictor.model.adapters(prompts)
     with torch.no_grad(), predictor.autocast():  # as predict_rows runs the tail and the semantic row
@@ -270,8 +264,6 @@ def sam_reference(model, images: list[np.ndarray], resized, config: SpeedConfig)
     LoRA inactive): set_image, then one point at the image centre, one mask; beside talora's
     one-prompt semantic path on the same images and precision. vs_sam_predictor > 1: talora labels
     more images per second."""
-    from talora.predict.predictor import PredictConfig, TaskAwarePredictor
-
     semantic = TaskAwarePredictor(model, PredictConfig(mode="semantic", precision=config.precision))
     sam = model.backbone.reference_predictor()
 
@@ -311,10 +303,6 @@ def fast_reference(model, images: list[np.ndarray], config: SpeedConfig, referen
 
 def image_bytes(image: np.ndarray) -> bytes:
     """An image as the JPEG bytes a bucket would hold (what the decode stage reads)."""
-    import io
-
-    from PIL import Image
-
     buffer = io.BytesIO()
     Image.fromarray(image).save(buffer, format="JPEG", quality=95)
     return buffer.getvalue()
@@ -329,9 +317,6 @@ def naive_image(predictor, resized: np.ndarray, size: tuple[int, int], prompts: 
 
 def eval_backends(predictor, dataset, images: list[np.ndarray], prompts: list[str], config: SpeedConfig) -> dict:
     """COCOeval seconds through each backend on the floor's own predictions, and whether the stats agree."""
-    from talora.eval.evaluate import coco_stats
-    from talora.data.tasks import TaskSet, task_ground_truth
-
     tasks = TaskSet.from_dataset(dataset)
     mapped = {p: tasks.for_prompt(p) for p in prompts if tasks.for_prompt(p) is not None}
     if not mapped:
@@ -356,15 +341,6 @@ def eval_backends(predictor, dataset, images: list[np.ndarray], prompts: list[st
 
 def train_speed(config: SpeedConfig, device: torch.device) -> dict:
     """Steps/s of one hypernet step from cached trunk features vs encoding its images on the fly."""
-    from talora.data.coco import CocoDataset
-    from talora.data.synthetic import write_demo_dataset
-    from talora.model.loading import build_task_aware_sam
-    from talora.data.tasks import TaskSet
-    from talora.train.batches import build_batch
-    from talora.train.config import TrainConfig
-    from talora.train.optim import autocast, backward_and_step, grad_scaler
-    from talora.train.step import TrainStep
-
     with tempfile.TemporaryDirectory(prefix="talora-bench-train-") as tmp:  # annotated images for the batch
         dataset = CocoDataset.load(write_demo_dataset(tmp, num_train=config.batch_images, num_val=1, seed=21)["train"])
         pixels = {i: dataset.load_image(i) for i in dataset.image_ids}
@@ -417,11 +393,6 @@ def train_speed(config: SpeedConfig, device: torch.device) -> dict:
 
 def pretrain_step(dataset, sam_type: str, device: torch.device):
     """One step of the whole SAM: 8 images x 4 prompts (configs/demo_pretrain.yaml's batch)."""
-    from talora.model.loading import load_backbone
-    from talora.train.config import TrainConfig
-    from talora.train.optim import backward_and_step
-    from talora.train.pretrain import ImageMemo, PretrainStep, build_pretrain_batch, label_vocab
-
     backbone = load_backbone(sam_type)
     vocab = label_vocab(dataset)
     memo = ImageMemo(backbone, dataset, vocab, None)
@@ -438,11 +409,6 @@ def pretrain_step(dataset, sam_type: str, device: torch.device):
 def speed_config(sam_type: str, device: str, preset: str | None = None, **kwargs) -> SpeedConfig:
     """The model and train batch of a training preset (`preset`: YAML text) or the variant's defaults;
     a preset for another variant is refused before any work. `kwargs`: SpeedConfig fields (None = default)."""
-    import dataclasses
-
-    from talora.config import default_config
-    from talora.train.config import load_run_spec
-
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
     if not preset:
         return SpeedConfig(default_config(sam_type), device, **kwargs)
@@ -464,8 +430,6 @@ def describe(config: SpeedConfig) -> dict:
 
 def markdown(results: dict) -> str:
     """results.md: every number with its key, and the machine."""
-    from talora.markdown import table
-
     rows = []
 
     def walk(prefix: str, value) -> None:
@@ -487,10 +451,7 @@ def markdown(results: dict) -> str:
 
 def plot_prompts(results: dict) -> bytes:
     """Seconds per image against the number of prompts (floor path), as PNG bytes."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     ks = sorted(results["speed"]["prompts"], key=int)
     fig, ax = plt.subplots(figsize=(4.5, 3.2))
@@ -502,7 +463,5 @@ def plot_prompts(results: dict) -> bytes:
 
 def write_results(results: dict, out: str, storage: StorageOptions | None = None) -> list[str]:
     """results.json, results.md and prompts.png under `out`; returns the files."""
-    import json
-
     return write_files({"results.json": json.dumps(results, indent=1).encode(), "results.md": markdown(results).encode(),
                         "prompts.png": plot_prompts(results)}, out, storage)

@@ -1,14 +1,15 @@
-"""What every job script shares: storage flags, Ray start-up, and error handling that never leaks
+"""What every job script shares: storage and actor-layout flags, and error handling that never leaks
 a credential and always exits non-zero on failure."""
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import traceback
 from typing import Callable
 
+
+from talora.batch.pipeline import ActorLayout
 from talora.io.storage import StorageOptions, StorageUnavailable, redact
 
 
@@ -26,18 +27,6 @@ def storage_from_args(args: argparse.Namespace) -> StorageOptions:
                           access_key_id=args.s3_access_key_id, secret_access_key=args.s3_secret_access_key)
 
 
-def init_ray(address: str | None = None) -> None:
-    """Connects to RAY_ADDRESS (under `ray job submit`) or `address`, else starts a local Ray."""
-    import ray
-
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    if ray.is_initialized():
-        return
-    # The dashboard process also serves the state API that Ray Train's cleanup polls.
-    ray.init(address=address or os.environ.get("RAY_ADDRESS"),
-             log_to_driver=True, configure_logging=False)
-
-
 def add_layout_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("actors (each unset one is chosen from the resources Ray reports)")
     g.add_argument("--num-actors", type=int, default=None, help="model actors (default: one per GPU share, "
@@ -49,8 +38,6 @@ def add_layout_flags(p: argparse.ArgumentParser) -> None:
 
 
 def layout_from_args(args: argparse.Namespace):
-    from talora.batch.pipeline import ActorLayout
-
     return ActorLayout(args.num_actors, args.cpus_per_actor, args.gpus_per_actor, args.threads_per_actor)
 
 

@@ -14,15 +14,32 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
+import time
 
 import torch
 
 from talora.backbones.variants import DEFAULT_VARIANT, SAM_TYPES
-from talora.config import ModelConfig, default_config, load_config
 from talora.cli.common import add_storage_flags, storage_from_args
-from talora.io.storage import StorageOptions, redact
+from talora.config import ModelConfig, SamConfig, default_config, dump_config, load_config
+from talora.core.text import TextEncoder, validate_prompts
+from talora.data.coco import CocoDataset
+from talora.data.synthetic import SyntheticConfig, write_demo_dataset
+from talora.data.tasks import TaskSet
+from talora.eval.probe import probe_base
+from talora.eval.viz import overlay_png, plot_run, render_predictions
+from talora.io.images import decode_image
+from talora.io.storage import StorageOptions, join, read_bytes, redact, write_bytes
+from talora.io.weights import read_weights, write_weights
+from talora.label.export.run import WRITERS, ExportConfig, export_run
+from talora.model.files import AdapterCache, adapter_header, save_adapter
+from talora.model.loading import (HYPERNET_FORMAT, build_task_aware_sam, load_backbone, load_model, load_task_aware_sam,
+                                  model_spec)
+from talora.model.peft import export_peft, merge_into_checkpoint
+from talora.predict.predictor import PredictConfig, TaskAwarePredictor
+from talora.train.checkpoint import run_checkpoint
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -36,8 +53,6 @@ _add_storage_args = add_storage_flags  # the same storage flags as the jobs
 
 
 def _model_config(args: argparse.Namespace) -> ModelConfig:
-    import dataclasses
-
     if args.config:
         with open(args.config) as f:
             config = load_config(f)
@@ -55,8 +70,6 @@ def _storage(args: argparse.Namespace) -> StorageOptions:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from talora.model.loading import build_task_aware_sam
-
     config = _model_config(args)
     model = build_task_aware_sam(config, storage=_storage(args))
     counts = model.parameter_counts()
@@ -88,10 +101,6 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_adapter(args: argparse.Namespace) -> int:
-    from talora.model.files import AdapterCache, adapter_header, save_adapter
-    from talora.model.loading import build_task_aware_sam, load_task_aware_sam, model_spec
-    from talora.core.text import TextEncoder, validate_prompts
-
     (prompt,) = validate_prompts([args.prompt])
     storage = _storage(args)
     config = _model_config(args)
@@ -122,9 +131,6 @@ def cmd_adapter(args: argparse.Namespace) -> int:
 
 
 def cmd_tasks(args: argparse.Namespace) -> int:
-    from talora.data.coco import CocoDataset
-    from talora.data.tasks import TaskSet
-
     dataset = CocoDataset.load(args.annotations, storage=_storage(args))
     tasks = TaskSet.from_dataset(dataset)
     rows = [{"id": t.id, "kind": t.kind, "heldout_composition": t.heldout, "train_prompts": t.train_prompts,
@@ -142,10 +148,6 @@ def cmd_tasks(args: argparse.Namespace) -> int:
 
 
 def cmd_demo_data(args: argparse.Namespace) -> int:
-    import time
-
-    from talora.data.synthetic import SyntheticConfig, write_demo_dataset
-
     start = time.perf_counter()
     config = SyntheticConfig(image_size=args.image_size, image_format=args.format, palette=args.palette,
                              background=args.background, min_size=args.min_size, max_size=args.max_size)
@@ -159,24 +161,18 @@ def cmd_demo_data(args: argparse.Namespace) -> int:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    from talora.model.peft import merge_into_checkpoint
-
     out = merge_into_checkpoint(args.adapter, args.sam_checkpoint, args.out, _storage(args))
     print(f"merged {args.adapter} into {args.sam_checkpoint or 'a randomly initialised base'} -> {out}")
     return 0
 
 
 def cmd_export_peft(args: argparse.Namespace) -> int:
-    from talora.model.peft import export_peft
-
     for path in export_peft(args.adapter, args.out, _storage(args)):
         print(f"wrote {path}")
     return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from talora.label.export import ExportConfig, export_run
-
     counts = export_run(ExportConfig(args.predictions, args.out, args.format, args.kind, args.min_score,
                                      args.images_prefix, _storage(args)))
     print(json.dumps(counts))
@@ -184,29 +180,16 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_plot_run(args: argparse.Namespace) -> int:
-    from talora.eval.viz import plot_run
-
     print(f"wrote {plot_run(args.run_dir, args.out, _storage(args))}")
     return 0
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    import dataclasses
-
-    from talora.io.images import decode_image
-    from talora.model.loading import load_model, model_spec
-    from talora.predict.predictor import PredictConfig, TaskAwarePredictor
-    from talora.io.storage import read_bytes, write_bytes
-    from talora.core.text import validate_prompts
-    from talora.eval.viz import overlay_png
-
     prompts = validate_prompts(args.prompt)
     storage = _storage(args)
     image = decode_image(read_bytes(args.image, storage))
     model = load_model(model_spec(args.sam_type or DEFAULT_VARIANT, args.sam_checkpoint, args.hypernet, args.adapter,
                                   args.untrained), storage)
-    import torch
-
     if torch.cuda.is_available():  # as the labelling job's actors
         model = model.cuda()
     predictor = TaskAwarePredictor(model, PredictConfig(mode=args.mode, points_per_side=args.points_per_side,
@@ -237,10 +220,6 @@ def parse_box(text: str) -> list[float]:
 
 
 def cmd_probe(args: argparse.Namespace) -> int:
-    from talora.data.coco import CocoDataset
-    from talora.model.loading import load_backbone
-    from talora.eval.probe import probe_base
-
     storage = _storage(args)
     config = _model_config(args)
     backbone = load_backbone(config.sam.sam_type, config.sam.checkpoint, storage)
@@ -265,12 +244,6 @@ def cmd_probe(args: argparse.Namespace) -> int:
 
 def cmd_fp16(args: argparse.Namespace) -> int:
     """A weights file with its floating tensors in fp16 (half the size; the shipped demo models)."""
-    import dataclasses
-
-    from talora.config import SamConfig, dump_config, load_config
-    from talora.model.loading import HYPERNET_FORMAT, build_task_aware_sam
-    from talora.io.weights import read_weights, write_weights
-
     storage = _storage(args)
     state, header = read_weights(args.input, storage)
     if args.sam_checkpoint:  # a hypernet's header names its base: point it at the shipped one
@@ -292,17 +265,12 @@ def cmd_fp16(args: argparse.Namespace) -> int:
 
 
 def cmd_checkpoint(args: argparse.Namespace) -> int:
-    from talora.io.storage import join
-    from talora.train.checkpoint import run_checkpoint
-
     found = run_checkpoint(args.run_dir, "best" if args.best else "latest", _storage(args))
     print(join(found, args.file) if args.file else found)
     return 0
 
 
 def cmd_viz(args: argparse.Namespace) -> int:
-    from talora.eval.viz import render_predictions
-
     files = render_predictions(args.predictions, args.out, args.prompt, args.max_images, _storage(args), args.images)
     print(f"wrote {len(files)} overlay(s) to {args.out}")
     return 0
@@ -352,7 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", help="a labelling run's labels as a COCO instances JSON or YOLO-seg labels")
     p.add_argument("--predictions", required=True, help="a labelling run: OUTPUT/<run_key>")
-    p.add_argument("--format", choices=("coco", "yolo"), default="coco")
+    p.add_argument("--format", choices=tuple(WRITERS), default="coco")
     p.add_argument("--out", required=True, help="coco: the instances JSON to write; yolo: a folder (any URI)")
     p.add_argument("--kind", choices=("instance", "semantic"), default="instance", help="rows that become annotations")
     p.add_argument("--min-score", type=float, default=0.0, help="leave out masks scored below this")

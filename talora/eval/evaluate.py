@@ -15,14 +15,16 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from pycocotools import mask as mask_utils
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
 
-from talora.data.coco import CocoDataset
-from talora.markdown import fmt
-from talora.markdown import table as md_table
-from talora.eval.metrics import GROUPS, REFERENCES, TaskIoU, mean, reference_scores
 from talora.batch.rows import coco_results, read_run, read_summary
-from talora.io.storage import StorageOptions, join, write_bytes
+from talora.data.coco import CocoDataset
 from talora.data.tasks import TaskSet, semantic_mask, task_ground_truth
+from talora.eval.metrics import GROUPS, REFERENCES, TaskIoU, mean, reference_scores
+from talora.io.images import pyplot
+from talora.io.storage import StorageOptions, join, write_bytes
+from talora.markdown import fmt, table as md_table
 
 STAT_NAMES = ("AP", "AP50", "AP75", "AP_small", "AP_medium", "AP_large")
 
@@ -51,16 +53,13 @@ def parse_task_map(entries: list[str]) -> dict[str, str]:
 
 def _cocoeval_class(backend: str):
     if backend == "pycocotools":
-        from pycocotools.coco import COCO
-        from pycocotools.cocoeval import COCOeval
-
         return COCO, COCOeval
     if backend == "faster-coco-eval":
         try:
-            from faster_coco_eval import COCO, COCOeval_faster
+            import faster_coco_eval  # optional: a dev extra, asked for by name
         except ImportError as e:
             raise ValueError("--backend faster-coco-eval needs `pip install faster-coco-eval`") from e
-        return COCO, COCOeval_faster
+        return faster_coco_eval.COCO, faster_coco_eval.COCOeval_faster
     raise ValueError(f"--backend must be pycocotools or faster-coco-eval, got {backend!r}")
 
 
@@ -242,10 +241,7 @@ def write_report(report: dict, output: str, storage: StorageOptions | None) -> N
                             fmt(v["best_f1"])] for p, v in report["presence_f1"].items()])
     write_bytes(join(output, "report.md"), ("\n".join(lines) + "\n").encode(), storage)
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     names = list(report["per_task"]) or ["(no task)"]
     values = [report["per_task"][n]["AP"] for n in report["per_task"]] or [0.0]

@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import json
 
-from talora.io.images import figure_png
+import numpy as np
+from pycocotools import mask as mask_utils
+
+from talora.batch.rows import read_run, read_summary
+from talora.io.images import decode_image, figure_png, pyplot
 from talora.io.storage import StorageOptions, join, read_bytes, write_bytes
 
 
 def plot_run(run_uri: str, out: str | None = None, storage: StorageOptions | None = None) -> str:
     """Loss curves and validation mIoU per group, as a PNG (default: RUN/curves.png)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     history = [json.loads(line) for line in read_bytes(join(run_uri, "metrics.jsonl"), storage).splitlines() if line]
     if not history:
@@ -45,13 +46,7 @@ def overlay_png(image, detections_by_prompt: dict[str, list]) -> bytes:
     `detections_by_prompt`: {prompt: [{"kind", "segmentation": {"size", "counts"}, "score"}, ...]}
     (prediction rows or predictor Detections as dicts). Semantic masks are tinted, instances outlined.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-    from pycocotools import mask as mask_utils
-
+    plt = pyplot()
     panels = 1 + len(detections_by_prompt)
     fig, axes = plt.subplots(1, panels, figsize=(3.2 * panels, 3.4), squeeze=False)
     axes[0, 0].imshow(image)
@@ -82,9 +77,6 @@ def render_predictions(predictions: str, out_dir: str, prompts: list[str] | None
 
     Images are read from the rows' URIs, or from `images` (the prefix the job labelled, e.g. a
     local copy of the bucket): ``images/<shard>/<name>``, or ``images/<name>`` for virtual shards."""
-    from talora.io.images import decode_image
-    from talora.batch.rows import read_run, read_summary
-
     run = read_run(predictions, storage)
     prompts = prompts or read_summary(predictions, storage).get("prompts") or None
     by_image: dict[str, dict[str, list]] = {uri: {} for uri in run.processed}  # images without rows too

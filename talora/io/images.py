@@ -46,12 +46,20 @@ def encode_image(image: np.ndarray, ext: str) -> bytes:
     return buffer.getvalue()
 
 
+def pyplot():
+    """matplotlib's pyplot on the Agg backend (files, no display)."""
+    import matplotlib  # imported where a figure is drawn: decode workers and jobs that draw nothing never load it
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # after the backend is chosen
+
+    return plt
+
+
 def figure_png(fig) -> bytes:
     """A matplotlib figure as PNG bytes, laid out tight; the figure is closed."""
-    import matplotlib.pyplot as plt  # matplotlib only where a figure was drawn: decode workers never load it
-
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=100)
-    plt.close(fig)
+    pyplot().close(fig)
     return buffer.getvalue()

@@ -7,13 +7,18 @@ message: `redact()` scrubs every known secret from text before a job prints or s
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
+import json
 import os
 import posixpath
 import re
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import fsspec
+import pyarrow.fs as pafs
 from fsspec.core import url_to_fs
 
 
@@ -145,8 +150,6 @@ def endpoint_of(uri: str, options: StorageOptions | None = None) -> str:
 def with_retries(action, uri: str, options: StorageOptions | None = None):
     """`action()`, retried with backoff (RETRY_DELAYS_S) while the endpoint does not answer; then
     StorageUnavailable naming the endpoint. Any other error (a missing object, say) is raised at once."""
-    import time
-
     for delay in (*RETRY_DELAYS_S, None):
         try:
             return action()
@@ -212,8 +215,6 @@ def join(uri: str, *parts: str) -> str:
 def pyarrow_filesystem(uri: str, options: StorageOptions | None = None):
     """(pyarrow filesystem, scheme-less path) for Ray Data readers and Ray Train's storage: the same
     fsspec filesystem as every other read (endpoint, profile, keys), wrapped by pyarrow's FSSpecHandler."""
-    import pyarrow.fs as pafs
-
     # Its own instance, without a listing cache: Ray Train lists checkpoints that other workers wrote.
     fresh = {} if protocol_of(uri) == "file" else {"skip_instance_cache": True, "use_listings_cache": False}
     fs, path = filesystem(uri, options, **fresh)
@@ -238,10 +239,6 @@ def local_copy(uri: str, options: StorageOptions | None = None, cache_dir: str |
 
     Not fsspec's ``simplecache::``: it downloads straight into the cache file (``get_file``), so a
     second actor on the node can open a half-written checkpoint; here the copy lands atomically."""
-    import fcntl
-    import hashlib
-    import json
-
     if protocol_of(uri) == "file":
         return resolve(uri).removeprefix("file://")
     cache_dir = cache_dir or os.environ.get("TALORA_CACHE", os.path.expanduser("~/.cache/talora"))

@@ -18,6 +18,8 @@ import json
 import math
 from dataclasses import dataclass, field
 
+import pyarrow.parquet as pq
+
 from talora.io.storage import StorageOptions, read_bytes
 
 
@@ -46,8 +48,6 @@ def read_boxes(uri: str, prompts: list[str], storage: StorageOptions | None = No
     """Reads and checks a boxes file; a bad entry is an error naming the file, the entry and the field."""
     data = read_bytes(uri, storage)
     if uri.lower().endswith(".parquet"):
-        import pyarrow.parquet as pq
-
         entries = pq.read_table(io.BytesIO(data)).to_pylist()
     else:
         try:

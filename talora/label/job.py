@@ -13,21 +13,30 @@ once, and an image's instance pass already fills a decoder batch of points_per_b
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
+import ray
+import torch
+import yaml
 
-from talora.model.files import AdapterCache
-from talora.label.boxes import BoxIndex, read_boxes
-from talora.batch.commit import RunOutput, run_key
 from talora.backbones.frames import decode_stage, error_message
-from talora.model.loading import ModelSpec, check_checkpoint, load_model
+from talora.backbones.variants import get_variant
+from talora.batch.commit import RunOutput, run_key
 from talora.batch.pipeline import ActorLayout, ShardWriter, run_sharded
 from talora.batch.rows import PARQUET, SCHEMA, detection_rows, error_row, write_summary
-from talora.predict.predictor import PredictConfig
 from talora.batch.shards import ShardPlan, plan_shards
-from talora.io.storage import StorageOptions, absolute, file_identity, join, protocol_of, require_kept, require_shared
-from talora.backbones.variants import get_variant
+from talora.core.text import validate_prompts
+from talora.data.coco import CocoDataset
+from talora.data.synthetic import ensure_demo_dataset
+from talora.io.storage import (StorageOptions, absolute, file_identity, join, protocol_of, read_bytes, require_kept,
+                               require_shared)
+from talora.io.weights import read_weights
+from talora.label.boxes import BoxIndex, read_boxes
+from talora.model.files import AdapterCache
+from talora.model.loading import ModelSpec, check_checkpoint, load_model
+from talora.predict.predictor import PredictConfig, TaskAwarePredictor
 
 # The embedded default bucket: `jobs/segment_dataset.py --prompt ...` with no --images labels its
 # validation split (generated here on first use).
@@ -79,10 +88,6 @@ def parse_prompt_thresholds(values: list[str], prompts: list[str]) -> tuple[tupl
 def read_prompts_file(uri: str, storage: StorageOptions | None = None) -> tuple[list[str], tuple[tuple[str, float], ...]]:
     """A YAML list of prompts, each a string or {prompt: ..., presence_thresh: ...} -> (prompts,
     per-prompt thresholds); a bad entry is an error naming the file and the entry."""
-    import yaml
-
-    from talora.io.storage import read_bytes
-
     entries = yaml.safe_load(read_bytes(uri, storage))
     if not isinstance(entries, list) or not entries:
         raise ValueError(f"--prompts-file {uri}: expected a non-empty YAML list of prompts")
@@ -102,8 +107,6 @@ def read_prompts_file(uri: str, storage: StorageOptions | None = None) -> tuple[
 
 def demo_bucket(root: str = DEMO_DATA) -> tuple[str, str]:
     """(images prefix, annotations) of the demo bucket's validation split, written on first use."""
-    from talora.data.synthetic import ensure_demo_dataset
-
     annotations = os.path.join(root, "val", "instances.json")
     ensure_demo_dataset(annotations)
     return os.path.join(root, "val", "images"), annotations
@@ -111,8 +114,6 @@ def demo_bucket(root: str = DEMO_DATA) -> tuple[str, str]:
 
 def model_name(spec: ModelSpec, storage: StorageOptions) -> str:
     """The `model` column: variant + the digest of what was given."""
-    from talora.io.weights import read_weights
-
     if spec.hypernet:
         return f"{spec.sam_type}+hypernet:{read_weights(spec.hypernet, storage)[1].get('digest', '?')}"
     if spec.adapter:
@@ -126,10 +127,6 @@ class LabelActor(ShardWriter):
     def __init__(self, spec: ModelSpec, prompts: list[str], predict: PredictConfig, task: str | None, model: str,
                  run: RunOutput, storage: StorageOptions, adapter_cache: str = "", boxes: BoxIndex | None = None,
                  threads: int | None = None) -> None:
-        import torch
-
-        from talora.predict.predictor import TaskAwarePredictor
-
         super().__init__(run, SCHEMA, threads)
         self.torch = torch
         sam_model = load_model(spec, storage)
@@ -143,8 +140,6 @@ class LabelActor(ShardWriter):
             if adapter_cache and sam_model.fixed_adapter is None:  # loaded where an earlier job made them
                 found = AdapterCache(adapter_cache, storage).fill(sam_model, self.prompts)
             sam_model.adapters(self.prompts)  # generate (and keep) every prompt's adapter once
-        import ray
-
         # Where the pool's actors are, for whoever reads the job's log (and the multinode test).
         print(f"label actor on node {ray.get_runtime_context().get_node_id()}: adapters {found}"
               f"{f' ({adapter_cache})' if adapter_cache else ''}", flush=True)
@@ -186,8 +181,6 @@ def plan(config: LabelConfig) -> tuple[list[ShardPlan], dict[str, int] | None]:
         raise ValueError(f"no images under {config.images}")
     if not config.annotations:
         return plans, None
-    from talora.data.coco import CocoDataset
-
     # Keyed as the listing names images (local paths absolute), so a relative --images still maps.
     dataset = CocoDataset.load(config.annotations, absolute(config.images), config.storage)
     return plans, {r.uri: r.id for r in dataset.images.values()}
@@ -217,12 +210,6 @@ class BoxesSeen:
 
 def run_label_job(config: LabelConfig) -> dict:
     """Checks everything cheap first, then labels every uncommitted shard; returns the summary."""
-    import time
-
-    import ray
-
-    from talora.core.text import validate_prompts
-
     prompts = validate_prompts(list(config.prompts))
     require_shared(config.output, "--output")
     require_kept(config.output, "--output")

@@ -19,16 +19,17 @@ from dataclasses import dataclass
 
 import torch
 
-from talora.backbones.variants import DEFAULT_VARIANT
+from talora.adapters.hypernet import TaskAwareHyperNet
 from talora.backbones import build_backbone, check_variant
 from talora.backbones.base import Backbone
+from talora.backbones.variants import DEFAULT_VARIANT
 from talora.config import ModelConfig, default_config, dump_config, load_config
-from talora.adapters.hypernet import TaskAwareHyperNet
 from talora.core.lora import Adapter, LoraTarget
-from talora.model.task_aware_sam import TaskAwareSam, build_presence_head
-from talora.io.storage import StorageOptions, local_copy, read_bytes
 from talora.core.text import TextEncoder
+from talora.io.storage import StorageOptions, local_copy, read_bytes
 from talora.io.weights import parse_safetensors, read_shapes, read_weights, write_weights
+from talora.model.files import load_adapter
+from talora.model.task_aware_sam import TaskAwareSam, build_presence_head
 
 HYPERNET_FORMAT = "talora.hypernet/1"
 
@@ -180,8 +181,6 @@ def model_spec(sam_type: str, sam_checkpoint: str | None = None, hypernet: str |
 
 def load_model(spec: ModelSpec, storage: StorageOptions | None = None) -> TaskAwareSam:
     """The TaskAwareSam for `spec`, remote model files copied once per node."""
-    from talora.model.files import load_adapter
-
     checkpoint = local_copy(spec.sam_checkpoint, storage) if spec.sam_checkpoint else None
     if spec.hypernet:
         return load_task_aware_sam(local_copy(spec.hypernet, storage), checkpoint, TextEncoder(), storage)

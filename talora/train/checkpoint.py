@@ -14,7 +14,9 @@ import os
 import sys
 import tempfile
 
+import ray.train
 import torch
+from ray.train import Checkpoint
 
 from talora.io.storage import StorageOptions, join, read_bytes, write_bytes
 from talora.io.weights import read_weights, write_weights
@@ -33,8 +35,6 @@ def say(line: str) -> None:
 def resume(run_uri: str, storage: StorageOptions, step_module, optimizer, scheduler, scaler, device,
            rank: int) -> tuple[int, list[dict]]:
     """(start step, metric history up to it) from Ray Train's checkpoint of this run, if any."""
-    import ray.train
-
     checkpoint = ray.train.get_checkpoint()
     if not checkpoint:
         return 0, []
@@ -57,9 +57,6 @@ def save_checkpoint(run_uri: str, storage: StorageOptions, history: list[dict], 
                     optimizer, scheduler, scaler, spec_yaml: str, write_artifact) -> None:
     """Rank 0: the metric history, then a checkpoint (trainable weights, optimiser, step, config and
     the artifact users take away, written by `write_artifact(directory)`) reported to Ray Train."""
-    import ray.train
-    from ray.train import Checkpoint
-
     write_bytes(join(run_uri, "metrics.jsonl"), "".join(json.dumps(h) + "\n" for h in history).encode(), storage)
     with tempfile.TemporaryDirectory() as d:
         write_weights(os.path.join(d, "trainable.safetensors"), step_module.state_dict())

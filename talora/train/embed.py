@@ -20,17 +20,25 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
+import ray
+import torch
 
-from talora.backbones.variants import DEFAULT_VARIANT
+from talora.backbones.frames import error_message
+from talora.backbones.variants import DEFAULT_VARIANT, get_variant
 from talora.batch.commit import RunOutput, run_key
 from talora.batch.pipeline import ActorLayout, ShardWriter, run_sharded
 from talora.batch.rows import PARQUET, open_run, write_summary
 from talora.batch.shards import ShardPlan, plan_shards
-from talora.io.storage import StorageOptions, join, read_bytes, require_kept, require_shared, write_bytes
+from talora.data.coco import CocoDataset
+from talora.io.images import decode_image
+from talora.io.storage import (StorageOptions, join, local_copy, pyarrow_filesystem, read_bytes, require_kept,
+                               require_shared, write_bytes)
+from talora.model.loading import load_backbone
 
 CACHE_FORMAT = "talora.embedding-cache/1"
 
@@ -56,8 +64,6 @@ def plan(config: EmbedConfig) -> tuple[list[ShardPlan], dict[str, int] | None]:
     by shard folder (talora.batch.shards: tasks list the images); a COCO JSON is already a full list, so
     its images are grouped into shards here (by first folder of file_name, else virtual shards)."""
     if config.annotations:
-        from talora.data.coco import CocoDataset
-
         dataset = CocoDataset.load(config.annotations, config.image_root, config.storage)
         records = [dataset.images[i] for i in dataset.image_ids][: config.max_images]
         by_shard: dict[str, list[str]] = {}
@@ -81,11 +87,6 @@ class TrunkEncoder(ShardWriter):
 
     def __init__(self, sam_type: str, sam_checkpoint: str | None, tail_blocks: int, run: RunOutput,
                  storage: StorageOptions, threads: int | None = None) -> None:
-        import torch
-
-        from talora.model.loading import load_backbone
-        from talora.io.storage import local_copy
-
         super().__init__(run, threads=threads)
         self.torch = torch
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -95,9 +96,6 @@ class TrunkEncoder(ShardWriter):
         self.tail_blocks = tail_blocks
 
     def process(self, batch: dict) -> list[tuple[list[dict], str]]:
-        from talora.io.images import decode_image
-        from talora.backbones.frames import error_message
-
         torch, backbone = self.torch, self.backbone
         results: list[tuple[list[dict], str]] = []
         inputs, rows = [], []
@@ -145,14 +143,6 @@ def check_cache_key(cache_uri: str, expected: dict, storage: StorageOptions | No
 
 def run_embed_job(config: EmbedConfig) -> dict:
     """Encodes every uncommitted shard; returns (and writes) the run summary."""
-    import time
-
-    import ray
-    import torch
-
-    from talora.backbones.variants import get_variant
-    from talora.model.loading import load_backbone
-
     require_shared(config.output, "--output")
     require_kept(config.output, "--output")
     for uri in (config.images, config.annotations):
@@ -202,10 +192,6 @@ def read_cache(cache_uri: str, storage: StorageOptions | None = None) -> pa.Tabl
 def cache_dataset(cache_uri: str, storage: StorageOptions | None = None):
     """The committed cache as a Ray Dataset (manifest-listed parts only), for training to stream
     with ``iter_batches(local_shuffle_buffer_size=...)`` or ``streaming_split``."""
-    import ray
-
-    from talora.io.storage import pyarrow_filesystem
-
     uris = open_run(cache_uri, storage).committed_part_uris()
     if not uris:
         raise ValueError(f"embedding cache {cache_uri} has no committed shard")

@@ -16,20 +16,20 @@ import statistics
 import time
 
 import numpy as np
+import ray
+import ray.train
+import ray.train.torch
 import torch
+import torch.distributed as dist
 
 from talora.io.storage import StorageOptions
 from talora.train.checkpoint import resume, save_checkpoint, say
+from talora.train.config import dump_run_spec, load_run_spec
+from talora.train.modes import MODES
 from talora.train.optim import autocast, backward_and_step, build_optimizer, grad_scaler, lr_scheduler
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
-    import ray.train
-    import ray.train.torch
-
-    from talora.train.config import dump_run_spec
-    from talora.train.modes import MODES
-
     spec, storage, rank, world, device = worker_setup(loop_config)
     cfg, run_uri = spec.train, loop_config["run_uri"]
     mode = MODES[cfg.mode](spec, storage, rank, world, device)
@@ -105,11 +105,6 @@ def drop_gradients(parameters: list[torch.nn.Parameter]) -> None:
 
 def worker_setup(loop_config: dict):
     """(spec, storage, rank, world size, device) of this worker; threads and seed set."""
-    import ray.train
-    import ray.train.torch
-
-    from talora.train.config import load_run_spec
-
     spec = load_run_spec(loop_config["spec"])
     context = ray.train.get_context()
     torch.set_num_threads(max(1, int(spec.train.cpus_per_worker)))
@@ -120,12 +115,8 @@ def worker_setup(loop_config: dict):
 
 def gather_worker_nodes(world: int) -> str:
     """Every worker's node id, comma-joined, for the run summary."""
-    import ray
-
     node_ids = [ray.get_runtime_context().get_node_id()]
     if world > 1:
-        import torch.distributed as dist
-
         gathered: list = [None] * world
         dist.all_gather_object(gathered, node_ids[0])
         node_ids = gathered

@@ -18,11 +18,23 @@ from __future__ import annotations
 import os
 
 import numpy as np
+import ray.train
 import torch
 
+from talora.adapters.static import StaticLora
+from talora.core.text import TextEncoder
+from talora.data.coco import CocoDataset
+from talora.data.tasks import Task, TaskSet
 from talora.io.storage import StorageOptions
+from talora.model.files import AdapterHeader, save_adapter
+from talora.model.loading import build_task_aware_sam, load_backbone, save_backbone, save_hypernet
 from talora.train.batches import build_batch, epoch_images
 from talora.train.memo import TrunkMemo
+from talora.train.optim import autocast
+from talora.train.pretrain import ImageMemo, PretrainStep, build_pretrain_batch, label_vocab, validate_pretrain
+from talora.train.reduce import sum_over_workers
+from talora.train.step import TrainStep
+from talora.train.validate import group_metrics, reduce_ious, validate, validation_rows
 
 
 class TaskMode:
@@ -34,16 +46,6 @@ class TaskMode:
     name = "train"
 
     def __init__(self, spec, storage: StorageOptions, rank: int, world: int, device: torch.device) -> None:
-        import ray.train
-
-        from talora.data.coco import CocoDataset
-        from talora.model.loading import build_task_aware_sam
-        from talora.adapters.static import StaticLora
-        from talora.data.tasks import TaskSet
-        from talora.core.text import TextEncoder
-        from talora.train.step import TrainStep
-        from talora.train.validate import validation_rows
-
         self.spec, self.cfg, self.storage, self.device = spec, spec.train, storage, device
         cfg = self.cfg
         model = build_task_aware_sam(spec.model, storage=storage).to(device)
@@ -100,9 +102,6 @@ class TaskMode:
         return []
 
     def validate(self) -> dict[str, float]:
-        from talora.train.optim import autocast
-        from talora.train.validate import group_metrics, reduce_ious, validate
-
         cfg = self.cfg
         with autocast(cfg, self.device):
             entries = ((self.val_set.images[i], *self.val_trunk(i)) for i in self.val_ids) if cfg.val_annotations else ()
@@ -117,12 +116,8 @@ class TaskMode:
         """A hypernet file (`--hypernet`) or a static adapter file (`--adapter`)."""
         spec = self.spec
         if spec.train.mode == "hypernet":
-            from talora.model.loading import save_hypernet
-
             save_hypernet(self.model, os.path.join(directory, "hypernet.safetensors"))
             return
-        from talora.model.files import AdapterHeader, save_adapter
-
         header = AdapterHeader(spec.model.sam.sam_type, spec.model.lora.rank, spec.model.lora.alpha,
                                spec.train.task or "all objects", "static",
                                [{"name": t.name, "in_features": t.in_features, "out_features": t.out_features}
@@ -141,10 +136,6 @@ class PretrainMode:
     name = "pretrain"
 
     def __init__(self, spec, storage: StorageOptions, rank: int, world: int, device: torch.device) -> None:
-        from talora.data.coco import CocoDataset
-        from talora.model.loading import load_backbone
-        from talora.train.pretrain import ImageMemo, PretrainStep, label_vocab
-
         self.spec, self.cfg, self.device, self.rank = spec, spec.train, device, rank
         cfg = self.cfg
         self.train_set = CocoDataset.load(cfg.train_annotations, cfg.train_image_root, storage)
@@ -169,8 +160,6 @@ class PretrainMode:
             self.val_entries = [val_memo(i) for i in val_set.image_ids[: cfg.val_images][rank::world]]
 
     def batch(self, step: int, rng: np.random.Generator):
-        from talora.train.pretrain import build_pretrain_batch
-
         cfg = self.cfg
         entries = [self.memo(i) for i in epoch_images(self.mine, step, cfg.batch_images, (cfg.seed, self.rank))]
         return build_pretrain_batch(entries, rng, cfg.prompts_per_image, cfg.box_fraction,
@@ -186,9 +175,6 @@ class PretrainMode:
         return self.held if step < self.cfg.high_res_hold_steps else []
 
     def validate(self) -> dict[str, float]:
-        from talora.train.optim import autocast
-        from talora.train.pretrain import validate_pretrain
-
         with autocast(self.cfg, self.device):
             sums = validate_pretrain(self.module, self.val_entries, self.vocab)
         val = reduce_means(sums, self.device)
@@ -196,8 +182,6 @@ class PretrainMode:
         return val
 
     def write_artifact(self, directory: str) -> None:
-        from talora.model.loading import save_backbone
-
         save_backbone(self.backbone, os.path.join(directory, "sam.safetensors"))
 
     def memo_note(self) -> str:
@@ -209,8 +193,6 @@ MODES = {"hypernet": TaskMode, "static": TaskMode, "pretrain": PretrainMode}
 
 def task_lists(tasks, spec) -> tuple[list, list]:
     """(training tasks, validation tasks) of a mode: every non-held-out task (hypernet), or one (static)."""
-    from talora.data.tasks import Task
-
     if spec.train.mode != "static":
         return [t for t in tasks if not t.heldout], list(tasks)
     if spec.train.task is None:  # the whole dataset: every object is the target
@@ -230,13 +212,9 @@ def own_share(image_ids: list[int], rank: int, world: int) -> list[int]:
 
 def reduce_means(sums: dict[str, list[float]], device: torch.device) -> dict[str, float]:
     """{metric: [sum, count]} of every worker -> {metric: mean}."""
-    import torch.distributed as dist
-
     keys = sorted(sums)
-    totals = torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=device)
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(totals)
-    return {k: float(s / c) if c else 0.0 for k, (s, c) in zip(keys, totals.tolist())}
+    totals = sum_over_workers([sums[k] for k in keys], device)
+    return {k: float(s / c) if c else 0.0 for k, (s, c) in zip(keys, totals)}
 
 
 def cache_batches(shard, batch_images: int, device: torch.device):

@@ -16,10 +16,16 @@ import os
 import time
 
 import yaml
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
 
-from talora.io.storage import StorageOptions, absolute, join, protocol_of, pyarrow_filesystem, read_bytes, require_shared, write_bytes
+from talora.io.storage import (StorageOptions, absolute, join, protocol_of, pyarrow_filesystem, read_bytes,
+                               require_shared, write_bytes)
+from talora.model.loading import check_checkpoint, load_backbone
 from talora.train.checkpoint import SUMMARY
 from talora.train.config import RunSpec, dump_run_spec, result_affecting
+from talora.train.embed import cache_dataset, cache_key_inputs, check_cache_key
+from talora.train.loop import train_loop_per_worker
 
 RUN_FILE = "talora_run.yaml"
 
@@ -50,11 +56,6 @@ def check_resume_config(run_uri: str, spec: RunSpec, storage: StorageOptions) ->
 
 
 def run_training(spec: RunSpec, storage: StorageOptions | None = None) -> dict:
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    from talora.train.loop import train_loop_per_worker
-
     storage = storage or StorageOptions()
     spec = dataclasses.replace(spec, train=dataclasses.replace(
         spec.train, **{k: absolute(getattr(spec.train, k)) for k in
@@ -70,8 +71,6 @@ def run_training(spec: RunSpec, storage: StorageOptions | None = None) -> dict:
             require_shared(uri)
             read_bytes(uri, storage)  # a missing file fails here, before any worker starts
     if spec.model.sam.checkpoint:
-        from talora.model.loading import check_checkpoint
-
         require_shared(spec.model.sam.checkpoint, "--sam-checkpoint")
         check_checkpoint(spec.model.sam.checkpoint, spec.model.sam.sam_type, storage)  # another variant's base fails here
     run_uri = join(cfg.storage_path, cfg.name)
@@ -79,9 +78,6 @@ def run_training(spec: RunSpec, storage: StorageOptions | None = None) -> dict:
 
     datasets = {}
     if cfg.embeddings:
-        from talora.train.embed import cache_dataset, cache_key_inputs, check_cache_key
-        from talora.model.loading import load_backbone
-
         backbone = load_backbone(spec.model.sam.sam_type, spec.model.sam.checkpoint, storage)
         tail = spec.model.tail_blocks
         check_cache_key(cfg.embeddings, cache_key_inputs(spec.model.sam.sam_type, backbone.trunk_digest(tail), tail,

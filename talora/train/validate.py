@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import torch
 
-from talora.eval.metrics import TaskIoU
 from talora.data.tasks import Task, semantic_mask
+from talora.eval.metrics import TaskIoU
+from talora.train.reduce import sum_over_workers
 
 
 def validation_rows(tasks: list[Task], static: bool) -> list[tuple[Task, str, str]]:
@@ -58,14 +59,9 @@ def validate(step_module, entries, dataset, rows, text_embeddings: torch.Tensor 
 
 def reduce_ious(ious: TaskIoU, keys: list, device: torch.device) -> TaskIoU:
     """Sums every worker's intersections and unions (a no-op on one worker)."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return ious
-    counts = torch.tensor([[ious.intersection[k], ious.union[k]] for k in keys], dtype=torch.float64, device=device)
-    dist.all_reduce(counts)
+    counts = sum_over_workers([[ious.intersection[k], ious.union[k]] for k in keys], device)
     total = TaskIoU()
-    for k, (inter, union) in zip(keys, counts.tolist()):
+    for k, (inter, union) in zip(keys, counts):
         total.intersection[k], total.union[k] = int(inter), int(union)
     return total
 

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from talora.label.export import ExportConfig, export_run
+from talora.label.export.run import ExportConfig, export_run
 from talora.io.storage import filesystem, read_bytes
 from tests.unit.test_label_export import labelled_run
 

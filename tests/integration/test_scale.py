@@ -38,7 +38,7 @@ def test_a_million_image_bucket_costs_the_driver_what_ten_thousand_do(ray_cluste
 def test_the_scale_suite_reports_every_key_on_a_tiny_bucket(ray_cluster, tmp_path):
     from talora.bench.scale import ScaleConfig, markdown, run_scale, write_results
 
-    results = run_scale(ScaleConfig(shards=4, images_per_shard=3, small_shards=2, max_shards=1, repeats=1,
+    results = run_scale(ScaleConfig(shards=4, images_per_shard=3, small_shards=2, max_shards=1, min_run_time=0.01,
                                     workdir=str(tmp_path)))
     scale = results["scale"]
     assert scale["planning"]["large"]["shards"] == 4 and scale["planning"]["small"]["images"] == 6

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from talora.bench.speed import PROMPT_COUNTS, median_seconds, run_speed, speed_config, write_results
+from talora.bench.speed import PROMPT_COUNTS, run_speed, speed_config, write_results
+from talora.bench.timing import median_seconds
 
 REPO = Path(__file__).resolve().parents[2]
 

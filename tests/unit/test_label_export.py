@@ -9,7 +9,8 @@ from pycocotools import mask as mask_utils
 from talora.batch.commit import RunOutput, ShardTracker
 from talora.data.coco import CocoDataset
 from talora.data.synthetic import write_demo_dataset
-from talora.label.export import ExportConfig, export_run, polygon
+from talora.label.export.run import ExportConfig, export_run
+from talora.label.export.yolo import polygon
 from talora.batch.rows import PARQUET, SCHEMA, detection_rows, error_row, write_summary
 from talora.predict.predictor import encode_mask
 
