@@ -9,7 +9,7 @@ OFFLINE    := HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 RAY_USAGE_STATS_ENABLED=0
 PYTEST_ARGS ?=
 DEMO_PROMPT ?= segment vehicles
 
-.PHONY: setup test test-unit test-integration demo bench bench-scale bench-other demo-models demo-compare gpu-carry gpu-check clean
+.PHONY: setup test test-slow test-unit test-integration demo bench bench-scale bench-other demo-models demo-compare gpu-carry gpu-check clean
 
 setup: $(VENV)/.installed
 
@@ -24,13 +24,17 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 test: setup
-	$(OFFLINE) $(PY) -m pytest -m "not gpu" $(PYTEST_ARGS)
+	$(OFFLINE) $(PY) -m pytest -m "not gpu and not slow" $(PYTEST_ARGS)
+
+# The benchmark-like tests: whole suite runs, the 10^6-file bucket, the GPU check's dry run.
+test-slow: setup
+	$(OFFLINE) $(PY) -m pytest -m "slow and not gpu" $(PYTEST_ARGS)
 
 test-unit: setup
-	$(OFFLINE) $(PY) -m pytest tests/unit $(PYTEST_ARGS)
+	$(OFFLINE) $(PY) -m pytest -m "not slow" tests/unit $(PYTEST_ARGS)
 
 test-integration: setup
-	$(OFFLINE) $(PY) -m pytest -m integration $(PYTEST_ARGS)
+	$(OFFLINE) $(PY) -m pytest -m "integration and not slow" $(PYTEST_ARGS)
 
 # The embedded default, end to end: the demo bucket (generated if missing) -> the labelling job on
 # a local Ray with two prompts and the shipped demo models -> the evaluation report -> overlays.

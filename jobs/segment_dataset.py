@@ -17,6 +17,7 @@ import sys
 
 from talora.backbones.variants import DEFAULT_VARIANT, SAM_TYPES
 from talora.batch.cluster import init_ray
+from talora.batch.parts import DEFAULT_PART_FORMAT, PART_FORMATS
 from talora.cli.common import add_layout_flags, add_storage_flags, layout_from_args, run_main, storage_from_args
 
 
@@ -55,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", default=None, help="task id to write in the task column")
     p.add_argument("--boxes", default=None, help="a detector's boxes (COCO results JSON, or Parquet with image_uri|"
                    "image_id, bbox[, prompt]): each box is decoded as one instance under its prompt's adapter")
+    p.add_argument("--part-format", choices=tuple(PART_FORMATS), default=DEFAULT_PART_FORMAT,
+                   help="how the rows' part files are stored (part of the run key)")
     p.add_argument("--adapter-cache", default=None, help="where generated adapters are kept by (hypernet, prompt), "
                    "for later jobs to load (default: OUTPUT/_adapters)")
     p.add_argument("--no-adapter-cache", dest="adapter_cache", action="store_const", const="",
@@ -94,7 +97,7 @@ def config_from_args(args: argparse.Namespace):
                        predict=predict, task=args.task, annotations=args.annotations, shard_size=args.shard_size,
                        max_images=args.max_images, max_shards=args.max_shards, max_pixels=args.max_pixels,
                        batch_size=args.batch_size, adapter_cache=args.adapter_cache, boxes=args.boxes,
-                       layout=layout_from_args(args),
+                       part_format=args.part_format, layout=layout_from_args(args),
                        storage=storage_from_args(args))
 
 

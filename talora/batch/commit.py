@@ -22,24 +22,15 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
-from typing import Any, Iterable, Protocol
+from typing import Any, Iterable
 
 import pyarrow as pa
 
+from talora.batch.parts import PartFormat
 from talora.io.storage import StorageOptions, filesystem, join, read_bytes, with_retries, write_bytes
 
 MANIFESTS = "_manifests"
 STATUS = "_status.json"  # the driver's progress, rewritten at every commit: for users, never for exactly-once
-
-
-class PartFormat(Protocol):
-    """How a part file's rows become bytes and back (talora.batch.rows.ParquetParts)."""
-
-    suffix: str  # ".parquet"
-
-    def encode(self, rows: list[dict], schema: pa.Schema | None) -> bytes: ...
-
-    def decode(self, data: bytes) -> pa.Table: ...
 
 
 def run_key(inputs: dict[str, Any]) -> str:

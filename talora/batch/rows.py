@@ -1,13 +1,12 @@
-"""Prediction I/O: the row contract, the part format, the one reader of committed runs, COCO results.
+"""Prediction rows: the row contract, the one reader of committed runs, COCO results.
 
 Rows: one per predicted instance, per semantic mask, or per failed image. `SCHEMA` is the contract
 between the labelling job and everything that reads its output; every part is validated against
 it when read (`validate_table`).
 
-Writing goes through the commit protocol (`talora.batch.commit`) with a part format: `ParquetParts`
-here. A second output format is one more class with the same three members (`suffix`, `encode`,
-`decode`) and its entry in `PART_FORMATS`; the job that writes it opens its run with it. Reading a run (`read_run`) takes only manifest-listed parts, so an interrupted job's
-stale parts are never seen; `coco_results` turns rows into COCO results for pycocotools.
+Writing goes through the commit protocol (`talora.batch.commit`) with a part format of
+`talora.batch.parts`. Reading a run (`read_run`) takes only manifest-listed parts, each decoded by
+its file's suffix, so an interrupted job's stale parts are never seen; `coco_results` turns rows into COCO results for pycocotools.
 """
 
 from __future__ import annotations
@@ -18,9 +17,9 @@ from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from talora.batch.commit import RunOutput
+from talora.batch.parts import PARQUET, PartFormat, part_format_of
 from talora.io.storage import StorageOptions, join, read_bytes, write_bytes
 
 SCHEMA = pa.schema([
@@ -79,38 +78,10 @@ def validate_table(table: pa.Table, source: str) -> pa.Table:
     return table
 
 
-# --- the part format -----------------------------------------------------------------------------
+# --- a run ------------------------------------------------------------------------------------------
 
 
-class ParquetParts:
-    """Part files as Parquet: what the labelling job and the embedding cache write."""
-
-    suffix = ".parquet"
-
-    def encode(self, rows: list[dict], schema: pa.Schema | None) -> bytes:
-        buffer = io.BytesIO()
-        pq.write_table(pa.Table.from_pylist(rows, schema=schema), buffer)
-        return buffer.getvalue()
-
-    def decode(self, data: bytes) -> pa.Table:
-        return pq.read_table(io.BytesIO(data))
-
-
-PARQUET = ParquetParts()
-
-# Every part format by file suffix: readers decode each part by its name, so runs written in any of
-# them read the same way.
-PART_FORMATS = {f.suffix: f for f in (PARQUET,)}
-
-
-def part_format_of(uri: str):
-    for suffix, part_format in PART_FORMATS.items():
-        if uri.endswith(suffix):
-            return part_format
-    raise ValueError(f"{uri}: not a part file of a known format ({sorted(PART_FORMATS)})")
-
-
-def open_run(run_uri: str, storage: StorageOptions | None = None, part_format=PARQUET) -> RunOutput:
+def open_run(run_uri: str, storage: StorageOptions | None = None, part_format: PartFormat = PARQUET) -> RunOutput:
     """The run at ``OUT/<run_key>`` (what a job's summary calls its output)."""
     out, key = run_uri.rstrip("/").rsplit("/", 1)
     return RunOutput(out, key, storage, part_format)

@@ -44,7 +44,8 @@ import torch
 from PIL import Image
 
 from talora.backbones.variants import DEFAULT_VARIANT, get_variant
-from talora.batch.rows import PARQUET, SCHEMA, detection_rows
+from talora.batch.parts import PARQUET
+from talora.batch.rows import SCHEMA, detection_rows
 from talora.batch.shards import plan_shards
 from talora.bench.report import machine, verdicts, write_files
 from talora.bench.timing import median_seconds

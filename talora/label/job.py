@@ -25,7 +25,8 @@ from talora.backbones.frames import decode_stage, error_message
 from talora.backbones.variants import get_variant
 from talora.batch.commit import RunOutput, run_key
 from talora.batch.pipeline import ActorLayout, ShardWriter, run_sharded
-from talora.batch.rows import PARQUET, SCHEMA, detection_rows, error_row, write_summary
+from talora.batch.parts import DEFAULT_PART_FORMAT, part_format
+from talora.batch.rows import SCHEMA, detection_rows, error_row, write_summary
 from talora.batch.shards import ShardPlan, plan_shards
 from talora.core.text import validate_prompts
 from talora.data.coco import CocoDataset
@@ -59,6 +60,7 @@ class LabelConfig:
     batch_size: int = 4
     adapter_cache: str | None = None  # generated adapters by (hypernet, prompt); None: OUTPUT/_adapters, "": none
     boxes: str | None = None  # a detector's boxes (talora.label.boxes): the instances are their masks
+    part_format: str = DEFAULT_PART_FORMAT  # a name of talora.batch.parts.PART_FORMATS
     layout: ActorLayout = field(default_factory=ActorLayout)  # unset fields: chosen from the cluster
     storage: StorageOptions = field(default_factory=StorageOptions)
 
@@ -66,6 +68,18 @@ class LabelConfig:
         for name in ("batch_size", "shard_size", "max_pixels"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        part_format(self.part_format)
+
+
+def run_identity(config: LabelConfig, prompts: list[str], model: str) -> dict:
+    """Everything a run's rows depend on (its key hashes it): a rerun with the same identity
+    resumes the run, any change starts another."""
+    return {
+        "prompts": prompts, "task": config.task, "predict": config.predict.__dict__, "model": model,
+        "files": {k: file_identity(v, config.storage) for k, v in config.model.files().items()},
+        "max_pixels": config.max_pixels, "part_format": config.part_format,
+        **({"boxes": file_identity(config.boxes, config.storage)} if config.boxes else {}),
+    }
 
 
 def parse_prompt_thresholds(values: list[str], prompts: list[str]) -> tuple[tuple[str, float], ...]:
@@ -233,14 +247,8 @@ def run_label_job(config: LabelConfig) -> dict:
     planning = {"shards": len(plans), "seconds": round(time.perf_counter() - planned, 3)}
     layout = config.layout.resolve(ray.cluster_resources(), get_variant(spec.sam_type).cpu_preset)
 
-    identity = {
-        "prompts": prompts, "task": config.task, "predict": config.predict.__dict__, "model": model,
-        "files": {k: file_identity(v, config.storage) for k, v in spec.files().items()},
-        "max_pixels": config.max_pixels,
-        **({"boxes": file_identity(config.boxes, config.storage)} if config.boxes else {}),
-    }
-    key = run_key(identity)
-    run = RunOutput(config.output, key, config.storage, PARQUET)
+    key = run_key(run_identity(config, prompts, model))
+    run = RunOutput(config.output, key, config.storage, part_format(config.part_format))
     boxed = BoxesSeen(boxes)
     counts = run_sharded(
         plans, run, LabelActor,

@@ -32,7 +32,8 @@ from talora.backbones.frames import error_message
 from talora.backbones.variants import DEFAULT_VARIANT, get_variant
 from talora.batch.commit import RunOutput, run_key
 from talora.batch.pipeline import ActorLayout, ShardWriter, run_sharded
-from talora.batch.rows import PARQUET, open_run, write_summary
+from talora.batch.parts import DEFAULT_PART_FORMAT, part_format
+from talora.batch.rows import open_run, write_summary
 from talora.batch.shards import ShardPlan, plan_shards
 from talora.data.coco import CocoDataset
 from talora.io.images import decode_image
@@ -56,6 +57,7 @@ class EmbedConfig:
     batch_size: int = 8
     layout: ActorLayout = field(default_factory=ActorLayout)  # unset fields: chosen from the cluster
     max_images: int | None = None
+    part_format: str = DEFAULT_PART_FORMAT  # a name of talora.batch.parts.PART_FORMATS
     storage: StorageOptions = field(default_factory=StorageOptions)
 
 
@@ -155,8 +157,8 @@ def run_embed_job(config: EmbedConfig) -> dict:
     backbone = load_backbone(config.sam_type, config.sam_checkpoint, config.storage)  # fails early on a bad checkpoint
     key_inputs = cache_key_inputs(config.sam_type, backbone.trunk_digest(tail), tail, backbone.image_size)
     del backbone
-    key = run_key(key_inputs)
-    run = RunOutput(config.output, key, config.storage, PARQUET)
+    key = run_key({**key_inputs, "part_format": config.part_format})  # the cache's identity + how it is stored
+    run = RunOutput(config.output, key, config.storage, part_format(config.part_format))
     write_bytes(join(run.root, "_cache.json"), json.dumps(key_inputs, indent=1).encode(), config.storage)
     layout = config.layout.resolve(ray.cluster_resources(), get_variant(config.sam_type).cpu_preset)
 

@@ -4,7 +4,7 @@ import pytest
 
 from talora.bench.speed import run_speed, speed_config
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 def test_the_speed_suite_times_the_labelling_job_beside_the_floor(ray_cluster):

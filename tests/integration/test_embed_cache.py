@@ -16,7 +16,7 @@ from talora.train.embed import cache_dataset, cache_key_inputs, check_cache_key,
 from talora.model.loading import load_backbone, save_backbone
 from tests.conftest import job_summary, run_job
 from talora.io.storage import read_bytes, write_bytes
-from talora.batch.rows import PARQUET
+from talora.batch.parts import PARQUET
 
 pytestmark = pytest.mark.integration
 JOB = os.path.join(os.path.dirname(__file__), "..", "..", "jobs", "embed_images.py")

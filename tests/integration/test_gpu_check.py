@@ -11,7 +11,7 @@ import pytest
 from talora.bench.gpu import DRY, TRAIN_PRECISIONS
 from tests.conftest import REPO
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 @pytest.mark.timeout(1200)

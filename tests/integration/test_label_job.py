@@ -12,7 +12,7 @@ from talora.data.synthetic import write_demo_dataset
 from talora.batch.rows import read_run
 from talora.io.storage import read_bytes, write_bytes
 from tests.conftest import job_summary, run_job
-from talora.batch.rows import PARQUET
+from talora.batch.parts import PARQUET
 
 pytestmark = pytest.mark.integration
 FAST = ["--points-per-side", "4", "--batch-size", "2"]
@@ -117,7 +117,7 @@ def test_the_bad_input_corpus_gives_error_rows_and_never_crashes(ray_cluster, s3
     assert status["eta_s"] == 0
 
 
-def test_bad_flags_fail_before_the_pool_starts(tmp_path):
+def test_bad_flags_fail_before_the_pool_starts(ray_cluster, tmp_path):
     (tmp_path / "imgs").mkdir()
     for argv, message in [
         (["--prompt", "  ", "--images", str(tmp_path / "imgs")], "prompt 0 is empty"),
@@ -129,7 +129,8 @@ def test_bad_flags_fail_before_the_pool_starts(tmp_path):
         (["--prompt", "x", "--images", str(tmp_path / "imgs")], "no images under"),
         (["--prompt", "x", "--images", str(tmp_path / "missing")], "no such image prefix"),
     ]:
-        done = run_job("segment_dataset", [*argv, "--output", str(tmp_path / "out")] if "--output" not in argv else argv)
+        done = run_job("segment_dataset", [*argv, "--output", str(tmp_path / "out")] if "--output" not in argv else argv,
+                       ray_cluster)  # joins the running cluster: each run costs its start-up, not a Ray start
         assert done.returncode == 2, argv
         assert message in done.stderr, message
 

@@ -15,7 +15,7 @@ from talora.data.synthetic import write_demo_dataset
 from talora.batch.rows import read_run
 from talora.model.loading import load_backbone, save_backbone
 from tests.conftest import job_command, run_job
-from talora.batch.rows import PARQUET
+from talora.batch.parts import PARQUET
 from talora.model.loading import save_hypernet
 
 pytestmark = pytest.mark.integration
@@ -130,6 +130,11 @@ def test_labelling_spreads_over_nodes_and_equals_the_in_process_predictor(cluste
 def test_killing_a_worker_node_mid_job_still_labels_everything_exactly_once(cluster, s3, labelled_setup):
     c, workers = cluster
     _, argv = labelled_setup
+    # A bucket of 8 shards, so that work is left when the first commit is seen.
+    written = write_demo_dataset("s3://talora-test/mnk", num_train=1, num_val=16, seed=8, shard_size=2, storage=s3)
+    argv = list(argv)
+    argv[argv.index("--images") + 1] = "s3://talora-test/mnk/val/images"
+    argv[argv.index("--annotations") + 1] = written["val"]
     output = "s3://talora-test/mn-kill"
     env = {**os.environ, "RAY_ADDRESS": c.address}
     job = subprocess.Popen(job_command("segment_dataset", [*argv, "--output", output]), env=env, text=True,
@@ -138,24 +143,32 @@ def test_killing_a_worker_node_mid_job_still_labels_everything_exactly_once(clus
 
     fs = s3fs.S3FileSystem(endpoint_url=s3.endpoint_url)
 
-    def first_shard_committed() -> bool:
+    def committed() -> int:
         fs.invalidate_cache()
-        return bool(fs.glob("talora-test/mn-kill/*/_manifests/*.json"))
+        return len(fs.glob("talora-test/mn-kill/*/_manifests/*.json"))
 
     import time
 
     deadline = time.monotonic() + 300
-    while not first_shard_committed():  # a condition, polled: the node dies mid-job, after a commit
+    while not committed():  # a condition, polled: the node dies mid-job, after a commit
         assert job.poll() is None and time.monotonic() < deadline, "the job ended or stalled before any commit"
         time.sleep(0.2)
     c.remove_node(workers[0])
+    # The node is gone while shards are still to do: what follows is the job recovering, not a job
+    # that had already finished.
+    assert job.poll() is None and committed() < 8, "every shard was committed before the node died"
+    import ray
+
+    while any(n["NodeID"] == workers[0].node_id and n["Alive"] for n in ray.nodes()):  # the GCS's view, polled
+        assert time.monotonic() < deadline, "the removed node is still alive"
+        time.sleep(0.2)
     _, stderr = job.communicate(timeout=600)
     assert job.returncode == 0, stderr[-3000:]
     summary, run = _summary(output, s3)
     out, key = run.rsplit("/", 1)
     manifests = RunOutput(out, key, s3, PARQUET).manifests()
     items = [i for m in manifests.values() for i in m.items]
-    assert len(manifests) == 3 and len(items) == len(set(items)) == 6
+    assert len(manifests) == 8 and len(items) == len(set(items)) == 16
     rows, _ = _rows(run, s3)
     keys = [(r["image_uri"], r["prompt"], r["kind"], r["score"], r["segmentation"]["counts"]) for r in rows]
     assert len(keys) == len(set(keys))  # no row twice

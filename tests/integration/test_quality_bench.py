@@ -7,7 +7,7 @@ import pytest
 
 from tests.conftest import REPO, run_job
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 def test_the_quality_suite_trains_a_hypernet_an_oracle_and_the_ablations_on_another_dataset(ray_cluster, tmp_path):

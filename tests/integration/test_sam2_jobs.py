@@ -8,7 +8,8 @@ import yaml
 from talora.batch.commit import RunOutput
 from talora.data.synthetic import write_demo_dataset
 from talora.train.embed import features_of, read_cache
-from talora.batch.rows import PARQUET, read_run
+from talora.batch.parts import PARQUET
+from talora.batch.rows import read_run
 from tests.conftest import job_summary, run_job
 
 pytestmark = pytest.mark.integration

@@ -8,7 +8,7 @@ import pytest
 
 from talora.bench.scale import label_argv, run_driver, write_bucket
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 def test_a_million_image_bucket_costs_the_driver_what_ten_thousand_do(ray_cluster, tmp_path):

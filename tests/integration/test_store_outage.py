@@ -9,7 +9,7 @@ import pytest
 
 from talora.batch.commit import RunOutput
 from talora.data.synthetic import write_demo_dataset
-from talora.batch.rows import PARQUET
+from talora.batch.parts import PARQUET
 from tests.conftest import job_summary, run_job
 
 pytestmark = pytest.mark.integration

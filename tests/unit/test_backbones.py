@@ -6,7 +6,7 @@ import torch
 
 from talora.backbones import build_backbone, detect_variant
 from talora.backbones.frames import image_resizer
-from talora.backbones.variants import SAM_TYPES, VARIANTS, get_variant
+from talora.backbones.variants import FAMILIES, SAM_TYPES, VARIANTS, cpu_preset, family_of, get_variant, largest
 from talora.config import LoraConfig, default_config
 
 BUILDABLE_HERE = ("vit_tiny", "vit_b", "sam2_tiny")  # vit_l / vit_h / hiera_l build too, but take GBs on a CPU
@@ -19,8 +19,8 @@ def backbones():
 
 
 def test_every_variant_is_registered_with_its_frame_and_default_tail():
-    assert SAM_TYPES == tuple(VARIANTS) and {"vit_tiny", "vit_b", "vit_l", "vit_h", "sam2_tiny", "sam2.1_hiera_t",
-                                             "sam2.1_hiera_s", "sam2.1_hiera_b+", "sam2.1_hiera_l"} <= set(SAM_TYPES)
+    assert {"vit_tiny", "vit_b", "vit_l", "vit_h", "sam2_tiny", "sam2.1_hiera_t", "sam2.1_hiera_s", "sam2.1_hiera_b+",
+            "sam2.1_hiera_l"} <= set(SAM_TYPES)
     image = np.zeros((30, 60, 3), np.uint8)
     for name in SAM_TYPES:
         variant = get_variant(name)
@@ -111,3 +111,19 @@ def test_the_cpu_resize_gives_segment_anythings_pixels_without_importing_torch()
             "decode_stage({'bytes': [b'x'], 'error': [''], 'uri': ['a']}, 100, 'vit_h'); "
             "assert 'torch' not in sys.modules, 'torch was imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_every_family_entry_names_what_its_module_and_the_frames_provide():
+    import importlib
+
+    from talora.backbones.frames import FRAMES
+
+    assert {v.family for v in VARIANTS.values()} == set(FAMILIES)
+    for name, family in FAMILIES.items():
+        module = importlib.import_module(f"talora.backbones.{name}")
+        assert issubclass(module.Backbone, __import__("talora.backbones.base", fromlist=["Backbone"]).Backbone)
+        assert callable(module.build_model) and callable(module.detect_variant)
+        assert family.frame in FRAMES and all(importlib.util.find_spec(m) for m in family.modules)
+        tiny, big = get_variant(cpu_preset(name)), get_variant(largest(name))
+        assert tiny.cpu_preset and tiny.family == big.family == name and big.image_size == 1024
+        assert family_of(big.name) is family and big.name in family.peft_base.format(variant=big.name)

@@ -5,13 +5,13 @@ import textwrap
 import pytest
 
 from talora.batch.commit import Manifest, RunOutput, ShardTracker, run_key
-from talora.batch.rows import PARQUET
+from talora.batch.parts import PARQUET
 
 # A writer that processes shards a and b (two parts each) and can die between parts and manifest.
 WRITER = textwrap.dedent("""
     import os, sys
     from talora.batch.commit import RunOutput, ShardTracker
-    from talora.batch.rows import PARQUET
+    from talora.batch.parts import PARQUET
     out, die_in = sys.argv[1], sys.argv[2]
     run = RunOutput(out, "run1", None, PARQUET)
     todo = {s: [f"{s}/{i}.jpg" for i in range(4)] for s in ("a", "b") if s not in run.committed_shards()}
@@ -97,6 +97,7 @@ def test_commit_protocol_on_s3(s3):
 class JsonLinesParts:
     """A second part format: what adding an output format beside Parquet takes."""
 
+    name = "jsonl"
     suffix = ".jsonl"
 
     def encode(self, rows, schema):
@@ -121,3 +122,18 @@ def test_another_part_format_goes_through_the_same_commit_protocol(tmp_path):
     tracker.add("s", "x", 1, part, shard_items=2)
     assert tracker.add("s", "y", 1, part, shard_items=2)
     assert run.read_table().to_pylist() == [{"image": "x", "v": 1}, {"image": "y", "v": 2}]
+
+
+def test_the_part_format_is_chosen_by_name_and_is_part_of_the_labelling_run_key(tmp_path, monkeypatch):
+    from talora.batch.parts import PART_FORMATS, part_format
+    from talora.label.job import LabelConfig, run_identity
+
+    jsonl = JsonLinesParts()
+    monkeypatch.setitem(PART_FORMATS, jsonl.name, jsonl)
+    assert part_format("parquet") is PARQUET and part_format("jsonl") is jsonl
+    with pytest.raises(ValueError, match="--part-format must be one of"):
+        LabelConfig(prompts=("x",), images=str(tmp_path), output=str(tmp_path / "out"), part_format="csv")
+    keys = {name: run_key(run_identity(LabelConfig(prompts=("x",), images=str(tmp_path), output=str(tmp_path / "o"),
+                                                   part_format=name), ["x"], "m"))
+            for name in ("parquet", "jsonl")}
+    assert keys["parquet"] != keys["jsonl"]

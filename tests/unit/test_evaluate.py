@@ -10,7 +10,7 @@ from talora.eval.evaluate import EvalConfig, evaluate
 from talora.predict.predictor import encode_mask
 from talora.batch.rows import SCHEMA, detection_rows
 from talora.data.tasks import TaskSet, semantic_mask
-from talora.batch.rows import PARQUET
+from talora.batch.parts import PARQUET
 
 
 @pytest.fixture

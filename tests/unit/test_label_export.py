@@ -11,7 +11,8 @@ from talora.data.coco import CocoDataset
 from talora.data.synthetic import write_demo_dataset
 from talora.label.export.run import ExportConfig, export_run
 from talora.label.export.yolo import polygon
-from talora.batch.rows import PARQUET, SCHEMA, detection_rows, error_row, write_summary
+from talora.batch.parts import PARQUET
+from talora.batch.rows import SCHEMA, detection_rows, error_row, write_summary
 from talora.predict.predictor import encode_mask
 
 PROMPTS = ["segment vehicles", "segment fruit"]

@@ -41,7 +41,7 @@ def test_the_status_file_counts_shards_and_estimates_images_and_eta_from_the_sha
 
     from talora.batch.commit import RunOutput, ShardTracker
     from talora.batch.pipeline import progress, status
-    from talora.batch.rows import PARQUET
+    from talora.batch.parts import PARQUET
 
     run = RunOutput(str(tmp_path), "k", None, PARQUET)
     tracker = ShardTracker(run, ["a", "b", "c", "d"])

@@ -94,11 +94,12 @@ def test_coco_results_keep_instances_of_known_images_and_categories_only():
 
 def test_a_run_written_in_another_part_format_reads_back_through_the_one_reader(tmp_path, monkeypatch):
     from talora.batch.commit import RunOutput, ShardTracker
-    from talora.batch.rows import PART_FORMATS, read_run
+    from talora.batch.parts import PART_FORMATS
+    from talora.batch.rows import read_run
     from tests.unit.test_commit import JsonLinesParts
 
     jsonl = JsonLinesParts()
-    monkeypatch.setitem(PART_FORMATS, jsonl.suffix, jsonl)
+    monkeypatch.setitem(PART_FORMATS, jsonl.name, jsonl)
     run = RunOutput(str(tmp_path), "k", None, jsonl)
     detection = encode_mask(np.eye(4, dtype=bool), "instance", 0.7)
     rows = detection_rows("s/a.jpg", 1, "s", 4, 4, {"cars": [detection]}, None, "m")
@@ -345,7 +346,7 @@ def test_an_image_the_model_fails_on_is_an_error_row_and_the_rest_of_its_batch_i
     from talora.batch.commit import RunOutput
     from talora.label.job import LabelActor
     from talora.model.loading import model_spec
-    from talora.batch.rows import PARQUET
+    from talora.batch.parts import PARQUET
     from talora.io.storage import StorageOptions
 
     actor = LabelActor(model_spec("vit_tiny"), ["segment vehicles"], PredictConfig(points_per_side=4), None, "m",

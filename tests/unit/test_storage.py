@@ -3,7 +3,7 @@ import os
 import pytest
 
 from talora.io.storage import StorageOptions, filesystem, read_bytes, write_bytes
-from talora.batch.rows import PARQUET
+from talora.batch.parts import PARQUET
 
 
 def test_local_paths_and_file_uris_resolve_to_the_same_file(tmp_path):
