@@ -23,8 +23,14 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $@
 
+# The suite runs in TEST_WORKERS processes, a test file to each (its module fixtures built once), each
+# process with its own local Ray and moto server: a test is mostly one process waiting on another
+# (a job's start-up, Ray's actors), so two share two cores well. Then the `serial` tests, alone.
+# Exit code 5 is pytest's "nothing selected" (a PYTEST_ARGS subset with no serial test in it).
+TEST_WORKERS ?= 2
 test: setup
-	$(OFFLINE) $(PY) -m pytest -m "not gpu and not slow" $(PYTEST_ARGS)
+	$(OFFLINE) $(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile -m "not gpu and not slow and not serial" $(PYTEST_ARGS)
+	$(OFFLINE) $(PY) -m pytest -m "serial and not gpu and not slow" $(PYTEST_ARGS) || test $$? -eq 5
 
 # The benchmark-like tests: whole suite runs, the 10^6-file bucket, the GPU check's dry run.
 test-slow: setup

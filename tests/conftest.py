@@ -25,6 +25,11 @@ for _var in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_ENDPOI
     os.environ.pop(_var, None)
 
 
+# Every Ray a test starts is a loopback-only cluster of its own: no token (subprocess jobs join it by
+# address), no usage report. Set for the whole process, before whichever test starts Ray first.
+os.environ["RAY_AUTH_MODE"] = "disabled"
+os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+
 logging.getLogger("werkzeug").setLevel(logging.WARNING)  # moto's per-request access log
 
 
@@ -125,6 +130,23 @@ def job_module(script: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def job_main(script: str, argv: list[str]) -> tuple[int, str]:
+    """A job's `main(argv)` in this process, for input it must refuse before any work: its exit
+    code and what it printed to stderr (argparse's own errors included). One subprocess run per job
+    (`run_job`) proves the same path as a user's shell sees it; the rest of a bad-input corpus
+    needs no fresh interpreter each."""
+    import contextlib
+    import io
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        try:
+            code = job_module(script).main(argv)
+        except SystemExit as e:
+            code = e.code
+    return code, err.getvalue()
 
 
 def run_job(script: str, argv: list[str], ray_address: str | None = None) -> subprocess.CompletedProcess:

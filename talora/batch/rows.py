@@ -11,7 +11,6 @@ its file's suffix, so an interrupted job's stale parts are never seen; `coco_res
 
 from __future__ import annotations
 
-import io
 import json
 from dataclasses import dataclass
 from typing import Callable, Iterator

@@ -58,7 +58,7 @@ class TextEncoder:
             return
         # Imported when a model is loaded: seconds of start-up, and absent where a table stands in.
         from sentence_transformers import SentenceTransformer
-        from transformers.utils import logging as hf_logging  # noqa: the same reason
+        from transformers.utils import logging as hf_logging  # imported here for the same reason
 
         hf_logging.disable_progress_bar()  # a per-load progress bar is noise in job logs
         self.model = SentenceTransformer(default_model_path() if model == "default" else model, device=str(device))

@@ -1,7 +1,5 @@
 """A real local Ray cluster for integration tests (2 CPUs, no dashboard, no auth on loopback)."""
 
-import os
-
 import pytest
 
 
@@ -11,8 +9,6 @@ def ray_cluster():
     multi-node cluster); yields its GCS address."""
     import ray
 
-    os.environ["RAY_AUTH_MODE"] = "disabled"  # a loopback-only test head; subprocess jobs connect to it
-    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
     if not ray.is_initialized():
         ray.init(address="local", num_cpus=2, configure_logging=False)  # never a stray `ray start` head
     yield ray.get_runtime_context().gcs_address

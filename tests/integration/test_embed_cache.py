@@ -14,7 +14,7 @@ from talora.io.images import decode_image
 from talora.data.synthetic import write_demo_dataset
 from talora.train.embed import cache_dataset, cache_key_inputs, check_cache_key, features_of, read_cache
 from talora.model.loading import load_backbone, save_backbone
-from tests.conftest import job_summary, run_job
+from tests.conftest import job_main, job_summary, run_job
 from talora.io.storage import read_bytes, write_bytes
 from talora.batch.parts import PARQUET
 
@@ -111,8 +111,8 @@ def test_credentials_never_appear_in_any_output(ray_cluster, s3, demo_on_s3, tmp
 def test_bad_input_fails_before_any_work_with_a_clear_message(tmp_path):
     done = run_job("embed_images", ["--annotations", str(tmp_path / "missing.json"), "--output", str(tmp_path / "out")])
     assert done.returncode == 2 and "missing.json" in done.stderr
-    done = run_job("embed_images", ["--annotations", str(tmp_path / "x.json"), "--output", "memory://cache"])
-    assert done.returncode == 2 and "memory:// lives inside one process" in done.stderr
+    code, err = job_main("embed_images", ["--annotations", str(tmp_path / "x.json"), "--output", "memory://cache"])
+    assert code == 2 and "memory:// lives inside one process" in err
     assert not (tmp_path / "out").exists()
 
 

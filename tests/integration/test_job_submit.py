@@ -2,6 +2,7 @@
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -79,7 +80,9 @@ def head(tmp_path):
         _wait_until(lambda: _accepts_jobs(address), "the Ray head's job agent")
         yield address, env
     finally:
-        process.terminate()  # --block: the head takes its raylet, GCS and workers down with it
+        # Its own session (start_new_session): the head, its raylet, GCS and workers stop together,
+        # rather than the head stopping each in turn with a grace period.
+        os.killpg(process.pid, signal.SIGTERM)
         process.wait(timeout=60)
 
 

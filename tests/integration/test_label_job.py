@@ -8,11 +8,11 @@ import pytest
 from PIL import Image
 
 from talora.batch.commit import RunOutput
-from talora.data.synthetic import write_demo_dataset
-from talora.batch.rows import read_run
-from talora.io.storage import read_bytes, write_bytes
-from tests.conftest import job_summary, run_job
 from talora.batch.parts import PARQUET
+from talora.batch.rows import read_run
+from talora.data.synthetic import write_demo_dataset
+from talora.io.storage import read_bytes, write_bytes
+from tests.conftest import job_main, job_summary, run_job
 
 pytestmark = pytest.mark.integration
 FAST = ["--points-per-side", "4", "--batch-size", "2"]
@@ -129,10 +129,13 @@ def test_bad_flags_fail_before_the_pool_starts(ray_cluster, tmp_path):
         (["--prompt", "x", "--images", str(tmp_path / "imgs")], "no images under"),
         (["--prompt", "x", "--images", str(tmp_path / "missing")], "no such image prefix"),
     ]:
-        done = run_job("segment_dataset", [*argv, "--output", str(tmp_path / "out")] if "--output" not in argv else argv,
-                       ray_cluster)  # joins the running cluster: each run costs its start-up, not a Ray start
-        assert done.returncode == 2, argv
-        assert message in done.stderr, message
+        code, err = job_main("segment_dataset", [*argv, "--output", str(tmp_path / "out")] if "--output" not in argv
+                             else argv)
+        assert code == 2 and message in err, (argv, err[-1000:])
+    done = run_job("segment_dataset", ["--prompt", "x", "--images", str(tmp_path / "missing"), "--output",
+                                       str(tmp_path / "out")], ray_cluster)  # as a shell sees it
+    assert done.returncode == 2 and "no such image prefix" in done.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "out").exists()
 
 
 def test_boxes_on_s3_become_one_instance_each_and_boxes_of_unlabelled_images_are_reported(ray_cluster, s3):

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.integration
+# Its `ray stop` (the README's own clean-up) stops every Ray on the machine: never beside another test.
+pytestmark = [pytest.mark.integration, pytest.mark.serial]
 REPO = Path(__file__).resolve().parents[2]
 
 

@@ -79,7 +79,8 @@ class GatedStore:
 
 
 def test_the_store_going_away_mid_job_fails_in_one_line_and_the_rerun_finishes_exactly_once(ray_cluster, s3,
-                                                                                           moto_server):
+                                                                                           moto_server, monkeypatch):
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")  # botocore's own retries: the job's are what is tested here
     write_demo_dataset("s3://talora-test/gone", num_train=1, num_val=6, seed=4, shard_size=2, storage=s3)
     store = GatedStore(moto_server, down_after="/_manifests/")
     try:

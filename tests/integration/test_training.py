@@ -12,7 +12,7 @@ from talora.data.synthetic import write_demo_dataset
 from talora.model.loading import load_task_aware_sam
 from talora.model.loading import load_backbone, save_backbone
 from talora.io.storage import read_bytes
-from tests.conftest import job_summary, run_job
+from tests.conftest import job_main, job_summary, run_job
 
 pytestmark = pytest.mark.integration
 
@@ -127,8 +127,10 @@ def test_bad_configs_fail_before_any_worker_starts(tmp_path):
                           (f"train:\n  train_annotations: {tmp_path}/missing.json\n  storage_path: {tmp_path}/runs\n",
                            "missing.json")):
         bad.write_text(text)
-        done = run_job("train_hypernet", ["--config", str(bad)])
-        assert done.returncode == 2 and message in done.stderr, (message, done.stderr[-500:])
+        code, err = job_main("train_hypernet", ["--config", str(bad)])
+        assert code == 2 and message in err, (message, err[-500:])
+    done = run_job("train_hypernet", ["--config", str(bad)])  # the last one again, as a shell sees it
+    assert done.returncode == 2 and "missing.json" in done.stderr.strip().splitlines()[-1]
     assert not (tmp_path / "runs").exists()
 
 

@@ -10,6 +10,7 @@ import pytest
 
 from talora.bench.speed import PROMPT_COUNTS, run_speed, speed_config, write_results
 from talora.bench.timing import median_seconds
+from tests.conftest import job_main
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -106,11 +107,12 @@ def test_bad_settings_are_refused_before_any_work(tmp_path):
         speed_config("vit_tiny", "cpu", prompts=9)
     out = tmp_path / "b"
     for argv, message in ((["--config", str(REPO / "configs" / "t4_vit_h.yaml")], "pass --sam-type vit_h"),
-                          (["--num-images", "0"], "--num-images must be >= 1"),
-                          (["--images", str(tmp_path / "missing")], "no such image prefix")):
-        done = subprocess.run([sys.executable, str(REPO / "jobs" / "benchmark.py"), *argv, "--out", str(out)],
-                              capture_output=True, text=True, timeout=300)
-        assert done.returncode == 2 and message in done.stderr, (argv, done.stderr[-1000:])
+                          (["--num-images", "0"], "--num-images must be >= 1")):
+        code, err = job_main("benchmark", [*argv, "--out", str(out)])
+        assert code == 2 and message in err, (argv, err[-1000:])
+    done = subprocess.run([sys.executable, str(REPO / "jobs" / "benchmark.py"), "--images", str(tmp_path / "missing"),
+                           "--out", str(out)], capture_output=True, text=True, timeout=300)  # as a shell sees it
+    assert done.returncode == 2 and "no such image prefix" in done.stderr, done.stderr[-1000:]
     assert not out.exists()
 
 
@@ -118,7 +120,7 @@ def test_the_naive_loop_shares_and_caches_nothing_across_prompts(text_encoder):
     import numpy as np
     import torch
 
-    from talora.bench.speed import naive_image
+    from talora.bench.speed.references import naive_image
     from talora.config import default_config
     from talora.model.loading import build_task_aware_sam
     from talora.predict.predictor import PredictConfig, TaskAwarePredictor

@@ -105,7 +105,8 @@ def test_the_text_table_covers_every_prompt_of_any_demo_dataset():
 def test_the_fast_reference_is_measured_where_segment_anything_fast_is_installed(monkeypatch):
     from segment_anything import SamPredictor
 
-    from talora.bench.speed import fast_reference, speed_config
+    from talora.bench.speed import speed_config
+    from talora.bench.speed.references import fast_reference
     from talora.model.loading import load_model, model_spec
 
     model = load_model(model_spec("vit_tiny"))

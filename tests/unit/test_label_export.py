@@ -7,12 +7,12 @@ import pytest
 from pycocotools import mask as mask_utils
 
 from talora.batch.commit import RunOutput, ShardTracker
+from talora.batch.parts import PARQUET
+from talora.batch.rows import SCHEMA, detection_rows, error_row, write_summary
 from talora.data.coco import CocoDataset
 from talora.data.synthetic import write_demo_dataset
 from talora.label.export.run import ExportConfig, export_run
 from talora.label.export.yolo import polygon
-from talora.batch.parts import PARQUET
-from talora.batch.rows import SCHEMA, detection_rows, error_row, write_summary
 from talora.predict.predictor import encode_mask
 
 PROMPTS = ["segment vehicles", "segment fruit"]
@@ -134,9 +134,9 @@ def test_a_mask_without_area_has_no_polygon():
     assert polygon({"size": [4, 5], "counts": empty["counts"].decode()}, 5, 4) == []
 
 
-def test_a_bad_format_or_kind_is_refused_naming_the_flag():
-    with pytest.raises(ValueError, match="--format"):
-        ExportConfig("run", "out", format="voc")
+def test_a_bad_format_or_kind_is_refused_naming_the_flag(tmp_path):
+    with pytest.raises(ValueError, match="--format must be one of"):
+        export_run(ExportConfig(str(tmp_path / "no-run"), "out", format="voc"))  # before the run is read
     with pytest.raises(ValueError, match="--kind"):
         ExportConfig("run", "out", kind="error")
 

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 
 from talora.backbones.variants import FAMILIES, cpu_preset
-from talora.bench.quality import (METHODS, MethodScores, Prepared, QualityConfig, draw_oracle_tasks, random_prompts,
-                                  run_quality, score_amg, write_results)
+from talora.bench.quality import METHODS, QualityConfig, run_quality, write_results
+from talora.bench.quality.runs import draw_oracle_tasks
+from talora.bench.quality.scoring import MethodScores, Prepared, random_prompts, score_amg
 from talora.data.coco import CocoDataset
 from talora.predict.predictor import encode_mask
 from talora.data.tasks import GROUPS, TaskSet, task_ground_truth

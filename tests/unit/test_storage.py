@@ -116,6 +116,7 @@ def test_reading_from_a_closed_port_fails_with_the_endpoint_named(monkeypatch):
     import talora.io.storage as storage
 
     monkeypatch.setattr(storage, "RETRY_DELAYS_S", (0.0,))
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")  # botocore's own retries: what is tested here is talora's
     with socket.socket() as s:  # a loopback port nothing listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

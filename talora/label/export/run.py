@@ -10,35 +10,15 @@ from __future__ import annotations
 
 import os
 import tempfile
-from dataclasses import dataclass, field
 
 from talora.batch.rows import iter_parts, read_summary
-from talora.io.storage import StorageOptions, absolute
+from talora.io.storage import absolute
 from talora.label.export.coco import CocoWriter
+from talora.label.export.config import ExportConfig
 from talora.label.export.writer import ERRORS, Categories, Writer, error_line
 from talora.label.export.yolo import YoloWriter
 
 WRITERS: dict[str, type[Writer]] = {"coco": CocoWriter, "yolo": YoloWriter}
-KINDS = ("instance", "semantic")
-
-
-@dataclass(frozen=True)
-class ExportConfig:
-    predictions: str  # a labelling run: OUT/<run_key>
-    out: str  # coco: the instances JSON to write; yolo: a folder
-    format: str = "coco"
-    kind: str = "instance"  # instance | semantic: the rows that become annotations
-    min_score: float = 0.0
-    images_prefix: str | None = None  # file names are relative to it (default: the run's --images)
-    storage: StorageOptions = field(default_factory=StorageOptions)
-
-    def __post_init__(self) -> None:
-        if self.format not in WRITERS:
-            raise ValueError(f"--format must be one of {tuple(WRITERS)}, got {self.format!r}")
-        if self.kind not in KINDS:
-            raise ValueError(f"--kind must be instance or semantic, got {self.kind!r}")
-
-
 def relative_name(uri: str, prefix: str | None) -> str:
     """`uri` relative to the labelled prefix (the whole URI when it is not under it)."""
     if prefix and uri.startswith(prefix.rstrip("/") + "/"):
@@ -48,6 +28,8 @@ def relative_name(uri: str, prefix: str | None) -> str:
 
 def export_run(config: ExportConfig) -> dict:
     """Writes the export; returns its counts {images, annotations, categories, errors, out, files}."""
+    if config.format not in WRITERS:  # before the run is read
+        raise ValueError(f"--format must be one of {tuple(WRITERS)}, got {config.format!r}")
     summary = read_summary(config.predictions, config.storage)
     prefix = absolute(config.images_prefix or summary.get("config", {}).get("images"))  # as the rows' URIs
     categories = Categories(summary.get("prompts", []), summary.get("config", {}).get("task"))

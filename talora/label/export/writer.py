@@ -11,12 +11,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from typing import TYPE_CHECKING
 
 from talora.io.storage import StorageOptions, filesystem, protocol_of
-
-if TYPE_CHECKING:  # annotations only: run.py holds the config beside the registry it checks against
-    from talora.label.export.run import ExportConfig
+from talora.label.export.config import ExportConfig
 
 ERRORS = "errors.jsonl"  # error rows, beside every export's output; they never become annotations
 
