@@ -32,6 +32,13 @@ os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
 
 logging.getLogger("werkzeug").setLevel(logging.WARNING)  # moto's per-request access log
 
+# Under `make test` two xdist workers share two cores with the jobs and Ray workers they start: one
+# torch thread per process (and per process it starts), since OpenMP threads that spin-wait for a core
+# another process holds made a 1-s CPU test take 15-20 s. A serial run keeps torch's default.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+
 
 @pytest.fixture(scope="session")
 def moto_server():
@@ -132,21 +139,27 @@ def job_module(script: str):
     return module
 
 
-def job_main(script: str, argv: list[str]) -> tuple[int, str]:
-    """A job's `main(argv)` in this process, for input it must refuse before any work: its exit
-    code and what it printed to stderr (argparse's own errors included). One subprocess run per job
-    (`run_job`) proves the same path as a user's shell sees it; the rest of a bad-input corpus
-    needs no fresh interpreter each."""
+def run_here(script: str, argv: list[str]) -> subprocess.CompletedProcess:
+    """A job's `main(argv)` in this process, on this process's Ray when a test started one: its exit
+    code and what it printed (argparse's own errors included), as `run_job` returns them. For a
+    test of what the job does rather than of the shell around it (one `run_job` per job proves that
+    path), since a fresh interpreter costs seconds of imports each time."""
     import contextlib
     import io
 
-    err = io.StringIO()
-    with contextlib.redirect_stderr(err):
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:
             code = job_module(script).main(argv)
         except SystemExit as e:
             code = e.code
-    return code, err.getvalue()
+    return subprocess.CompletedProcess([script, *argv], code, out.getvalue(), err.getvalue())
+
+
+def job_main(script: str, argv: list[str]) -> tuple[int, str]:
+    """`run_here`'s exit code and stderr: for input a job must refuse before any work."""
+    done = run_here(script, argv)
+    return done.returncode, done.stderr
 
 
 def run_job(script: str, argv: list[str], ray_address: str | None = None) -> subprocess.CompletedProcess:

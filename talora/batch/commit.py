@@ -2,15 +2,21 @@
 
 Layout under an output URI ``OUT``::
 
-    OUT/<run_key>/<shard>/part-<k>.<suffix>    data, deterministic names (format: a PartFormat)
-    OUT/<run_key>/_manifests/<shard>.json      written last: commits the shard
+    OUT/<run_key>/<shard>/part-<k>-<attempt>.<suffix>    data (format: a PartFormat)
+    OUT/<run_key>/_manifests/<shard>.json                written last: commits the shard
 
 The commit unit is a shard. A manifest lists the shard's part files and every processed item
 with its row count (zero included) and error, if any. It is written last, in one PUT on object
 storage or one ``os.replace`` locally, so a shard is either committed or not. Readers read only
 manifest-listed parts; ``_``-prefixed names are ignored by pyarrow.dataset. A rerun skips
-committed shards and rewrites the same part names for the others, so nothing is duplicated and a
-stale part of an interrupted run is never read (no manifest lists it).
+committed shards and redoes the others, so nothing is duplicated and a stale part of an interrupted
+run is never read (no manifest lists it).
+
+Each driver is one attempt, with its own id in its part names: the same command run twice at once
+on the same output (a scheduler's retry, a double click) writes two sets of parts that never
+overwrite each other, and whichever manifest is written last wins whole, naming only its own
+attempt's parts; every image's rows are read once either way. Within an attempt, an item that comes
+back twice (a retried batch) is counted once.
 
 Why not Ray Data's own ``CheckpointConfig(id_column=...)``: it needs one unique id per output
 row, while here one image fans out into many rows (instances x prompts) or none, and "image done
@@ -21,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import uuid
 from dataclasses import dataclass
 from typing import Any, Iterable
 
@@ -54,15 +61,17 @@ class Manifest:
 class RunOutput:
     """Where one run writes: parts, manifests, and what has been committed."""
 
-    def __init__(self, out: str, key: str, storage: StorageOptions | None, part_format: PartFormat) -> None:
+    def __init__(self, out: str, key: str, storage: StorageOptions | None, part_format: PartFormat,
+                 attempt: str | None = None) -> None:
         self.out = out.rstrip("/")
         self.key = key
         self.root = join(self.out, key)
         self.storage = storage
         self.format = part_format
+        self.attempt = attempt or uuid.uuid4().hex[:12]  # this driver's, carried to the actors with the object
 
     def part_name(self, k: int) -> str:
-        return f"part-{k:06d}{self.format.suffix}"
+        return f"part-{k:06d}-{self.attempt}{self.format.suffix}"
 
     def part_uri(self, shard: str, k: int) -> str:
         return join(self.root, shard, self.part_name(k))
@@ -71,7 +80,7 @@ class RunOutput:
         return join(self.root, MANIFESTS, f"{shard}.json")
 
     def write_part(self, shard: str, k: int, rows: list[dict], schema: pa.Schema | None = None) -> str:
-        """Writes part k of `shard` (overwriting an uncommitted earlier attempt); returns its name."""
+        """Writes part k of `shard` (a retried batch of this attempt overwrites its own); returns its name."""
         write_bytes(self.part_uri(shard, k), self.format.encode(rows, schema), self.storage)
         return self.part_name(k)
 
@@ -124,20 +133,26 @@ class ShardTracker:
         self.items_committed = 0
         self.open: dict[str, Manifest] = {}  # shards with some items in
 
+    def has(self, shard: str, item: str) -> bool:
+        """Whether `item` of `shard` has already been recorded (or its shard committed) in this run."""
+        return shard in self.committed or item in self.open.get(shard, Manifest(shard, [], {}, {})).items
+
     def add(self, shard: str, item: str, rows: int, part: str | None = None, error: str | None = None, *,
             shard_items: int) -> bool:
         """Records one processed item of a shard of `shard_items` items; returns True when this
-        completed (and committed) its shard."""
+        completed (and committed) its shard. An item recorded again replaces its first record."""
         if shard in self.committed:
             return False  # a retried batch's late copy: the shard is already complete
         if shard not in self.waiting:
             raise KeyError(f"shard {shard} is not part of this run")
         found = self.open.setdefault(shard, Manifest(shard, [], {}, {}))
-        found.items[item] = found.items.get(item, 0) + rows
+        found.items[item] = rows
         if part and part not in found.parts:
             found.parts.append(part)
         if error:
             found.errors[item] = error
+        else:
+            found.errors.pop(item, None)
         if len(found.items) > shard_items:
             raise RuntimeError(f"shard {shard} returned {len(found.items)} items, but was listed with {shard_items}")
         if len(found.items) < shard_items:

@@ -197,9 +197,10 @@ def run_sharded(
         for row in storage_failures(ds.iter_rows()):  # small metadata rows; heavy outputs went straight to storage
             if watch is not None:
                 watch(row)
-            counts["images"] += 1
-            counts["rows"] += int(row["rows"])
-            counts["errors"] += bool(row["error"])
+            if not tracker.has(row["shard"], row["item"]):  # an item that came back twice counts once
+                counts["images"] += 1
+                counts["rows"] += int(row["rows"])
+                counts["errors"] += bool(row["error"])
             nodes.add(row["node"])
             rss_mb, threads = max(rss_mb, float(row["rss_mb"])), max(threads, int(row["threads"]))
             after_first += first_commit is not None

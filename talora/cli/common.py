@@ -1,5 +1,15 @@
-"""What every job script shares: storage and actor-layout flags, and error handling that never leaks
-a credential and always exits non-zero on failure."""
+"""What every entry point shares: storage and actor-layout flags, and one error path that never
+leaks a credential.
+
+Every job script and every ``talora`` verb ends through :func:`run_main`, with one line on stderr
+naming the thing and what was expected, and an exit code by kind:
+
+    0  done
+    1  failed (anything else; the redacted traceback is printed above the line)
+    2  bad input: a flag, file, field or name that is wrong; nothing was started
+    3  storage unavailable: the endpoint did not answer after retries; rerun the same command
+       once it answers (what was committed is kept, what was not is redone)
+"""
 
 from __future__ import annotations
 
@@ -41,18 +51,24 @@ def layout_from_args(args: argparse.Namespace):
     return ActorLayout(args.num_actors, args.cpus_per_actor, args.gpus_per_actor, args.threads_per_actor)
 
 
+EXIT_FAILED = 1
+EXIT_BAD_INPUT = 2
+EXIT_STORAGE = 3
+
+
 def run_main(name: str, job: Callable[[], int], storage: StorageOptions) -> int:
-    """Runs `job`; any failure prints one redacted error line (and a redacted traceback) and returns 1."""
+    """Runs `job`; a failure prints one redacted line (a redacted traceback first for unexpected ones)
+    and returns its exit code by kind (see the module docstring)."""
     try:
         return job()
-    except (ValueError, FileNotFoundError, KeyError, PermissionError) as e:
-        print(f"{name}: error: {redact(str(e), storage)}", file=sys.stderr)
-        return 2
-    except StorageUnavailable as e:  # the store went away: rerun the same command once it is back
+    except StorageUnavailable as e:  # checked first: it is an OSError, like the bad-input kinds below
         print(f"{name}: error: {redact(str(e), storage)}; nothing uncommitted was kept: rerun the same command "
               "when it answers again", file=sys.stderr)
-        return 1
+        return EXIT_STORAGE
+    except (ValueError, FileNotFoundError, KeyError, PermissionError) as e:
+        print(f"{name}: error: {redact(str(e), storage)}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     except Exception:
         print(redact(traceback.format_exc(), storage), file=sys.stderr)
         print(f"{name}: failed", file=sys.stderr)
-        return 1
+        return EXIT_FAILED

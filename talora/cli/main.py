@@ -22,7 +22,7 @@ import time
 import torch
 
 from talora.backbones.variants import DEFAULT_VARIANT, SAM_TYPES
-from talora.cli.common import add_storage_flags, storage_from_args
+from talora.cli.common import add_storage_flags, run_main, storage_from_args
 from talora.config import ModelConfig, SamConfig, default_config, dump_config, load_config
 from talora.core.text import TextEncoder, validate_prompts
 from talora.data.coco import CocoDataset
@@ -31,7 +31,7 @@ from talora.data.tasks import TaskSet
 from talora.eval.probe import probe_base
 from talora.eval.viz import overlay_png, plot_run, render_predictions
 from talora.io.images import decode_image
-from talora.io.storage import StorageOptions, join, read_bytes, redact, write_bytes
+from talora.io.storage import StorageOptions, join, read_bytes, write_bytes
 from talora.io.weights import read_weights, write_weights
 from talora.label.export.run import WRITERS, ExportConfig, export_run
 from talora.model.files import AdapterCache, adapter_header, save_adapter
@@ -402,11 +402,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except (ValueError, FileNotFoundError, KeyError) as e:
-        print(f"talora {args.command}: error: {redact(str(e), _storage(args))}", file=sys.stderr)
-        return 2
+    storage = _storage(args) if hasattr(args, "s3_endpoint_url") else StorageOptions()
+    return run_main(f"talora {args.command}", lambda: args.func(args), storage)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ from talora.io.images import decode_image
 from talora.data.synthetic import write_demo_dataset
 from talora.train.embed import cache_dataset, cache_key_inputs, check_cache_key, features_of, read_cache
 from talora.model.loading import load_backbone, save_backbone
-from tests.conftest import job_main, job_summary, run_job
+from tests.conftest import job_main, job_summary, run_here, run_job
 from talora.io.storage import read_bytes, write_bytes
 from talora.batch.parts import PARQUET
 
@@ -42,7 +42,7 @@ def test_embed_images_writes_the_cache_to_s3_and_a_rerun_is_idempotent(ray_clust
     write_bytes(bad_uri, b"not an image", s3)
     argv = ["--annotations", annotations, "--sam-checkpoint", checkpoint, "--output", "s3://talora-test/cache",
             "--batch-size", "2", "--s3-endpoint-url", s3.endpoint_url]
-    first = job_summary(run_job("embed_images", argv, ray_cluster))
+    first = job_summary(run_here("embed_images", argv))
     assert first["images"] == 8 and first["errors"] == 1
 
     table = read_cache(first["output"], s3)
@@ -68,7 +68,7 @@ def test_embed_images_writes_the_cache_to_s3_and_a_rerun_is_idempotent(ray_clust
     assert sorted(streamed) == sorted(table["image_uri"].to_pylist())
 
     # Rerun: every shard is committed, nothing is recomputed or duplicated.
-    second = job_summary(run_job("embed_images", argv, ray_cluster))
+    second = job_summary(run_here("embed_images", argv))
     assert second["output"] == first["output"] and second["images"] == 0
     assert read_cache(first["output"], s3).num_rows == 7
 

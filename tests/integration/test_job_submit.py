@@ -62,6 +62,7 @@ def _answers(url: str) -> bool:
 def head(tmp_path):
     """A Ray head on loopback, in its own --block process so the test can stop exactly it."""
     port, dashboard = _free_port(), _free_port()
+    temp_dir = tempfile.mkdtemp(prefix="ray-head-")  # short: Ray's socket paths must fit 107 bytes
     # Its own agent ports too: the suite's in-process Ray already holds the defaults (52365, ...).
     agent_ports = [f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
                    f"--metrics-export-port={_free_port()}", f"--runtime-env-agent-port={_free_port()}",
@@ -71,7 +72,7 @@ def head(tmp_path):
     process = subprocess.Popen(
         [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
          "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--num-cpus=2", *agent_ports,
-         f"--temp-dir={tempfile.mkdtemp(prefix='ray-head-')}"],
+         f"--temp-dir={temp_dir}"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )
     address = f"http://127.0.0.1:{dashboard}"
@@ -80,10 +81,11 @@ def head(tmp_path):
         _wait_until(lambda: _accepts_jobs(address), "the Ray head's job agent")
         yield address, env
     finally:
-        # Its own session (start_new_session): the head, its raylet, GCS and workers stop together,
-        # rather than the head stopping each in turn with a grace period.
-        os.killpg(process.pid, signal.SIGTERM)
+        # Its own session (start_new_session): the head, its raylet, GCS and workers end together, at
+        # once (SIGTERM let the head stop each in turn with a grace period: ~30 s); nothing of it is kept.
+        os.killpg(process.pid, signal.SIGKILL)
         process.wait(timeout=60)
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def test_working_dir_package_stays_small_with_venv_and_data_present(tmp_path):

@@ -2,6 +2,9 @@
 
 import io
 import json
+import os
+import subprocess
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -12,14 +15,15 @@ from talora.batch.parts import PARQUET
 from talora.batch.rows import read_run
 from talora.data.synthetic import write_demo_dataset
 from talora.io.storage import read_bytes, write_bytes
-from tests.conftest import job_main, job_summary, run_job
+from tests.conftest import REPO, job_command, job_main, job_summary, run_here, run_job
 
 pytestmark = pytest.mark.integration
 FAST = ["--points-per-side", "4", "--batch-size", "2"]
 
 
-def _label(argv, ray_address):
-    done = run_job("segment_dataset", argv, ray_address)
+def _label(argv):
+    """The labelling job's main on this session's Ray, its driver in this process."""
+    done = run_here("segment_dataset", argv)
     return done.returncode, (job_summary(done) if done.returncode == 0 else done.stderr)
 
 
@@ -28,9 +32,9 @@ def test_labels_go_to_s3_exactly_once_across_an_interruption_and_evaluate_reads_
     argv = ["--prompt", "segment vehicles", "--prompt", "segment red objects", "--images",
             "s3://talora-test/demo/val/images", "--annotations", written["val"], "--output", "s3://talora-test/labels",
             "--s3-endpoint-url", s3.endpoint_url, *FAST]
-    code, first = _label([*argv, "--max-shards", "1"], ray_cluster)  # "interrupted" after one shard
+    code, first = _label([*argv, "--max-shards", "1"])  # "interrupted" after one shard
     assert code == 0 and first["images"] == 2
-    done = run_job("segment_dataset", argv, ray_cluster)
+    done = run_here("segment_dataset", argv)
     second = job_summary(done)
     assert second["output"] == first["output"] and second["images"] == 4  # only what was missing
     # The adapters the first job generated are loaded, not generated again (OUTPUT/_adapters).
@@ -49,9 +53,33 @@ def test_labels_go_to_s3_exactly_once_across_an_interruption_and_evaluate_reads_
     assert {r["shard"] for r in rows} <= set(manifests) and {r["prompt"] for r in rows} <= {"segment vehicles", "segment red objects"}
     assert all(r["image_id"] in range(1, 7) for r in rows)  # COCO ids from --annotations
 
-    report = job_summary(run_job("evaluate", ["--predictions", second["output"], "--annotations", written["val"],
+    report = job_summary(run_here("evaluate", ["--predictions", second["output"], "--annotations", written["val"],
                                               "--output", "s3://talora-test/eval", "--s3-endpoint-url", s3.endpoint_url]))
     assert report["images"] == 6 and report["unmapped_prompts"] == []
+
+
+def test_the_same_job_started_twice_at_once_ends_with_every_image_s_rows_once(ray_cluster, tmp_path):
+    written = write_demo_dataset(str(tmp_path / "demo"), num_train=1, num_val=6, seed=5, shard_size=2)
+    argv = ["--prompt", "segment vehicles", "--images", str(tmp_path / "demo" / "val" / "images"), "--output",
+            str(tmp_path / "labels"), "--annotations", written["val"], "--num-actors", "1", "--cpus-per-actor", "0.5",
+            "--presence-thresh", "0", *FAST]
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster}  # a scheduler's retry beside the first submission
+    drivers = [subprocess.Popen(job_command("segment_dataset", argv), cwd=REPO, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    summaries = []
+    for driver in drivers:
+        stdout, stderr = driver.communicate(timeout=900)
+        summaries.append(job_summary(subprocess.CompletedProcess(driver.args, driver.returncode, stdout, stderr)))
+    assert summaries[0]["output"] == summaries[1]["output"]
+
+    out, key = summaries[0]["output"].rsplit("/", 1)
+    manifests = RunOutput(out, key, None, PARQUET).manifests()
+    items = [i for m in manifests.values() for i in m.items]
+    assert len(items) == len(set(items)) == 6
+    rows = read_run(summaries[0]["output"]).table
+    per_image = Counter(rows["image_uri"].to_pylist())
+    assert per_image == {i: n for m in manifests.values() for i, n in m.items.items() if n}  # each image's rows once
+    assert sum(per_image.values()) > 0  # presence 0: instances were found, so a doubled part would show
 
 
 def _encoded(image, fmt, **kw):
@@ -94,7 +122,7 @@ def test_the_bad_input_corpus_gives_error_rows_and_never_crashes(ray_cluster, s3
         write_bytes(f"s3://talora-test/corpus/batch/{name}", data, s3)
     code, summary = _label(["--prompt", "segment vehicles", "--images", "s3://talora-test/corpus", "--output",
                             "s3://talora-test/corpus-labels", "--max-pixels", "10000", "--presence-thresh", "0",
-                            "--s3-endpoint-url", s3.endpoint_url, *FAST], ray_cluster)
+                            "--s3-endpoint-url", s3.endpoint_url, *FAST])
     assert code == 0
     expected_errors = {n for n, (_, e) in corpus.items() if e}
     assert summary["images"] == 14 and summary["errors"] == len(expected_errors) == 4
@@ -156,8 +184,7 @@ def test_boxes_on_s3_become_one_instance_each_and_boxes_of_unlabelled_images_are
     write_bytes("s3://talora-test/bx/boxes.parquet", buffer.getvalue(), s3)
     code, summary = _label(["--prompt", "segment vehicles", "--prompt", "segment fruit", "--images",
                             "s3://talora-test/bx/val/images", "--boxes", "s3://talora-test/bx/boxes.parquet",
-                            "--output", "s3://talora-test/bx-labels", "--s3-endpoint-url", s3.endpoint_url, *FAST],
-                           ray_cluster)
+                            "--output", "s3://talora-test/bx-labels", "--s3-endpoint-url", s3.endpoint_url, *FAST])
     assert code == 0, summary
     full = json.loads(read_bytes(f"{summary['output']}/_summary.json", s3))
     assert full["boxes"]["boxes"] == len(boxes) and full["boxes"]["images_labelled"] == 2

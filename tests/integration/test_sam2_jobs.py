@@ -10,7 +10,7 @@ from talora.data.synthetic import write_demo_dataset
 from talora.train.embed import features_of, read_cache
 from talora.batch.parts import PARQUET
 from talora.batch.rows import read_run
-from tests.conftest import job_summary, run_job
+from tests.conftest import job_summary, run_here
 
 pytestmark = pytest.mark.integration
 
@@ -21,10 +21,10 @@ def demo(tmp_path):
 
 
 def test_a_sam2_tiny_labelling_job_writes_rows_through_the_commit_protocol(ray_cluster, demo, tmp_path):
-    summary = job_summary(run_job("segment_dataset", [
+    summary = job_summary(run_here("segment_dataset", [
         "--prompt", "segment vehicles", "--prompt", "segment fruit", "--sam-type", "sam2_tiny", "--untrained",
         "--images", str(tmp_path / "demo" / "val" / "images"), "--annotations", demo["val"],
-        "--output", str(tmp_path / "labels"), "--presence-thresh", "0", "--points-per-side", "4"], ray_cluster))
+        "--output", str(tmp_path / "labels"), "--presence-thresh", "0", "--points-per-side", "4"]))
     assert summary["images"] == 4 and summary["rows"] > 0 and summary["errors"] == 0
     out, key = summary["output"].rsplit("/", 1)
     assert sorted(RunOutput(out, key, None, PARQUET).manifests()) == ["shard-00000", "shard-00001"]
@@ -33,17 +33,26 @@ def test_a_sam2_tiny_labelling_job_writes_rows_through_the_commit_protocol(ray_c
     assert all(r["segmentation"]["size"] == [256, 256] for r in rows)  # masks at the original size
 
 
-def test_the_embedding_cache_and_a_hypernet_run_on_sam2_tiny(ray_cluster, demo, tmp_path):
-    import torch
+def test_pretraining_a_sam2_tiny_base_then_its_embedding_cache_and_a_hypernet_run_on_it(ray_cluster, demo, tmp_path):
+    """`--sam-type sam2_tiny` on the shipped vit_tiny pretraining config: the job pretrains a SAM 2
+    base (its high-resolution skips held at zero over the first steps), whose sam.safetensors the
+    embedding cache and a hypernet run then take; a vit_tiny base is refused by name."""
+    from talora.backbones import detect_variant
+    from talora.model.loading import read_state_dict
 
-    from talora.model.loading import load_backbone, save_backbone
+    data = ["--train-annotations", demo["train"], "--val-annotations", demo["val"], "--cpus-per-worker", "0.5",
+            "--storage-path", str(tmp_path / "runs")]
+    done = run_here("train_hypernet", ["--config", "configs/demo_pretrain.yaml", "--sam-type", "sam2_tiny",
+                                       "--max-steps", "2", "--val-every", "2", "--name", "pretrain", *data])
+    assert done.returncode == 0, done.stderr[-3000:]
+    base = job_summary(done)["best_checkpoint"] + "/sam.safetensors"
+    state = read_state_dict(base)
+    assert detect_variant(state) == "sam2_tiny"
+    skips = [k for k in state if k.startswith(("sam_mask_decoder.conv_s0.", "sam_mask_decoder.conv_s1."))]
+    assert len(skips) == 4 and not any(state[k].any() for k in skips)  # held at zero by the config's 500 steps
 
-    torch.manual_seed(0)
-    base = str(tmp_path / "sam2_tiny.safetensors")  # one base for the cache and the training run
-    save_backbone(load_backbone("sam2_tiny"), base)
-    cache = job_summary(run_job("embed_images", ["--annotations", demo["train"], "--sam-type", "sam2_tiny",
-                                                 "--sam-checkpoint", base, "--output", str(tmp_path / "cache")],
-                                ray_cluster))
+    cache = job_summary(run_here("embed_images", ["--annotations", demo["train"], "--sam-type", "sam2_tiny",
+                                                  "--sam-checkpoint", base, "--output", str(tmp_path / "cache")]))
     rows = read_cache(cache["output"]).to_pylist()
     assert len(rows) == 6 and features_of(rows[0]).shape == (8, 8, 64 * 16 + 256)  # the packed trunk, g = 256 / 32
 
@@ -53,38 +62,14 @@ def test_the_embedding_cache_and_a_hypernet_run_on_sam2_tiny(ray_cluster, demo, 
                         "warmup_steps": 1, "cpus_per_worker": 0.5, "storage_path": str(tmp_path / "runs"),
                         "name": "sam2"}}
     (tmp_path / "sam2.yaml").write_text(yaml.safe_dump(config))
-    done = run_job("train_hypernet", ["--config", str(tmp_path / "sam2.yaml"), "--embeddings", cache["output"]],
-                   ray_cluster)
+    done = run_here("train_hypernet", ["--config", str(tmp_path / "sam2.yaml"), "--embeddings", cache["output"]])
     assert done.returncode == 0, done.stderr[-3000:]
     metrics = [json.loads(line) for line in (tmp_path / "runs" / "sam2" / "metrics.jsonl").read_text().splitlines()]
     assert metrics and all(m["loss"] == m["loss"] for m in metrics if "loss" in m)  # finite, logged
+    assert list((tmp_path / "runs" / "sam2").glob("checkpoint_*/hypernet.safetensors"))
 
-
-def test_pretraining_a_sam2_tiny_base_from_the_demo_config_then_a_static_lora_on_it(ray_cluster, demo, tmp_path):
-    """`--sam-type sam2_tiny` on the shipped vit_tiny pretraining config: the job pretrains a SAM 2
-    base (its high-resolution skips held at zero over the first steps), whose sam.safetensors a static
-    run then adapts; a vit_tiny base is refused by name."""
-    from talora.backbones import detect_variant
-    from talora.model.loading import read_state_dict
-
-    data = ["--train-annotations", demo["train"], "--val-annotations", demo["val"], "--cpus-per-worker", "0.5",
-            "--storage-path", str(tmp_path / "runs")]
-    done = run_job("train_hypernet", ["--config", "configs/demo_pretrain.yaml", "--sam-type", "sam2_tiny",
-                                      "--max-steps", "2", "--val-every", "2", "--name", "pretrain", *data], ray_cluster)
-    assert done.returncode == 0, done.stderr[-3000:]
-    base = job_summary(done)["best_checkpoint"] + "/sam.safetensors"
-    state = read_state_dict(base)
-    assert detect_variant(state) == "sam2_tiny"
-    skips = [k for k in state if k.startswith(("sam_mask_decoder.conv_s0.", "sam_mask_decoder.conv_s1."))]
-    assert len(skips) == 4 and not any(state[k].any() for k in skips)  # held at zero by the config's 500 steps
-
-    static = ["--config", "configs/demo_cpu.yaml", "--mode", "static", "--task", "supercategory:vehicle",
-              "--max-steps", "2", "--val-every", "2", *data]
-    done = run_job("train_hypernet", [*static, "--sam-type", "sam2_tiny", "--sam-checkpoint", base, "--name", "static"],
-                   ray_cluster)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert list((tmp_path / "runs" / "static").glob("checkpoint_*/adapter.safetensors"))
-    refused = run_job("train_hypernet", [*static, "--sam-type", "vit_tiny", "--sam-checkpoint", base, "--name", "x"],
-                      ray_cluster)
+    refused = run_here("train_hypernet", ["--config", "configs/demo_cpu.yaml", "--mode", "static", "--task",
+                                          "supercategory:vehicle", "--sam-type", "vit_tiny", "--sam-checkpoint", base,
+                                          "--name", "x", *data])
     assert refused.returncode != 0 and "has keys for sam2_tiny, but --sam-type vit_tiny" in refused.stderr
     assert not (tmp_path / "runs" / "x").exists()

@@ -12,7 +12,7 @@ from talora.data.synthetic import write_demo_dataset
 from talora.model.loading import load_task_aware_sam
 from talora.model.loading import load_backbone, save_backbone
 from talora.io.storage import read_bytes
-from tests.conftest import job_main, job_summary, run_job
+from tests.conftest import job_main, job_summary, run_here, run_job
 
 pytestmark = pytest.mark.integration
 
@@ -40,13 +40,11 @@ def train_setup(s3, tmp_path):
 
 
 def _train(config, s3, *extra) -> int:
-    """Runs the training job on this session's Ray; returns its exit code (its stderr in _train.err)."""
-    import ray
-
-    done = run_job("train_hypernet", ["--config", config, "--s3-endpoint-url", s3.endpoint_url, *extra],
-                   ray.get_runtime_context().gcs_address if ray.is_initialized() else None)
-    _train.err = done.stderr
-    return done.returncode
+    """Runs the training job's main on this session's Ray, its driver in this process (what a shell
+    adds is proved once, in test_bad_configs_fail_before_any_worker_starts); returns its exit code
+    (its stderr in _train.err)."""
+    code, _train.err = job_main("train_hypernet", ["--config", config, "--s3-endpoint-url", s3.endpoint_url, *extra])
+    return code
 
 
 def _metrics(s3, name):
@@ -60,7 +58,7 @@ def _checkpoints(s3, name):
 
 def test_two_workers_reduce_the_loss_and_checkpoint_to_s3(ray_cluster, s3, train_setup):
     config = train_setup(name="ddp", max_steps=30, val_every=15, num_workers=2)
-    assert _train(config, s3) == 0
+    assert _train(config, s3, "--adapter-type", "tucker") == 0  # the TA-LoRA cores: trained by the same loop
     history = _metrics(s3, "ddp")
     assert [h["step"] for h in history] == list(range(1, 31))
     first, last = history[:5], history[-5:]
@@ -80,31 +78,32 @@ def test_two_workers_reduce_the_loss_and_checkpoint_to_s3(ray_cluster, s3, train
     assert latest.rsplit("/", 1)[1] == checkpoints[-1].rsplit("/", 1)[1]
     assert read_bytes(f"{latest}/hypernet.safetensors", s3)  # what `talora checkpoint --file` points at
     model = load_task_aware_sam(f"s3://{checkpoints[-1]}/hypernet.safetensors", storage=s3)
-    assert len(model.targets) == 36
+    assert len(model.targets) == 36 and model.config.hypernet.adapter_type == "tucker"
+    assert model.hypernet.core_head.weight.abs().sum() > 0  # the core was trained
 
 
 def test_a_failed_run_relaunched_with_the_same_name_resumes_and_a_changed_config_is_refused(
     ray_cluster, s3, train_setup, monkeypatch
 ):
-    config = train_setup(name="resume", max_steps=20, val_every=10)
-    monkeypatch.setenv("TALORA_FAIL_AT_STEP", "10")
-    assert _train(config, s3) == 1  # died right after the step-10 checkpoint
+    config = train_setup(name="resume", max_steps=8, val_every=4)
+    monkeypatch.setenv("TALORA_FAIL_AT_STEP", "4")
+    assert _train(config, s3) == 1  # died right after the step-4 checkpoint
     assert len(_checkpoints(s3, "resume")) == 1
     monkeypatch.delenv("TALORA_FAIL_AT_STEP")
 
     assert _train(config, s3) == 0
     history = _metrics(s3, "resume")
-    assert [h["step"] for h in history] == list(range(1, 21))
-    assert history[-1]["start_step"] == 10  # resumed from step 10, not from zero
-    assert history[9]["start_step"] == 0
+    assert [h["step"] for h in history] == list(range(1, 9))
+    assert history[-1]["start_step"] == 4  # resumed from step 4, not from zero
+    assert history[3]["start_step"] == 0
 
-    changed = train_setup(name="resume", max_steps=20, val_every=10, lr=0.01)
+    changed = train_setup(name="resume", max_steps=8, val_every=4, lr=0.01)
     assert _train(changed, s3) == 2
     err = _train.err
     assert "exists with another config" in err and "train.lr: 0.003 -> 0.01" in err
 
 
-def test_static_mode_and_tucker_adapters_produce_loadable_weights(ray_cluster, s3, train_setup):
+def test_static_mode_produces_a_loadable_adapter(ray_cluster, s3, train_setup):
     assert _train(train_setup(name="static", mode="static", task="supercategory:vehicle", max_steps=4, val_every=4), s3) == 0
     (checkpoint,) = _checkpoints(s3, "static")
     from talora.config import default_config
@@ -112,12 +111,6 @@ def test_static_mode_and_tucker_adapters_produce_loadable_weights(ray_cluster, s
     targets = load_backbone("vit_tiny").find_targets(default_config("vit_tiny").lora, 1)
     adapter, header = load_adapter(f"s3://{checkpoint}/adapter.safetensors", targets, "vit_tiny", s3)
     assert header.prompt == "supercategory:vehicle" and any(b.abs().sum() > 0 for _, b in adapter.weights.values())
-
-    assert _train(train_setup(name="tucker", max_steps=4, val_every=4), s3, "--adapter-type", "tucker") == 0
-    (checkpoint,) = _checkpoints(s3, "tucker")
-    model = load_task_aware_sam(f"s3://{checkpoint}/hypernet.safetensors", storage=s3)
-    assert model.config.hypernet.adapter_type == "tucker"
-    assert model.hypernet.core_head.weight.abs().sum() > 0  # the core was trained
 
 
 def test_bad_configs_fail_before_any_worker_starts(tmp_path):
@@ -137,9 +130,9 @@ def test_bad_configs_fail_before_any_worker_starts(tmp_path):
 def test_training_streams_the_embedding_cache_and_refuses_a_mismatched_one(ray_cluster, s3, train_setup):
     config = train_setup(name="cached", max_steps=4, val_every=4)
     spec = yaml.safe_load(open(config))
-    cache = job_summary(run_job("embed_images", ["--annotations", spec["train"]["train_annotations"], "--sam-checkpoint",
-                                                 spec["model"]["sam"]["checkpoint"], "--output", "s3://talora-test/cache",
-                                                 "--s3-endpoint-url", s3.endpoint_url], ray_cluster))["output"]
+    cache = job_summary(run_here("embed_images", ["--annotations", spec["train"]["train_annotations"], "--sam-checkpoint",
+                                                  spec["model"]["sam"]["checkpoint"], "--output", "s3://talora-test/cache",
+                                                  "--s3-endpoint-url", s3.endpoint_url]))["output"]
 
     assert _train(config, s3, "--embeddings", cache) == 0
     assert [h["step"] for h in _metrics(s3, "cached")] == [1, 2, 3, 4]

@@ -40,7 +40,9 @@ def test_a_built_variant_is_frozen_and_its_weights_name_it(backbones, name):
     assert backbone.lowres_size == 4 * backbone.embedding_size
 
 
-@pytest.mark.parametrize("name", BUILDABLE_HERE)
+# The full-size vit_b's 1024-px passes (~15 s of CPU) are in the slow tier; the CPU presets in `make test`.
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if not get_variant(n).cpu_preset else n
+                                  for n in BUILDABLE_HERE])
 def test_trunk_then_tail_is_the_whole_encoder_at_every_split(backbones, name):
     backbone = backbones[name]
     x, input_size = backbone.preprocess(np.random.default_rng(0).integers(0, 255, (48, 64, 3), dtype=np.uint8))

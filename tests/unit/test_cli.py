@@ -70,6 +70,30 @@ def test_bad_input_exits_non_zero_with_a_message_naming_it(tmp_path, capsys):
     assert not (tmp_path / "a.safetensors").exists()
 
 
+
+def test_a_store_that_does_not_answer_exits_3_in_one_line_and_any_other_failure_exits_1(monkeypatch, capsys):
+    import socket
+
+    import talora.io.storage as storage
+
+    monkeypatch.setattr(storage, "RETRY_DELAYS_S", (0.0,))
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    with socket.socket() as s:  # a loopback port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    code = main(["tasks", "--annotations", "s3://nowhere/instances.json", "--s3-endpoint-url", f"http://127.0.0.1:{port}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 3 and len(err) == 1, err
+    assert err[0].startswith(f"talora tasks: error: object storage at http://127.0.0.1:{port} did not answer")
+    assert "Traceback" not in "\n".join(err) and "rerun the same command" in err[0]
+
+    import talora.cli.main as cli
+
+    monkeypatch.setattr(cli, "CocoDataset", None)  # an unexpected failure inside a verb
+    assert main(["tasks", "--annotations", "x.json"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" in err and err.strip().splitlines()[-1] == "talora tasks: failed"
+
 def test_demo_data_and_tasks_commands(tmp_path, capsys):
     assert main(["demo-data", "--out", str(tmp_path / "demo"), "--num-images", "12", "--num-val", "3", "--seed", "1"]) == 0
     assert "wrote 15 images" in capsys.readouterr().out

@@ -37,7 +37,7 @@ def test_a_run_killed_between_parts_and_manifest_reruns_to_exactly_one_copy(tmp_
     assert first.returncode == 9
     run = RunOutput(str(tmp_path), "run1", None, PARQUET)
     assert run.committed_shards() == {"a"}
-    assert (tmp_path / "run1" / "b" / "part-000001.parquet").exists()  # written, but not committed...
+    assert len(list((tmp_path / "run1" / "b").glob("part-000001-*.parquet"))) == 1  # written, not committed...
     assert len(run.read_table()) == 4  # ...so readers see shard a only
 
     second = _write(tmp_path, die_in="none")
@@ -48,10 +48,42 @@ def test_a_run_killed_between_parts_and_manifest_reruns_to_exactly_one_copy(tmp_
 
 def test_stale_parts_are_never_read(tmp_path):
     run = RunOutput(str(tmp_path), run_key({"prompts": ["x"]}), None, PARQUET)
-    run.write_part("s", 0, [{"v": 1}])
+    part = run.write_part("s", 0, [{"v": 1}])
     run.write_part("s", 7, [{"v": 99}])  # left over from an earlier attempt
-    run.commit(Manifest("s", ["part-000000.parquet"], {"i": 1}, {}))
+    run.commit(Manifest("s", [part], {"i": 1}, {}))
     assert run.read_table()["v"].to_pylist() == [1]
+
+
+def test_a_repeated_item_is_recorded_once_with_its_last_result(tmp_path):
+    run = RunOutput(str(tmp_path), "k", None, PARQUET)
+    tracker = ShardTracker(run, ["s"])
+    assert not tracker.has("s", "x")
+    tracker.add("s", "x", 0, error="read timed out", shard_items=2)
+    assert tracker.has("s", "x")
+    tracker.add("s", "x", 2, "part-a", shard_items=2)  # the item again (a retried batch): not a third item
+    assert tracker.add("s", "y", 1, "part-a", shard_items=2)
+    manifest = run.manifests()["s"]
+    assert manifest.items == {"x": 2, "y": 1} and manifest.errors == {}
+    assert tracker.items_committed == 2 and tracker.has("s", "x")
+
+
+def test_two_attempts_on_one_output_never_share_a_part_and_the_last_manifest_wins_whole(tmp_path):
+    first, second = (RunOutput(str(tmp_path), "k", None, PARQUET) for _ in range(2))
+    assert first.attempt != second.attempt
+    # The same shard, batched differently by each attempt (part 0 holds other items in each), every
+    # part of both written before either commits, as two drivers started together do.
+    manifests = {}
+    for run, batches in ((first, [["a", "b"], ["c"]]), (second, [["a"], ["b", "c"]])):
+        parts, k = [], 0
+        for batch in batches:
+            parts.append(run.write_part("s", k, [{"item": i} for i in batch]))
+            k += len(batch)
+        manifests[run.attempt] = Manifest("s", parts, {"a": 1, "b": 1, "c": 1}, {})
+    assert len(list((tmp_path / "k" / "s").iterdir())) == 4  # none overwritten
+    for run in (first, second):
+        run.commit(manifests[run.attempt])
+        assert sorted(RunOutput(str(tmp_path), "k", None, PARQUET).read_table()["item"].to_pylist()) == ["a", "b", "c"]
+    assert all(second.attempt in part for part in first.manifests()["s"].parts)  # the last one, whole
 
 
 def test_manifest_lists_every_item_with_its_rows_zero_and_errors_included(tmp_path):
@@ -117,7 +149,7 @@ def test_another_part_format_goes_through_the_same_commit_protocol(tmp_path):
     run = RunOutput(str(tmp_path), "k", None, JsonLinesParts())
     tracker = ShardTracker(run, ["s"])
     part = run.write_part("s", 0, [{"image": "x", "v": 1}, {"image": "y", "v": 2}])
-    assert part == "part-000000.jsonl" and (tmp_path / "k" / "s" / part).read_text().count("\n") == 2
+    assert part == f"part-000000-{run.attempt}.jsonl" and (tmp_path / "k" / "s" / part).read_text().count("\n") == 2
     assert run.read_table() is None  # written, not yet committed: nothing is visible
     tracker.add("s", "x", 1, part, shard_items=2)
     assert tracker.add("s", "y", 1, part, shard_items=2)
