@@ -39,11 +39,14 @@ def _wait_until(ready, what: str, timeout: float = 120.0) -> None:
 
 def _accepts_jobs(address: str) -> bool:
     """The head's job agent takes submissions (the HTTP server answers before the agent is up)."""
+    import requests
     from ray.job_submission import JobSubmissionClient
 
     try:
         JobSubmissionClient(address).submit_job(entrypoint="true")
         return True
+    except requests.exceptions.ConnectionError:  # the dashboard dropped the request while its modules start
+        return False
     except RuntimeError as e:
         if "No available agent" in str(e):
             return False
