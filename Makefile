@@ -21,6 +21,9 @@ $(VENV)/.installed: pyproject.toml
 	# without the extension (its post-processing is not on talora's path) and without isolation.
 	SAM2_BUILD_CUDA=0 $(PY) -m pip install --quiet --no-build-isolation 'sam2==1.1.0'
 	$(PY) -m pip install --quiet -e '.[dev]'
+	# Ultralytics reads the YOLO exports back (tests, make demo): without its dependencies, whose
+	# opencv-python would shadow the headless OpenCV above and needs libGL; what it imports is here.
+	$(PY) -m pip install --quiet --no-deps 'ultralytics==8.4.190' 'ultralytics-thop>=2.0'
 	touch $@
 
 # The suite runs in TEST_WORKERS processes, a test file to each (its module fixtures built once), each
@@ -56,13 +59,14 @@ demo: setup
 		--annotations $(DEMO_DATA)/val/instances.json --output runs/demo/eval
 	$(OFFLINE) $(VENV)/bin/talora viz --predictions $$(ls -td runs/demo/labels/*/ | head -n 1) \
 		--out runs/demo/overlays --max-images 6
+	rm -rf runs/demo/export
 	$(OFFLINE) $(VENV)/bin/talora export --predictions $$(ls -td runs/demo/labels/*/ | head -n 1) \
-		--format coco --out runs/demo/export/instances.json
-	$(PY) -c "from pycocotools.coco import COCO; c = COCO('runs/demo/export/instances.json'); \
-		print(f'read back with pycocotools: {len(c.imgs)} images, {len(c.anns)} annotations, {len(c.cats)} categories')"
+		--format coco --out runs/demo/export/coco --val-fraction 0.2 --read-back
+	$(OFFLINE) $(VENV)/bin/talora export --predictions $$(ls -td runs/demo/labels/*/ | head -n 1) \
+		--format yolo --out runs/demo/export/yolo --val-fraction 0.2 --image-files link --read-back
 	@echo "demo outputs: $(DEMO_DATA)/ (COCO train/val), runs/demo/labels/ (Parquet predictions),"
 	@echo "              runs/demo/eval/report.md (+ report.json, per_task_ap.png), runs/demo/overlays/*.png,"
-	@echo "              runs/demo/export/instances.json (the labels as a COCO training set)"
+	@echo "              runs/demo/export/{coco,yolo}/ (the labels as datasets a detector trains on as they are)"
 
 # Both benchmark suites on the demo domain with the shipped models (never part of `make test`): the
 # speed suite (1000 generated images, the job end to end) and the quality suite (its 6 static-LoRA

@@ -28,7 +28,7 @@ from __future__ import annotations
 import hashlib
 import json
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 import pyarrow as pa
@@ -52,10 +52,17 @@ class Manifest:
     parts: list[str]  # part file names relative to OUT/<run_key>/<shard>/
     items: dict[str, int]  # item (image URI) -> rows written, zero included
     errors: dict[str, str]  # item -> error message, for items that failed
+    # item -> [image_id, width, height], recorded as it was processed (exports list images found empty)
+    images: dict[str, list[int]] = field(default_factory=dict)
 
     def to_json(self) -> bytes:
-        return json.dumps({"shard": self.shard, "parts": self.parts, "items": self.items, "errors": self.errors},
-                          indent=1, sort_keys=True).encode()
+        return json.dumps({"shard": self.shard, "parts": self.parts, "items": self.items, "errors": self.errors,
+                           "images": self.images}, indent=1, sort_keys=True).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes) -> "Manifest":
+        d = json.loads(data)
+        return cls(d["shard"], d["parts"], d["items"], d.get("errors", {}), d.get("images", {}))
 
 
 class RunOutput:
@@ -96,8 +103,8 @@ class RunOutput:
         """Every committed shard's manifest (each one read: for readers of the output)."""
         found = {}
         for shard in sorted(self.committed_shards()):
-            data = json.loads(read_bytes(self.manifest_uri(shard), self.storage))
-            found[data["shard"]] = Manifest(data["shard"], data["parts"], data["items"], data.get("errors", {}))
+            manifest = Manifest.from_json(read_bytes(self.manifest_uri(shard), self.storage))
+            found[manifest.shard] = manifest
         return found
 
     def committed_shards(self) -> set[str]:
@@ -138,9 +145,10 @@ class ShardTracker:
         return shard in self.committed or item in self.open.get(shard, Manifest(shard, [], {}, {})).items
 
     def add(self, shard: str, item: str, rows: int, part: str | None = None, error: str | None = None, *,
-            shard_items: int) -> bool:
-        """Records one processed item of a shard of `shard_items` items; returns True when this
-        completed (and committed) its shard. An item recorded again replaces its first record."""
+            shard_items: int, image: tuple[int, int, int] | None = None) -> bool:
+        """Records one processed item of a shard of `shard_items` items (`image`: its id, width and
+        height, where it was read); returns True when this completed (and committed) its shard. An
+        item recorded again replaces its first record."""
         if shard in self.committed:
             return False  # a retried batch's late copy: the shard is already complete
         if shard not in self.waiting:
@@ -153,11 +161,14 @@ class ShardTracker:
             found.errors[item] = error
         else:
             found.errors.pop(item, None)
+        if image is not None and image[1] > 0:
+            found.images[item] = [int(v) for v in image]
         if len(found.items) > shard_items:
             raise RuntimeError(f"shard {shard} returned {len(found.items)} items, but was listed with {shard_items}")
         if len(found.items) < shard_items:
             return False
-        self.commit(Manifest(shard, sorted(found.parts), dict(sorted(found.items.items())), found.errors))
+        self.commit(Manifest(shard, sorted(found.parts), dict(sorted(found.items.items())), found.errors,
+                             dict(sorted(found.images.items()))))
         return True
 
     def commit(self, manifest: Manifest) -> None:

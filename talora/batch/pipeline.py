@@ -35,7 +35,8 @@ from talora.batch.commit import Manifest, RunOutput, ShardTracker
 from talora.batch.shards import ShardPlan, list_images, shard_items
 from talora.io.storage import StorageOptions, StorageUnavailable, read_bytes
 
-META_KEYS = ("shard", "item", "image_id", "shard_items", "rows", "part", "error", "node", "rss_mb", "threads")
+META_KEYS = ("shard", "item", "image_id", "width", "height", "shard_items", "rows", "part", "error", "node", "rss_mb",
+             "threads")
 # Plans per listing task: one shard each up to this many shards (a task's items leave it as one
 # block, so one shard per task lets the first shard through first); more shards share tasks.
 MAX_LISTING_TASKS = 10_000
@@ -138,12 +139,15 @@ class ShardWriter:
         import torch  # as in __init__: never in a decode task
 
         threads = torch.get_num_threads()
+        # Each image's size as read (a decode stage's, else its first row's; 0 where it failed).
+        sizes = (zip(batch["width"], batch["height"]) if "width" in batch else
+                 ((rows[0]["width"] or 0, rows[0]["height"] or 0) if rows else (0, 0) for rows, _ in results))
         meta: dict[str, list[Any]] = {k: [] for k in META_KEYS}
-        for uri, image_id, shard, count, (rows, error) in zip(batch["uri"], batch["image_id"], batch["shard"],
-                                                              batch["shard_items"], results):
+        for uri, image_id, (width, height), shard, count, (rows, error) in zip(
+                batch["uri"], batch["image_id"], sizes, batch["shard"], batch["shard_items"], results):
             part = parts.get(shard, "") if rows else ""
-            for key, value in zip(META_KEYS, (shard, uri, int(image_id), count, len(rows), part, error, node, rss_mb,
-                                              threads)):
+            for key, value in zip(META_KEYS, (shard, uri, int(image_id), int(width), int(height), count, len(rows),
+                                              part, error, node, rss_mb, threads)):
                 meta[key].append(value)
         return meta
 
@@ -205,7 +209,8 @@ def run_sharded(
             rss_mb, threads = max(rss_mb, float(row["rss_mb"])), max(threads, int(row["threads"]))
             after_first += first_commit is not None
             if tracker.add(row["shard"], row["item"], int(row["rows"]), row["part"] or None, row["error"] or None,
-                           shard_items=int(row["shard_items"])):
+                           shard_items=int(row["shard_items"]),
+                           image=(int(row["image_id"]), int(row["width"]), int(row["height"]))):
                 first_commit = first_commit or time.perf_counter()
                 now = status("running", tracker, skipped, counts["images"], counts["errors"],
                              time.perf_counter() - start)

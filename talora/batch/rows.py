@@ -17,7 +17,7 @@ from typing import Callable, Iterator
 
 import pyarrow as pa
 
-from talora.batch.commit import RunOutput
+from talora.batch.commit import Manifest, RunOutput
 from talora.batch.parts import PARQUET, PartFormat, part_format_of
 from talora.io.storage import StorageOptions, join, read_bytes, write_bytes
 
@@ -104,7 +104,24 @@ def iter_parts(run_uri: str, storage: StorageOptions | None = None) -> Iterator[
     if not uris and not run.committed_shards():
         raise ValueError(f"{run_uri} has no committed shard (no _manifests/*.json)")
     for uri in uris:
-        yield validate_table(part_format_of(uri).decode(read_bytes(uri, storage)), uri)
+        yield read_part(uri, storage)
+
+
+def read_part(uri: str, storage: StorageOptions | None = None) -> pa.Table:
+    """One committed part of a labelling run, checked against `SCHEMA`."""
+    return validate_table(part_format_of(uri).decode(read_bytes(uri, storage)), uri)
+
+
+def iter_shards(run_uri: str, storage: StorageOptions | None = None) -> Iterator[tuple[Manifest, list[str]]]:
+    """Every committed shard's manifest with its part URIs, in shard order, each manifest read as
+    it is reached (memory holds one): for readers that go shard by shard."""
+    run = open_run(run_uri, storage)
+    shards = sorted(run.committed_shards())
+    if not shards:
+        raise ValueError(f"{run_uri} has no committed shard (no _manifests/*.json)")
+    for shard in shards:
+        manifest = Manifest.from_json(read_bytes(run.manifest_uri(shard), storage))
+        yield manifest, [join(run.root, shard, part) for part in manifest.parts]
 
 
 def read_run(run_uri: str, storage: StorageOptions | None = None) -> CommittedRun:

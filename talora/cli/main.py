@@ -7,7 +7,7 @@
     talora demo-data --out URI --num-images N --seed S         the synthetic demo domain
     talora probe --annotations URI [--sam-checkpoint URI]      does the base encode what tasks name?
     talora checkpoint RUN [--best] [--file NAME]               a finished training run's checkpoint
-    talora export --predictions RUN --format coco|yolo --out URI   labels out as a training dataset
+    talora export --predictions RUN --format coco|yolo --out DIR   labels out as a dataset that trains as it is
     talora merge | export-peft | plot-run | viz | fp16         adapters out; curves; overlays; fp16 files
 """
 
@@ -33,6 +33,8 @@ from talora.eval.viz import overlay_png, plot_run, render_predictions
 from talora.io.images import decode_image
 from talora.io.storage import StorageOptions, join, read_bytes, write_bytes
 from talora.io.weights import read_weights, write_weights
+from talora.label.export.config import IMAGE_FILES
+from talora.label.export.readback import READERS, read_back
 from talora.label.export.run import WRITERS, ExportConfig, export_run
 from talora.model.files import AdapterCache, adapter_header, save_adapter
 from talora.model.loading import (HYPERNET_FORMAT, build_task_aware_sam, load_backbone, load_model, load_task_aware_sam,
@@ -174,8 +176,11 @@ def cmd_export_peft(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     counts = export_run(ExportConfig(args.predictions, args.out, args.format, args.kind, args.min_score,
-                                     args.images_prefix, _storage(args)))
+                                     args.images_prefix, args.image_files, args.val_fraction, _storage(args)))
     print(json.dumps(counts))
+    if args.read_back:
+        for split, found in read_back(args.out, args.format).items():
+            print(f"read back ({READERS[args.format]}), {split}: " + ", ".join(f"{v} {k}" for k, v in found.items()))
     return 0
 
 
@@ -318,10 +323,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_storage_args(p)
     p.set_defaults(func=cmd_demo_data)
 
-    p = sub.add_parser("export", help="a labelling run's labels as a COCO instances JSON or YOLO-seg labels")
+    p = sub.add_parser("export", help="a labelling run's labels as a COCO or YOLO-seg dataset that trains as it is")
     p.add_argument("--predictions", required=True, help="a labelling run: OUTPUT/<run_key>")
     p.add_argument("--format", choices=tuple(WRITERS), default="coco")
-    p.add_argument("--out", required=True, help="coco: the instances JSON to write; yolo: a folder (any URI)")
+    p.add_argument("--out", required=True, help="the dataset folder (any URI): images/{train,val}/ and the labels")
+    p.add_argument("--image-files", choices=IMAGE_FILES, default="copy",
+                   help="copy the images into the dataset, or link them (local images and --out only)")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="of the images, this fraction goes to val")
+    p.add_argument("--read-back", action="store_true",
+                   help="then read the dataset with the format's own readers and print what they found (local)")
     p.add_argument("--kind", choices=("instance", "semantic"), default="instance", help="rows that become annotations")
     p.add_argument("--min-score", type=float, default=0.0, help="leave out masks scored below this")
     p.add_argument("--images-prefix", default=None, help="file names relative to this (default: the run's --images)")

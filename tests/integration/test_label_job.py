@@ -1,5 +1,6 @@
 """The labelling job on a local Ray cluster with moto S3: outputs, exactly-once, bad input, job submit."""
 
+import contextlib
 import io
 import json
 import os
@@ -13,8 +14,10 @@ from PIL import Image
 from talora.batch.commit import RunOutput
 from talora.batch.parts import PARQUET
 from talora.batch.rows import read_run
+from talora.cli.main import main as talora_main
 from talora.data.synthetic import write_demo_dataset
 from talora.io.storage import read_bytes, write_bytes
+from talora.label.export.readback import READERS, read_back
 from tests.conftest import REPO, job_command, job_main, job_summary, run_here, run_job
 
 pytestmark = pytest.mark.integration
@@ -27,7 +30,8 @@ def _label(argv):
     return done.returncode, (job_summary(done) if done.returncode == 0 else done.stderr)
 
 
-def test_labels_go_to_s3_exactly_once_across_an_interruption_and_evaluate_reads_them(ray_cluster, s3):
+def test_labels_go_to_s3_exactly_once_across_an_interruption_and_evaluate_and_export_read_them(ray_cluster, s3,
+                                                                                               tmp_path):
     written = write_demo_dataset("s3://talora-test/demo", num_train=1, num_val=6, seed=4, shard_size=2, storage=s3)
     argv = ["--prompt", "segment vehicles", "--prompt", "segment red objects", "--images",
             "s3://talora-test/demo/val/images", "--annotations", written["val"], "--output", "s3://talora-test/labels",
@@ -56,6 +60,29 @@ def test_labels_go_to_s3_exactly_once_across_an_interruption_and_evaluate_reads_
     report = job_summary(run_here("evaluate", ["--predictions", second["output"], "--annotations", written["val"],
                                               "--output", "s3://talora-test/eval", "--s3-endpoint-url", s3.endpoint_url]))
     assert report["images"] == 6 and report["unmapped_prompts"] == []
+    assert all(m.images[i][1:] == [256, 256] for m in manifests.values() for i in m.items)  # sizes, as processed
+
+    # The run out as datasets, read by the readers detectors train with (nothing moved by hand).
+    backgrounds = sum(1 for m in manifests.values() for n in m.items.values() if n == 0)
+    for fmt in ("coco", "yolo"):
+        code, stdout, stderr = _talora(["export", "--predictions", second["output"], "--format", fmt, "--out",
+                                        str(tmp_path / fmt), "--val-fraction", "0.34", "--read-back",
+                                        "--s3-endpoint-url", s3.endpoint_url])
+        assert code == 0, stderr[-3000:]
+        counts = json.loads(stdout.splitlines()[0])
+        assert (counts["images"], counts["train"], counts["val"], counts["backgrounds"]) == (6, 4, 2, backgrounds)
+        found = read_back(str(tmp_path / fmt), fmt)
+        assert sum(f["images"] for f in found.values()) == 6 and sum(f["backgrounds"] for f in found.values()) >= backgrounds
+        assert sum(f.get("segments", f.get("annotations")) for f in found.values()) == counts["annotations"]
+        assert f"read back ({READERS[fmt]}), val: 2 images" in stdout
+
+
+def _talora(argv):
+    """The `talora` command's main in this process: (exit code, stdout, stderr)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = talora_main(argv)
+    return code, out.getvalue(), err.getvalue()
 
 
 def test_the_same_job_started_twice_at_once_ends_with_every_image_s_rows_once(ray_cluster, tmp_path):
