@@ -142,7 +142,7 @@ class ShardTracker:
 
     def has(self, shard: str, item: str) -> bool:
         """Whether `item` of `shard` has already been recorded (or its shard committed) in this run."""
-        return shard in self.committed or item in self.open.get(shard, Manifest(shard, [], {}, {})).items
+        return shard in self.committed or (shard in self.open and item in self.open[shard].items)
 
     def add(self, shard: str, item: str, rows: int, part: str | None = None, error: str | None = None, *,
             shard_items: int, image: tuple[int, int, int] | None = None) -> bool:

@@ -34,7 +34,7 @@ from talora.io.images import decode_image
 from talora.io.storage import StorageOptions, join, read_bytes, write_bytes
 from talora.io.weights import read_weights, write_weights
 from talora.label.export.config import IMAGE_FILES
-from talora.label.export.readback import READERS, read_back
+from talora.label.export.readback import READERS, check_readable, read_back
 from talora.label.export.run import WRITERS, ExportConfig, export_run
 from talora.model.files import AdapterCache, adapter_header, save_adapter
 from talora.model.loading import (HYPERNET_FORMAT, build_task_aware_sam, load_backbone, load_model, load_task_aware_sam,
@@ -175,6 +175,8 @@ def cmd_export_peft(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    if args.read_back:
+        check_readable(args.out)  # before the export's work
     counts = export_run(ExportConfig(args.predictions, args.out, args.format, args.kind, args.min_score,
                                      args.images_prefix, args.image_files, args.val_fraction, _storage(args)))
     print(json.dumps(counts))
@@ -327,9 +329,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--predictions", required=True, help="a labelling run: OUTPUT/<run_key>")
     p.add_argument("--format", choices=tuple(WRITERS), default="coco")
     p.add_argument("--out", required=True, help="the dataset folder (any URI): images/{train,val}/ and the labels")
-    p.add_argument("--image-files", choices=IMAGE_FILES, default="copy",
+    p.add_argument("--image-files", choices=IMAGE_FILES, default=ExportConfig.image_files,
                    help="copy the images into the dataset, or link them (local images and --out only)")
-    p.add_argument("--val-fraction", type=float, default=0.1, help="of the images, this fraction goes to val")
+    p.add_argument("--val-fraction", type=float, default=ExportConfig.val_fraction,
+                   help="of the images, this fraction goes to val (exactly: floor(n * fraction))")
     p.add_argument("--read-back", action="store_true",
                    help="then read the dataset with the format's own readers and print what they found (local)")
     p.add_argument("--kind", choices=("instance", "semantic"), default="instance", help="rows that become annotations")

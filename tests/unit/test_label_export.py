@@ -100,6 +100,11 @@ def test_a_coco_export_is_a_dataset_pycocotools_and_torchvision_read_as_it_is(tm
     errors = [json.loads(line) for line in (out / "errors.jsonl").read_text().splitlines()]
     assert errors == [{"image_uri": f"{prefix}/s/broken.jpg", "error": "broken.jpg: empty file (0 bytes)"}]
 
+    found = read_back(str(out), "coco")
+    assert [found[s]["images"] for s in ("train", "val")] == [4, 2] and found["val"]["missing files"] == 0
+    next((out / "images" / "val").rglob("*.jpg")).unlink()  # a dataset with a file gone says so
+    assert read_back(str(out), "coco")["val"]["missing files"] == 1
+
 
 def test_min_score_and_kind_choose_the_annotations_and_filtered_images_stay_as_negatives(tmp_path):
     run, _, dataset, rows = labelled_run(tmp_path)

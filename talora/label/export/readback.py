@@ -17,10 +17,15 @@ from talora.label.export.writer import SPLITS
 READERS = {"coco": "pycocotools + torchvision CocoDetection", "yolo": "Ultralytics YOLODataset"}
 
 
-def read_back(out: str, format: str) -> dict:
-    """{split: counts} of the dataset at `out` (a local folder), as the format's own readers see it."""
+def check_readable(out: str) -> None:
+    """Refuses, before an export starts, a read-back the readers cannot do (they read local files)."""
     if protocol_of(out) != "file":
         raise ValueError(f"--read-back reads a local dataset, got --out {out!r}")
+
+
+def read_back(out: str, format: str) -> dict:
+    """{split: counts} of the dataset at `out` (a local folder), as the format's own readers see it."""
+    check_readable(out)
     return {"coco": _coco, "yolo": _yolo}[format](out)
 
 
@@ -35,10 +40,9 @@ def _coco(out: str) -> dict:
             coco = COCO(annotations)
             dataset = CocoDetection(root, annotations)
         empty = sum(1 for i in coco.imgs if not coco.getAnnIds(imgIds=[i]))
-        readable = len(dataset) and dataset[0][0].size == (coco.imgs[dataset.ids[0]]["width"],
-                                                            coco.imgs[dataset.ids[0]]["height"])
+        missing = sum(1 for i in dataset.ids if not os.path.exists(os.path.join(root, coco.imgs[i]["file_name"])))
         found[split] = {"images": len(dataset), "backgrounds": empty, "annotations": len(coco.anns),
-                        "categories": len(coco.cats), "first_image_read": bool(readable) if len(dataset) else None}
+                        "categories": len(coco.cats), "missing files": missing}
     return found
 
 
@@ -63,5 +67,5 @@ def _yolo(out: str) -> dict:
         labels = dataset.labels
         found[split] = {"images": len(labels), "labelled": sum(1 for lb in labels if len(lb["cls"])),
                         "backgrounds": sum(1 for lb in labels if not len(lb["cls"])),
-                        "segments": sum(len(lb["segments"]) for lb in labels), "folder": data[split]}
+                        "segments": sum(len(lb["segments"]) for lb in labels)}
     return found
