@@ -65,6 +65,23 @@ class Manifest:
         return cls(d["shard"], d["parts"], d["items"], d.get("errors", {}), d.get("images", {}))
 
 
+def read_status(uri: str, storage: StorageOptions | None = None) -> tuple[str, dict]:
+    """A job's status file and its run folder: `uri` is the run (OUTPUT/<run_key>) or the job's
+    --output while it holds one run; an output with several names them."""
+    try:
+        return uri, json.loads(read_bytes(join(uri, STATUS), storage))
+    except FileNotFoundError:
+        pass
+    fs, path = filesystem(uri, storage)
+    found = sorted(fs.glob(f"{path.rstrip('/')}/*/{STATUS}"))
+    if not found:
+        raise FileNotFoundError(f"{uri}: no {STATUS} here or one level below (has the job committed a shard yet?)")
+    runs = [join(uri, f.rsplit("/", 2)[-2]) for f in found]
+    if len(runs) > 1:
+        raise ValueError(f"{uri} holds {len(runs)} runs; name one: " + ", ".join(runs))
+    return runs[0], json.loads(read_bytes(join(runs[0], STATUS), storage))
+
+
 class RunOutput:
     """Where one run writes: parts, manifests, and what has been committed."""
 

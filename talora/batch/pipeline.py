@@ -22,10 +22,11 @@ items has come back, so none is silently dropped.
 from __future__ import annotations
 
 import datetime
+import math
 import resource
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import pyarrow as pa
 import ray
@@ -65,27 +66,52 @@ class ActorLayout:
         if self.gpus_per_actor is not None and self.gpus_per_actor < 0:
             raise ValueError(f"--gpus-per-actor must be >= 0, got {self.gpus_per_actor}")
 
-    def resolve(self, resources: dict, light_model: bool = True) -> ActorLayout:
-        """Every field set, from Ray's cluster resources ({"CPU": n, "GPU": m, ...}) where not given.
+    def resolve(self, resources: dict, light_model: bool = True, nodes: Sequence[dict] = ()) -> ActorLayout:
+        """Every field set, from Ray's cluster resources ({"CPU": n, "GPU": m, ...}) and its alive
+        nodes' own resources where not given.
 
         - GPUs (and --gpus-per-actor not 0): one actor per GPU share (--gpus-per-actor 0.5: two per
-          GPU), two threads each for the CPU side of the work (filters, RLE).
+          GPU), two threads each for the CPU side of the work (filters, RLE). Shares are counted
+          per node (0.3 GPU: three actors on each GPU, not ten on three GPUs), and a share no node
+          has is refused before the pool starts.
         - CPUs only: single-thread actors, one per core, for a light model (a CPU preset: its small ops
           parallelise poorly, so two 1-thread actors beat one 2-thread actor); four threads per
           actor for the real SAMs (fewer copies of a GB-sized model in memory).
-        Each actor asks for 0.75 CPU per thread, at most 3/4 of the cluster's CPUs in all: the rest
-        runs the read and decode tasks (0.25 CPU each), which would starve otherwise."""
+        Each actor asks for 0.75 CPU per thread, at most 3/4 of the cluster's CPUs in all, and on a
+        GPU node at most 3/4 of that node's CPUs: the rest runs the read and decode tasks (0.25 CPU
+        each), which would starve otherwise. On a cluster whose GPU nodes are not up yet (an
+        autoscaler starts them on demand) the flags say how many actors, and each asks for 0.75 CPU
+        per thread."""
         cpus, gpus = float(resources.get("CPU", 1)), float(resources.get("GPU", 0))
         gpus_per_actor = self.gpus_per_actor if self.gpus_per_actor is not None else (min(1.0, gpus) if gpus else 0.0)
+        per_node_cap = None
         if gpus_per_actor > 0:
-            actors = self.num_actors or max(1, int(gpus / gpus_per_actor + 1e-9))
+            gpu_nodes = [(float(n.get("CPU", 0)), int(float(n["GPU"]) / gpus_per_actor + 1e-9))
+                         for n in nodes if float(n.get("GPU", 0)) > 0]
+            if gpu_nodes and not any(fit for _, fit in gpu_nodes):
+                raise ValueError(f"--gpus-per-actor {gpus_per_actor:g} fits no node of this cluster: the largest has "
+                                 f"{max(float(n.get('GPU', 0)) for n in nodes):g} GPU(s)")
+            fits = [(node_cpus, fit) for node_cpus, fit in gpu_nodes if fit]
+            actors = self.num_actors or (sum(fit for _, fit in fits) if fits else max(1, int(gpus / gpus_per_actor + 1e-9)))
             threads = self.threads_per_actor or 2
+            if fits:
+                per_node_cap = min(0.75 * node_cpus / fit for node_cpus, fit in fits)
         else:
             threads = self.threads_per_actor or (max(1, int(cpus // self.num_actors)) if self.num_actors
                                                  else 1 if light_model else max(1, min(4, int(cpus))))
             actors = self.num_actors or max(1, int(cpus // threads))
-        cpus_per_actor = self.cpus_per_actor or round(max(0.1, min(0.75 * threads, 0.75 * cpus / actors)), 2)
+        caps = [0.75 * threads]
+        if gpus_per_actor == 0 or gpus > 0:  # else no GPU node is up yet: today's CPUs say nothing of theirs
+            caps.append(0.75 * cpus / actors)
+        if per_node_cap is not None:
+            caps.append(per_node_cap)
+        cpus_per_actor = self.cpus_per_actor or max(0.1, math.floor(min(caps) * 100) / 100)
         return ActorLayout(actors, cpus_per_actor, gpus_per_actor, threads)
+
+    def on_cluster(self, light_model: bool = True) -> ActorLayout:
+        """`resolve` against the Ray cluster this process is connected to."""
+        return self.resolve(ray.cluster_resources(), light_model,
+                            [n["Resources"] for n in ray.nodes() if n.get("Alive")])
 
     def describe(self) -> str:
         gpus = f", {self.gpus_per_actor:g} GPU" if self.gpus_per_actor else ""

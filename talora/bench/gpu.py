@@ -9,7 +9,8 @@ section only; the results say which ran, how long, and why one did not):
   model for both: floor, K = 1/2/4/8 prompts, breakdown, `reference` (SamPredictor /
   SAM2ImagePredictor), `reference_fast` (segment-anything-fast, where it is installed), the
   train step; for the first variant at the first precision also the labelling job through Ray
-  Data (one actor per GPU, batched trunk) over `job_images` generated images;
+  Data (one actor per GPU, batched trunk) over `job_images` generated images, then again with two
+  actors on each GPU (`--gpus-per-actor 0.5`), its rate beside the first and its status file;
 - train: Ray Train runs of a hypernet on `train_variant` through the real trainer
   (talora.train.trainer.run_training) in fp32, bf16 and fp16 AMP: the median step, steps/s and
   the worker's peak GPU memory; then the bf16 run relaunched with more steps, resuming from its
@@ -361,6 +362,10 @@ def summary(results: dict) -> str:
                 line += (f"; job {job['images']} img in {job['wall_s']:.1f} s, "
                          f"first commit {job['first_commit_s']:.1f} s, "
                          f"steady {_fmt(job['images_per_s'])} img/s, vs floor {_fmt(job['vs_floor'])}")
+                shared = job.get("shared_gpu") or {}
+                if "actors" in shared:
+                    line += (f"; {shared['actors']} actors at 0.5 GPU: {_fmt(shared['images_per_s'])} img/s "
+                             f"({_fmt(shared['vs_one_per_gpu'])}x one per GPU), status {shared['status']['state']}")
             lines.append(line)
     train = gpu.get("train") or {}
     for precision in TRAIN_PRECISIONS:

@@ -7,6 +7,7 @@
     talora demo-data --out URI --num-images N --seed S         the synthetic demo domain
     talora probe --annotations URI [--sam-checkpoint URI]      does the base encode what tasks name?
     talora checkpoint RUN [--best] [--file NAME]               a finished training run's checkpoint
+    talora status OUTPUT [--json]                              where a labelling job is (its status file)
     talora export --predictions RUN --format coco|yolo --out DIR   labels out as a dataset that trains as it is
     talora merge | export-peft | plot-run | viz | fp16         adapters out; curves; overlays; fp16 files
 """
@@ -277,6 +278,18 @@ def cmd_checkpoint(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_status(args: argparse.Namespace) -> int:
+    from talora.batch.commit import read_status
+    from talora.batch.pipeline import progress
+
+    run, now = read_status(args.output, _storage(args))
+    if args.json:
+        print(json.dumps({"run": run, **now}, indent=1))
+    else:
+        print(f"{run}: {now['state']} at {now['updated']}: {progress(now)}, {now['images']['errors']} error(s)")
+    return 0
+
+
 def cmd_viz(args: argparse.Namespace) -> int:
     files = render_predictions(args.predictions, args.out, args.prompt, args.max_images, _storage(args), args.images)
     print(f"wrote {len(files)} overlay(s) to {args.out}")
@@ -401,6 +414,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--file", default=None, help="a file inside it, e.g. hypernet.safetensors")
     _add_storage_args(p)
     p.set_defaults(func=cmd_checkpoint)
+
+    p = sub.add_parser("status", help="where a labelling (or embedding) job is: its status file, read while it runs")
+    p.add_argument("output", help="the job's --output (holding one run) or a run folder OUTPUT/<run_key>")
+    p.add_argument("--json", action="store_true", help="the whole status file")
+    _add_storage_args(p)
+    p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("viz", help="overlays of a labelling run's predictions, one PNG per image")
     p.add_argument("--predictions", required=True, help="a labelling run: OUTPUT/<run_key>")

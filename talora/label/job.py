@@ -242,10 +242,10 @@ def run_label_job(config: LabelConfig) -> dict:
         check_checkpoint(spec.sam_checkpoint, spec.sam_type, config.storage)
     model = model_name(spec, config.storage)
     boxes = read_boxes(config.boxes, prompts, config.storage) if config.boxes else None  # a bad box fails here
+    layout = config.layout.on_cluster(get_variant(spec.sam_type).cpu_preset)  # a share no node has fails here
     planned = time.perf_counter()
     plans, image_ids = plan(config)
     planning = {"shards": len(plans), "seconds": round(time.perf_counter() - planned, 3)}
-    layout = config.layout.resolve(ray.cluster_resources(), get_variant(spec.sam_type).cpu_preset)
 
     key = run_key(run_identity(config, prompts, model))
     run = RunOutput(config.output, key, config.storage, part_format(config.part_format))

@@ -151,6 +151,7 @@ def run_embed_job(config: EmbedConfig) -> dict:
         if uri:
             require_shared(uri)
     tail = get_variant(config.sam_type).tail_blocks if config.tail_blocks is None else config.tail_blocks
+    layout = config.layout.on_cluster(get_variant(config.sam_type).cpu_preset)  # a share no node has fails here
     planned = time.perf_counter()
     plans, image_ids = plan(config)  # fails early on a bad prefix or JSON
     planning = {"shards": len(plans), "seconds": round(time.perf_counter() - planned, 3)}
@@ -160,7 +161,6 @@ def run_embed_job(config: EmbedConfig) -> dict:
     key = run_key({**key_inputs, "part_format": config.part_format})  # the cache's identity + how it is stored
     run = RunOutput(config.output, key, config.storage, part_format(config.part_format))
     write_bytes(join(run.root, "_cache.json"), json.dumps(key_inputs, indent=1).encode(), config.storage)
-    layout = config.layout.resolve(ray.cluster_resources(), get_variant(config.sam_type).cpu_preset)
 
     counts = run_sharded(plans, run, TrunkEncoder,
                          {"sam_type": config.sam_type, "sam_checkpoint": config.sam_checkpoint, "tail_blocks": tail,

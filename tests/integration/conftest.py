@@ -9,6 +9,7 @@ def ray_cluster():
     multi-node cluster); yields its GCS address."""
     import ray
 
-    if not ray.is_initialized():
-        ray.init(address="local", num_cpus=2, configure_logging=False)  # never a stray `ray start` head
+    from talora.batch.cluster import init_ray
+
+    init_ray("local", num_cpus=2)  # never a stray `ray start` head; the state API its own
     yield ray.get_runtime_context().gcs_address

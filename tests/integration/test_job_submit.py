@@ -3,7 +3,6 @@
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -15,17 +14,12 @@ from pathlib import Path
 import pytest
 import yaml
 
+from talora.batch.cluster import free_port
 from talora.data.synthetic import write_demo_dataset
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _wait_until(ready, what: str, timeout: float = 120.0) -> None:
@@ -64,12 +58,12 @@ def _answers(url: str) -> bool:
 @pytest.fixture
 def head(tmp_path):
     """A Ray head on loopback, in its own --block process so the test can stop exactly it."""
-    port, dashboard = _free_port(), _free_port()
+    port, dashboard = free_port(), free_port()
     temp_dir = tempfile.mkdtemp(prefix="ray-head-")  # short: Ray's socket paths must fit 107 bytes
     # Its own agent ports too: the suite's in-process Ray already holds the defaults (52365, ...).
-    agent_ports = [f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
-                   f"--metrics-export-port={_free_port()}", f"--runtime-env-agent-port={_free_port()}",
-                   f"--ray-client-server-port={_free_port()}"]
+    agent_ports = [f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+                   f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
+                   f"--ray-client-server-port={free_port()}"]
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PATH": f"{BIN}:{os.environ['PATH']}",
            "RAY_USAGE_STATS_ENABLED": "0"}
     process = subprocess.Popen(

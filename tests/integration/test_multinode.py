@@ -21,16 +21,36 @@ from talora.model.loading import save_hypernet
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture
-def cluster():
+def _cluster(**worker):
+    """A 1-CPU head and two 1-CPU worker nodes (with `worker`'s resources too), this process joined."""
     import ray
     from ray.cluster_utils import Cluster
 
     ray.shutdown()  # this test needs its own cluster; the next test's ray_cluster starts a fresh local one
     c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
-    workers = [c.add_node(num_cpus=1, resources={f"node_{n}": 1}) for n in "ab"]
+    workers = [c.add_node(num_cpus=1, resources={f"node_{n}": 1}, **worker) for n in "ab"]
     ray.init(address=c.address)
     c.wait_for_nodes()
+    return c, workers
+
+
+@pytest.fixture
+def cluster():
+    import ray
+
+    c, workers = _cluster()
+    yield c, workers
+    ray.shutdown()
+    c.shutdown()
+
+
+@pytest.fixture
+def gpu_cluster():
+    """The same, its worker nodes reporting one GPU each: Ray schedules by the resource, and the
+    actors, finding no CUDA device, run on the CPU. The layout is what is under test."""
+    import ray
+
+    c, workers = _cluster(num_gpus=1)
     yield c, workers
     ray.shutdown()
     c.shutdown()
@@ -79,19 +99,32 @@ def _summary(output_prefix, s3):
     return json.loads(fs.cat_file(path)), "s3://" + path.rsplit("/", 1)[0]
 
 
-def test_labelling_spreads_over_nodes_and_equals_the_in_process_predictor(cluster, s3, labelled_setup):
-    written, argv = labelled_setup
-    log = _run_label([*argv, "--output", "s3://talora-test/mn-labels"], cluster[0].address)
+def test_two_actors_share_each_gpu_node_and_label_as_the_in_process_predictor(gpu_cluster, s3, labelled_setup,
+                                                                              monkeypatch):
+    written, argv = labelled_setup  # docs/labelling.md's recipe for a small model: --gpus-per-actor 0.5, the rest chosen
+    argv = [a for i, a in enumerate(argv) if a not in ("--num-actors", "--cpus-per-actor")
+            and argv[i - 1] not in ("--num-actors", "--cpus-per-actor")]
+    monkeypatch.setenv("RAY_DEDUP_LOGS", "0")  # two actors of a node log the same line: count both
+    log = _run_label([*argv, "--gpus-per-actor", "0.5", "--threads-per-actor", "1", "--output",
+                      "s3://talora-test/mn-labels"], gpu_cluster[0].address)
     summary, run = _summary("s3://talora-test/mn-labels", s3)
-    # Placement, not timing: 0.75 CPU per actor on 1-CPU nodes puts the pool's two actors on two nodes
-    # (and leaves each node room for the read and decode tasks, also after a node dies), each actor
-    # logs its node when it starts, and the pipeline starts only once both are up
+    # Placement, not timing: two 1-GPU nodes of one core hold four actors of half a GPU, two on each
+    # (each asking for 3/8 of its node's core, so the read and decode tasks still fit), each actor
+    # logs its node when it starts, and the pipeline starts only once all are up
     # (pipeline.ACTOR_START_TIMEOUT_S). Which actor takes which batch is Ray Data's choice, so the
     # rows' nodes are only checked to be among them.
     import re
+    from collections import Counter
 
-    actor_nodes = set(re.findall(r"label actor on node ([0-9a-f]+)", log))
-    assert len(actor_nodes) == 2 and set(summary["worker_nodes"]) <= actor_nodes
+    assert "4 actor(s) x 1 thread(s) (0.37 CPU, 0.5 GPU each)" in log, log[-3000:]
+    per_node = Counter(re.findall(r"label actor on node ([0-9a-f]+)", log))
+    assert sorted(per_node.values()) == [2, 2] and set(per_node) == {w.node_id for w in gpu_cluster[1]}
+    assert set(summary["worker_nodes"]) <= set(per_node)
+    from talora.io.storage import read_bytes
+
+    status = json.loads(read_bytes(f"{run}/_status.json", s3))
+    assert status["state"] == "done" and status["shards"] == {"committed": 3, "to_do": 3, "skipped": 0}
+    assert status["images"]["returned"] == summary["images"] == 6 and status["eta_s"] == 0
     rows, processed = _rows(run, s3)
     assert len(processed) == 6
 

@@ -72,15 +72,12 @@ def test_bad_input_exits_non_zero_with_a_message_naming_it(tmp_path, capsys):
 
 
 def test_a_store_that_does_not_answer_exits_3_in_one_line_and_any_other_failure_exits_1(monkeypatch, capsys):
-    import socket
-
     import talora.io.storage as storage
+    from talora.batch.cluster import free_port
 
     monkeypatch.setattr(storage, "RETRY_DELAYS_S", (0.0,))
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
-    with socket.socket() as s:  # a loopback port nothing listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()  # a loopback port nothing listens on
     code = main(["tasks", "--annotations", "s3://nowhere/instances.json", "--s3-endpoint-url", f"http://127.0.0.1:{port}"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 3 and len(err) == 1, err

@@ -111,15 +111,12 @@ def test_an_endpoint_that_does_not_answer_is_retried_and_then_named_while_other_
 
 
 def test_reading_from_a_closed_port_fails_with_the_endpoint_named(monkeypatch):
-    import socket
-
     import talora.io.storage as storage
+    from talora.batch.cluster import free_port
 
     monkeypatch.setattr(storage, "RETRY_DELAYS_S", (0.0,))
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")  # botocore's own retries: what is tested here is talora's
-    with socket.socket() as s:  # a loopback port nothing listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()  # a loopback port nothing listens on
     options = StorageOptions(endpoint_url=f"http://127.0.0.1:{port}")
     with pytest.raises(storage.StorageUnavailable, match=f"http://127.0.0.1:{port} did not answer"):
         storage.read_bytes("s3://nowhere/key.jpg", options)

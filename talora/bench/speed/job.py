@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import time
 
@@ -9,7 +11,9 @@ import torch
 
 from talora.backbones.variants import DEFAULT_VARIANT
 from talora.batch.cluster import init_ray
+from talora.batch.pipeline import ActorLayout
 from talora.bench.speed.config import SpeedConfig
+from talora.io.storage import join, read_bytes
 from talora.label.job import LabelConfig, run_label_job
 from talora.model.loading import model_spec
 from talora.predict.predictor import PredictConfig
@@ -40,7 +44,20 @@ def job_speed(config: SpeedConfig, tmp: str, prompts: list[str], floor) -> dict:
     finally:
         torch.set_num_threads(before)
     rate = summary["steady_images_per_second"]
-    return {"wall_s": wall, "first_commit_s": summary["first_commit_seconds"], "images_per_s": rate,
+    shared = shared_gpus(label, tmp, rate) if torch.cuda.is_available() else {"absent": "no CUDA device"}
+    return {"shared_gpu": shared, "wall_s": wall, "first_commit_s": summary["first_commit_seconds"], "images_per_s": rate,
             "vs_floor": rate * floor_s if rate else None, "images": summary["images"], "errors": summary["errors"],
             "actors": layout["num_actors"], "threads": threads, "floor_s_per_image_at_job_threads": floor_s,
             "ray_start_s": ray_start, "actor_peak_rss_mb": summary["actor_peak_rss_mb"]}
+
+
+def shared_gpus(label: LabelConfig, tmp: str, one_per_gpu: float | None) -> dict:
+    """The same job again with two actors on each GPU (`--gpus-per-actor 0.5`, the recipe for a
+    small model): its layout, steady rate beside one actor per GPU, and the status file it left."""
+    shared = dataclasses.replace(label, output=os.path.join(tmp, "labels-shared"), layout=ActorLayout(gpus_per_actor=0.5))
+    summary = run_label_job(shared)
+    status = json.loads(read_bytes(join(summary["output"], "_status.json"), label.storage))
+    rate = summary["steady_images_per_second"]
+    return {"actors": summary["config"]["layout"]["num_actors"], "images_per_s": rate,
+            "vs_one_per_gpu": rate / one_per_gpu if rate and one_per_gpu else None,
+            "status": {"state": status["state"], "shards": status["shards"], "images": status["images"]["returned"]}}
