@@ -36,6 +36,7 @@ from pycocotools import mask as mask_utils
 from scipy import ndimage
 from torchvision.ops.boxes import batched_nms
 
+from talora.core.precision import cpu_has_native
 from talora.backbones.amg import MaskData, batched_mask_to_box, build_point_grid, calculate_stability_score
 from talora.model.task_aware_sam import TaskAwareSam
 
@@ -407,8 +408,12 @@ def box_prompts(boxes: list[dict] | None, prompts: list[str]) -> tuple[np.ndarra
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for `precision` on `device`: bf16 falls back to fp16 on a GPU without it."""
+    """The autocast dtype for `precision` on `device`: bf16 falls back to fp16 on a GPU without it,
+    and a CPU without the dtype's instructions runs fp32 (emulated bf16 is several times slower)."""
     dtype = PRECISIONS[precision]
+    if dtype is not None and device.type == "cpu" and not cpu_has_native(dtype):
+        log.warning(f"this CPU has no {precision} instructions: --precision {precision} runs as fp32")
+        return None
     if dtype is torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         log.warning("this GPU has no bf16: --precision bf16 runs as fp16")
         return torch.float16

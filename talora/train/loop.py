@@ -26,7 +26,7 @@ from talora.io.storage import StorageOptions
 from talora.train.checkpoint import resume, save_checkpoint, say
 from talora.train.config import dump_run_spec, load_run_spec
 from talora.train.modes import MODES
-from talora.train.optim import autocast, backward_and_step, build_optimizer, grad_scaler, lr_scheduler
+from talora.train.optim import amp_note, autocast, backward_and_step, build_optimizer, grad_scaler, lr_scheduler
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
@@ -38,6 +38,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     optimizer = build_optimizer(module.parameters(), cfg, world)
     scheduler = lr_scheduler(optimizer, cfg)
     scaler = grad_scaler(cfg, device)
+    if rank == 0 and amp_note(cfg, device):
+        say(amp_note(cfg, device))
 
     start_step, history = resume(run_uri, storage, module, optimizer, scheduler, scaler, device, rank)
     worker_nodes = gather_worker_nodes(world)

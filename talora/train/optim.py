@@ -6,6 +6,8 @@ import math
 
 import torch
 
+from talora.core.precision import cpu_has_native
+
 
 def build_optimizer(parameters, cfg, world: int) -> torch.optim.AdamW:
     """AdamW at `cfg.lr` per worker's batch, scaled linearly with the number of workers."""
@@ -23,14 +25,32 @@ def lr_scheduler(optimizer, cfg) -> torch.optim.lr_scheduler.LambdaLR:
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def amp_dtype(cfg, device: torch.device) -> torch.dtype | None:
+    """The dtype the training forward autocasts to on `device` (None: float32): `cfg.amp_dtype`
+    when `cfg.amp`, except on a CPU that would only emulate it (talora.core.precision)."""
+    if not cfg.amp:
+        return None
+    dtype = getattr(torch, cfg.amp_dtype)
+    return dtype if device.type != "cpu" or cpu_has_native(dtype) else None
+
+
+def amp_note(cfg, device: torch.device) -> str | None:
+    """The log line for an AMP request this device runs in float32, else None."""
+    if cfg.amp and amp_dtype(cfg, device) is None:
+        return (f"train.amp runs in float32 here: this CPU has no {cfg.amp_dtype} instructions, and emulated "
+                f"{cfg.amp_dtype} is several times slower than float32 (docs/training.md, AMP)")
+    return None
+
+
 def autocast(cfg, device: torch.device):
-    """The training forward's autocast context: `cfg.amp_dtype` when `cfg.amp`, else a no-op."""
-    return torch.autocast(device.type, dtype=getattr(torch, cfg.amp_dtype), enabled=cfg.amp)
+    """The training forward's autocast context: `amp_dtype(cfg, device)`, else a no-op."""
+    dtype = amp_dtype(cfg, device)
+    return torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
 
 
 def grad_scaler(cfg, device: torch.device) -> torch.amp.GradScaler:
     """Loss scaling for fp16 AMP only: bf16 has fp32's exponent range, its gradients do not underflow."""
-    return torch.amp.GradScaler(device.type, enabled=cfg.amp and cfg.amp_dtype == "float16")
+    return torch.amp.GradScaler(device.type, enabled=amp_dtype(cfg, device) == torch.float16)
 
 
 def backward_and_step(loss, scaler, optimizer, parameters, grad_clip: float, before_step=None) -> bool:

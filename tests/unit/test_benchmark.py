@@ -39,10 +39,14 @@ def test_the_speed_suite_reports_every_stable_key(results):
     assert speed["eval"]["pycocotools_s"] > 0 and speed["eval"]["faster_coco_eval_s"] > 0
     assert speed["eval"]["equal"] is True
     train = speed["train"]
-    assert train["cached_steps_per_s"] > 0 and train["on_the_fly_steps_per_s"] > 0 and train["pretrain_step_s"] > 0
+    assert train["cached_steps_per_s"] > 0 and train["on_the_fly_steps_per_s"] > 0
+    assert train["pretrain_step_fp32_s"] > 0 and train["pretrain_step_bf16_s"] > 0 and train["step_bfloat16_s"] > 0
+    assert train["pretrain_steps_per_s"] == 1.0 / train["pretrain_step_fp32_s"] and train["cpu_native_bf16"] in (True, False)
     assert speed["memory"]["process_peak_rss_mb"] > 0
     targets = speed["targets"]
     assert targets["job_vs_floor"] == {"value": None, "target": 0.85, "met": None}  # no job in this run
+    bf16 = targets["pretrain_bf16_speed_vs_fp32"]
+    assert bf16["value"] == train["pretrain_step_fp32_s"] / train["pretrain_step_bf16_s"] and bf16["target"] == 0.9
     cache = targets["cache_vs_on_the_fly"]
     assert cache["value"] > 0 and cache["target"] == 5.0 and cache["met"] in (True, False)
     assert results["machine"]["cores"] >= 1 and results["machine"]["ray"] and results["config"]["sam_type"] == "vit_tiny"
@@ -57,7 +61,7 @@ def test_the_speed_suite_runs_on_sam2_against_sam2s_own_image_predictor():
     assert results["config"]["sam_type"] == "sam2_tiny" and speed["floor"]["s_per_image"] > 0
     reference = speed["reference"]  # SAM2ImagePredictor on a SAM2Base holding the same weights
     assert reference["sam_predictor_s_per_image"] > 0 and reference["vs_sam_predictor"] > 0
-    assert speed["breakdown"]["trunk_s"] > 0 and speed["train"]["pretrain_step_s"] > 0
+    assert speed["breakdown"]["trunk_s"] > 0 and speed["train"]["pretrain_step_fp32_s"] > 0
 
 
 def test_sam2s_reference_predictor_runs_the_same_base(text_encoder):

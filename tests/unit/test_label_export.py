@@ -1,5 +1,6 @@
 """Labels out as a dataset that trains as it is: COCO (pycocotools, torchvision) and YOLO-seg (Ultralytics)."""
 
+import io
 import json
 
 import numpy as np
@@ -157,6 +158,12 @@ def test_yolo_export_is_read_by_ultralytics_as_it_is_labels_beside_images_backgr
     assert checked == counts["annotations"] > 0
 
     found = read_back(str(out), "yolo")  # Ultralytics' YOLODataset, from data.yaml's folders
+    import torch
+    from PIL import Image, UnidentifiedImageError
+
+    with pytest.raises(UnidentifiedImageError):  # Ultralytics' process-wide patches were put back
+        Image.open(io.BytesIO(b"not an image"))
+    assert torch.save.__module__.startswith("torch")
     assert sum(f["images"] for f in found.values()) == 6 and (found["train"]["images"], found["val"]["images"]) == (4, 2)
     assert sum(f["segments"] for f in found.values()) == counts["annotations"]
     assert sum(f["backgrounds"] for f in found.values()) == sum(

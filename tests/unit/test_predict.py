@@ -309,8 +309,11 @@ def test_a_batch_of_images_of_different_sizes_gives_what_each_gives_alone(tmp_pa
     assert found > 0
 
 
-def test_bf16_autocast_gives_the_fp32_masks(tmp_path):
+def test_bf16_autocast_gives_the_fp32_masks(tmp_path, monkeypatch):
     # The CPU twin of the GPU path's --precision bf16: same detections, semantic masks at IoU >= 0.98.
+    import talora.predict.predictor as predictor
+
+    monkeypatch.setattr(predictor, "cpu_has_native", lambda dtype: True)  # bf16 even where this CPU emulates it
     from pycocotools import mask as mask_utils
 
     from talora.data.coco import CocoDataset
@@ -335,6 +338,14 @@ def test_bf16_autocast_gives_the_fp32_masks(tmp_path):
     assert len(semantic) >= 3 and min(semantic) >= 0.98
     assert len(instance) >= 3 and np.median(instance) >= 0.98  # a small instance's edge pixels weigh more
     assert 0 < max(score_changes) < 0.05  # bf16 really ran: scores moved, a little
+
+
+def test_bf16_on_a_cpu_without_bf16_instructions_runs_as_fp32(monkeypatch):
+    import talora.predict.predictor as predictor
+
+    monkeypatch.setattr(predictor, "cpu_has_native", lambda dtype: False)
+    assert predictor.autocast_dtype("bf16", torch.device("cpu")) is None
+    assert predictor.autocast_dtype("fp32", torch.device("cpu")) is None
 
 
 def test_an_unknown_precision_is_refused():

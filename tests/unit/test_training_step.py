@@ -179,12 +179,36 @@ def test_a_non_finite_loss_stops_training_with_advice_instead_of_skipping_foreve
         backward_and_step(out["loss"] * float("inf"), scaler, optimiser, step.parameters(), 1.0)
 
 
-def test_bf16_amp_runs_without_a_scaler_and_fp16_with_one():
-    from talora.train.optim import grad_scaler
+def test_bf16_amp_runs_without_a_scaler_and_fp16_with_one(monkeypatch):
+    import talora.train.optim as optim
 
     cpu = torch.device("cpu")
-    assert grad_scaler(TrainConfig(train_annotations="x", amp=True), cpu).is_enabled()
-    assert not grad_scaler(TrainConfig(train_annotations="x", amp=True, amp_dtype="bfloat16"), cpu).is_enabled()
-    assert not grad_scaler(TrainConfig(train_annotations="x", amp=False), cpu).is_enabled()
+    fp16, bf16 = TrainConfig(train_annotations="x", amp=True), TrainConfig(train_annotations="x", amp=True, amp_dtype="bfloat16")
+    monkeypatch.setattr(optim, "cpu_has_native", lambda dtype: True)  # a CPU with AMX-FP16 and AVX512-BF16
+    assert optim.grad_scaler(fp16, cpu).is_enabled() and optim.amp_dtype(fp16, cpu) == torch.float16
+    assert not optim.grad_scaler(bf16, cpu).is_enabled() and optim.amp_dtype(bf16, cpu) == torch.bfloat16
+    assert not optim.grad_scaler(TrainConfig(train_annotations="x", amp=False), cpu).is_enabled()
+    assert optim.amp_note(bf16, cpu) is None
     with pytest.raises(ValueError, match="amp_dtype"):
         TrainConfig(train_annotations="x", amp_dtype="float8")
+
+
+def test_amp_on_a_cpu_that_would_emulate_the_dtype_runs_in_float32_and_says_so(monkeypatch):
+    import talora.train.optim as optim
+
+    cpu = torch.device("cpu")
+    bf16 = TrainConfig(train_annotations="x", amp=True, amp_dtype="bfloat16")
+    monkeypatch.setattr(optim, "cpu_has_native", lambda dtype: False)
+    assert optim.amp_dtype(bf16, cpu) is None and not optim.grad_scaler(bf16, cpu).is_enabled()
+    with optim.autocast(bf16, cpu):
+        assert torch.ones(2, 2).matmul(torch.ones(2, 2)).dtype == torch.float32
+    assert "runs in float32 here: this CPU has no bfloat16 instructions" in optim.amp_note(bf16, cpu)
+    assert optim.amp_dtype(bf16, torch.device("cuda")) == torch.bfloat16  # GPUs are not second-guessed
+
+
+def test_a_onednn_isa_limit_without_bf16_makes_bf16_emulated(monkeypatch):
+    from talora.core.precision import cpu_has_native
+
+    assert cpu_has_native(torch.float32)
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")  # what a CPU without AVX512-BF16 / AMX runs
+    assert not cpu_has_native(torch.bfloat16) and not cpu_has_native(torch.float16)

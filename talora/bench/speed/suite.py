@@ -10,6 +10,7 @@ import torch
 
 from talora.backbones.variants import DEFAULT_VARIANT, get_variant
 from talora.batch.shards import plan_shards
+from talora.core.precision import cpu_has_native
 from talora.bench.report import machine, verdicts
 from talora.bench.speed.config import PROMPT_COUNTS, PROMPTS, SpeedConfig, describe
 from talora.bench.speed.job import job_speed
@@ -60,8 +61,12 @@ def run_speed(config: SpeedConfig, model=None) -> dict:
             "absent": "--images has no annotations to score against"}
         speed["train"] = train_speed(config, device) if config.train_step else {"absent": "train_step off"}
         if config.train_step and get_variant(sam_type).cpu_preset and dataset is not None:
-            speed["train"]["pretrain_step_s"] = median_seconds(pretrain_step(dataset, sam_type, device),
-                                                               config.min_run_time)[0]
+            train = speed["train"]  # the demo pretraining config's precision (bf16) beside float32
+            for name, amp in (("fp32", None), ("bf16", "bfloat16")):
+                train[f"pretrain_step_{name}_s"] = median_seconds(pretrain_step(dataset, sam_type, device, amp),
+                                                                  config.min_run_time)[0]
+            train["pretrain_steps_per_s"] = 1.0 / train["pretrain_step_fp32_s"]
+            train["cpu_native_bf16"] = cpu_has_native(torch.bfloat16)
         if config.job:
             speed["job"] = job_speed(config, tmp, prompts,
                                      lambda: per_image(lambda i: predictor.predict_resized(*resized[i], prompts),
@@ -82,6 +87,11 @@ def targets(speed: dict) -> dict:
         "job_vs_floor": (job.get("vs_floor"), 0.85),
         "cache_vs_on_the_fly": (train["cached_steps_per_s"] / train["on_the_fly_steps_per_s"]
                                 if "cached_steps_per_s" in train else None, 5.0),
+        # autocast never slows a step down: on a CPU without bf16 instructions it runs float32
+        "pretrain_bf16_speed_vs_fp32": (train["pretrain_step_fp32_s"] / train["pretrain_step_bf16_s"]
+                                        if "pretrain_step_bf16_s" in train else None, 0.9),
+        "hypernet_bf16_speed_vs_fp32": (train["step_fp32_s"] / train["step_bfloat16_s"]
+                                        if "step_bfloat16_s" in train else None, 0.9),
         "eval_vs_pycocotools": (evaluation["pycocotools_s"] / evaluation["faster_coco_eval_s"]
                                 if evaluation.get("faster_coco_eval_s") else None, 3.0),
     }

@@ -40,7 +40,7 @@ def train_speed(config: SpeedConfig, device: torch.device) -> dict:
     step = TrainStep(model, model.hypernet)
     text = torch.randn(len(batch.prompts), config.model.hypernet.text_dim, device=device)
     out: dict = {}
-    for amp_dtype in (None, "float16", "bfloat16") if device.type == "cuda" else (None,):
+    for amp_dtype in (None, "float16", "bfloat16") if device.type == "cuda" else (None, "bfloat16"):
         name = amp_dtype or "fp32"
         train = TrainConfig(train_annotations="x", amp=amp_dtype is not None, amp_dtype=amp_dtype or "float16")
         optimiser = torch.optim.AdamW(step.parameters(), lr=1e-4)
@@ -73,8 +73,9 @@ def train_speed(config: SpeedConfig, device: torch.device) -> dict:
     return out
 
 
-def pretrain_step(dataset, sam_type: str, device: torch.device):
-    """One step of the whole SAM: 8 images x 4 prompts (configs/demo_pretrain.yaml's batch)."""
+def pretrain_step(dataset, sam_type: str, device: torch.device, amp_dtype: str | None = None):
+    """One step of the whole SAM: 8 images x 4 prompts (configs/demo_pretrain.yaml's batch), under
+    the training loop's autocast rule for `amp_dtype` (None: float32)."""
     backbone = load_backbone(sam_type)
     vocab = label_vocab(dataset)
     memo = ImageMemo(backbone, dataset, vocab, None)
@@ -82,7 +83,14 @@ def pretrain_step(dataset, sam_type: str, device: torch.device):
                                  backbone.image_size).to(device)
     backbone.model.requires_grad_(True)
     step = PretrainStep(backbone, 1, vocab).to(device)
-    config = TrainConfig(train_annotations="x", mode="pretrain", aux_weight=10.0)
+    config = TrainConfig(train_annotations="x", mode="pretrain", aux_weight=10.0, amp=amp_dtype is not None,
+                         amp_dtype=amp_dtype or "float16")
     optimiser = torch.optim.AdamW(step.parameters(), lr=1e-4)
-    scaler = torch.amp.GradScaler(device.type, enabled=False)
-    return lambda: backward_and_step(step(batch, config)["loss"], scaler, optimiser, step.parameters(), 1.0)
+    scaler = grad_scaler(config, device)
+
+    def run() -> None:
+        with autocast(config, device):
+            loss = step(batch, config)["loss"]
+        backward_and_step(loss, scaler, optimiser, step.parameters(), 1.0)
+
+    return run

@@ -52,6 +52,19 @@ def _yolo(out: str) -> dict:
     os.environ.setdefault("YOLO_OFFLINE", "true")
     os.environ.setdefault("YOLO_VERBOSE", "false")
     os.environ.setdefault("YOLO_CONFIG_DIR", os.path.join(tempfile.gettempdir(), "talora-ultralytics"))
+    import torch
+    from PIL import Image
+
+    # Ultralytics replaces PIL's Image.open (an unreadable image then asks for pi_heif instead of
+    # raising UnidentifiedImageError) and torch.save process-wide on import: put back once read
+    pil_open, torch_save = Image.open, torch.save
+    try:
+        return _read_yolo(out)
+    finally:
+        Image.open, torch.save = pil_open, torch_save
+
+
+def _read_yolo(out: str) -> dict:
     try:
         from ultralytics.data.dataset import YOLODataset
     except ImportError as e:
