@@ -24,6 +24,7 @@ import torch.distributed as dist
 
 from talora.io.storage import StorageOptions
 from talora.train.checkpoint import resume, save_checkpoint, say
+from talora.train.collapse import CollapseWatch
 from talora.train.config import dump_run_spec, load_run_spec
 from talora.train.modes import MODES
 from talora.train.optim import amp_note, autocast, backward_and_step, build_optimizer, grad_scaler, lr_scheduler
@@ -40,6 +41,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     scaler = grad_scaler(cfg, device)
     if rank == 0 and amp_note(cfg, device):
         say(amp_note(cfg, device))
+    collapse = CollapseWatch(cfg.log_every, cfg.warmup_steps, cfg.lr * world)
 
     start_step, history = resume(run_uri, storage, module, optimizer, scheduler, scaler, device, rank)
     worker_nodes = gather_worker_nodes(world)
@@ -63,6 +65,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
         metrics = {"step": done, **{k: float(v.detach()) for k, v in losses.items()}, "lr": scheduler.get_last_lr()[0],
                    "start_step": start_step, "worker_nodes": worker_nodes}
         step_seconds.append(time.perf_counter() - step_started)  # the float() of each loss above waited for the device
+        for line in collapse.update(done, metrics):
+            if rank == 0:
+                say(f"{mode.name}: {line}")
         if rank == 0 and (done % cfg.log_every == 0 or done == cfg.max_steps):
             elapsed = time.perf_counter() - started
             parts = " ".join(f"{k} {v:.3f}" for k, v in metrics.items() if k.startswith(("loss_", "iou_")))

@@ -37,6 +37,15 @@ def mask_iou(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))
 
 
+def empty_share(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Of the rows whose target has a pixel, the share whose every candidate mask is empty (no
+    gradient): the sign of a run collapsing to empty masks. logits (R, M, H, W), target (R, H, W)."""
+    with torch.no_grad():
+        wanted = (target > 0.5).flatten(1).any(1)
+        nothing = ~(logits.float() > 0).flatten(1).any(1)
+        return (nothing & wanted).sum().float() / wanted.sum().clamp(min=1)
+
+
 def mask_losses(
     logits: torch.Tensor, iou_pred: torch.Tensor, target: torch.Tensor, focal_weight: float, dice_weight: float,
     iou_weight: float,

@@ -26,7 +26,7 @@ from torch import nn
 from talora.backbones.base import Backbone
 from talora.data.coco import CocoDataset
 from talora.io.storage import StorageOptions
-from talora.train.losses import mask_iou, mask_losses
+from talora.train.losses import empty_share, mask_iou, mask_losses
 from talora.train.memo import LruMemo
 
 BACKGROUND = "<background>"
@@ -192,7 +192,8 @@ class PretrainStep(nn.Module):
             masks, iou_pred = self.decode(embeddings[rows], multimask=multimask, **kwargs)
             seg, iou = mask_losses(masks, iou_pred, target, config.focal_weight, config.dice_weight, config.iou_weight)
             loss = loss + seg.mean()
-            out.update({f"loss_{name}": seg.mean().detach(), f"iou_{name}": iou.mean()})
+            out.update({f"loss_{name}": seg.mean().detach(), f"iou_{name}": iou.mean(),
+                        f"empty_{name}": empty_share(masks, target)})
         out["loss"] = loss
         return out
 

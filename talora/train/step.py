@@ -13,7 +13,7 @@ from torch import nn
 from talora.model.task_aware_sam import TaskAwareSam
 from talora.train.batches import Batch
 from talora.train.config import TrainConfig
-from talora.train.losses import mask_losses, presence_loss
+from talora.train.losses import empty_share, mask_losses, presence_loss
 
 
 class TrainStep(nn.Module):
@@ -42,7 +42,7 @@ class TrainStep(nn.Module):
         pres_loss = presence_loss(semantic.presence_logits, batch.present)
         loss = sem_loss.mean() + config.presence_weight * pres_loss.mean()
         out = {"loss_semantic": sem_loss.mean().detach(), "loss_presence": pres_loss.mean().detach(),
-               "iou_semantic": sem_iou.mean()}
+               "iou_semantic": sem_iou.mean(), "empty_semantic": empty_share(semantic.masks, batch.semantic_target)}
 
         # Point rows: one positive or negative point each; SAM's best-of-3 masks.
         if len(batch.point_row):
@@ -52,6 +52,7 @@ class TrainStep(nn.Module):
             point_loss, point_iou = mask_losses(points.masks, points.iou_predictions, batch.point_target,
                                                 config.focal_weight, config.dice_weight, config.iou_weight)
             loss = loss + point_loss.mean()
-            out.update(loss_points=point_loss.mean().detach(), iou_points=point_iou.mean())
+            out.update(loss_points=point_loss.mean().detach(), iou_points=point_iou.mean(),
+                       empty_points=empty_share(points.masks, batch.point_target))
         out["loss"] = loss
         return out

@@ -212,3 +212,41 @@ def test_a_onednn_isa_limit_without_bf16_makes_bf16_emulated(monkeypatch):
     assert cpu_has_native(torch.float32)
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")  # what a CPU without AVX512-BF16 / AMX runs
     assert not cpu_has_native(torch.bfloat16) and not cpu_has_native(torch.float16)
+
+
+def test_empty_share_counts_rows_with_a_target_whose_every_candidate_is_empty():
+    from talora.train.losses import empty_share
+
+    target = torch.zeros(3, 4, 4)
+    target[0, :2], target[1, 1:] = 1, 1  # rows 0 and 1 have pixels, row 2 is an absent task
+    logits = -torch.ones(3, 3, 4, 4)
+    logits[1, 2, 0, 0] = 1.0  # row 1: one candidate says something
+    assert empty_share(logits, target).item() == 0.5  # row 0 of the two; row 2 does not count
+    assert empty_share(logits, torch.zeros(3, 4, 4)).item() == 0.0
+
+
+def test_a_step_whose_masks_are_all_empty_reports_it_and_the_watch_says_collapse_once(demo):
+    import dataclasses
+
+    from talora.train.collapse import CollapseWatch
+
+    torch.manual_seed(0)
+    model = build_task_aware_sam(default_config("vit_tiny"))
+    step = TrainStep(model, model.hypernet)
+    batch = _batch(model, demo)
+    text = torch.randn(len(batch.prompts), 384)
+    healthy = step(batch, text, TrainConfig(train_annotations="x"))
+    decode = model.decode
+    model.decode = lambda *a, **k: dataclasses.replace(out := decode(*a, **k), masks=out.masks - 1e4)  # collapsed
+    collapsed = step(batch, text, TrainConfig(train_annotations="x"))
+    assert collapsed["empty_semantic"] == 1.0 and collapsed["empty_points"] == 1.0
+    assert healthy["empty_semantic"] < 1.0
+
+    watch = CollapseWatch(window=3, warmup_steps=2, lr=3e-4)
+    assert watch.update(1, {"empty_semantic": 1.0}) == [] and watch.update(2, {"empty_semantic": 1.0}) == []  # warm-up
+    lines = watch.update(3, {"empty_semantic": 1.0, "empty_points": 0.2, "loss": 1.0})
+    assert len(lines) == 1 and lines[0].startswith("collapse: step 3: 100% of the semantic masks")
+    assert "lower train.lr (now 0.0003)" in lines[0]
+    assert watch.update(4, {"empty_semantic": 1.0}) == []  # said once
+    fine = CollapseWatch(window=3, warmup_steps=0, lr=3e-4)
+    assert not any(fine.update(s, {"empty_points": v}) for s, v in enumerate((1.0, 0.6, 1.0, 0.8), 1))
