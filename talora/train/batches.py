@@ -34,6 +34,9 @@ class Batch:
     point_coords: torch.Tensor  # (Q, 1, 2) in the input frame
     point_labels: torch.Tensor  # (Q, 1)
     point_target: torch.Tensor  # (Q, L, L)
+    box_row: torch.Tensor  # (Qb,) box row -> (image, task) row
+    boxes: torch.Tensor  # (Qb, 4) x0, y0, x1, y1 in the input frame
+    box_target: torch.Tensor  # (Qb, L, L)
 
     def to(self, device: torch.device) -> Batch:
         return Batch(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in self.__dict__.items()})
@@ -77,12 +80,15 @@ def build_batch(
     backbone: Backbone,
     tasks_per_image: int,
     num_points: int,
+    box_share: float = 0.0,
 ) -> Batch:
     """Rows for `records` (whose trunk features are `trunk`, (B, h, w, C)); `backbone` places points
-    and targets in the model's frames."""
+    and targets in the model's frames. A positive sample is prompted by its instance's box instead
+    of its point with probability `box_share` (no draw at 0, so such runs replay as before)."""
     prompts: list[str] = []
     image_index, prompt_index, sem_targets, present = [], [], [], []
     point_row, coords, point_targets = [], [], []
+    box_row, boxes, box_targets = [], [], []
     for b, (record, input_size) in enumerate(zip(records, input_sizes)):
         instances = dataset.instances[record.id]
         for task in choose_tasks(tasks, instances, tasks_per_image, rng):
@@ -93,11 +99,15 @@ def build_batch(
             row = len(image_index)
             image_index.append(b)
             prompt_index.append(prompts.index(prompt))
-            for s in sample_task(record, instances, task, rng, backbone, num_points):
+            for s in sample_task(record, instances, task, rng, backbone, num_points, use_boxes=box_share > 0):
                 target = backbone.lowres_target(s.target, input_size)
                 if s.kind == "semantic":
                     sem_targets.append(target)
                     present.append(float(s.present))
+                elif s.box is not None and rng.random() < box_share:
+                    box_row.append(row)
+                    boxes.append(torch.as_tensor(s.box, dtype=torch.float32))
+                    box_targets.append(target)
                 else:
                     point_row.append(row)
                     coords.append(torch.as_tensor(s.point_coords, dtype=torch.float32))
@@ -114,4 +124,7 @@ def build_batch(
         point_coords=torch.stack(coords) if coords else torch.zeros(0, 1, 2),
         point_labels=torch.ones(len(coords), 1, dtype=torch.long),
         point_target=torch.stack(point_targets) if point_targets else torch.zeros(lowres_shape),
+        box_row=torch.tensor(box_row, dtype=torch.long),
+        boxes=torch.stack(boxes) if boxes else torch.zeros(0, 4),
+        box_target=torch.stack(box_targets) if box_targets else torch.zeros(lowres_shape),
     )

@@ -28,6 +28,7 @@ class TrainConfig:
     batch_images: int = 4  # images per worker per step
     tasks_per_image: int = 2  # half present in the image, half absent (presence training)
     num_points: int = 1  # positive and negative point samples per (image, task)
+    box_share: float = 0.0  # hypernet/static: share of positive samples prompted by their instance's box instead
     lr: float = 1e-3  # for the global batch of num_workers * batch_images; scaled linearly (docs/training.md)
     weight_decay: float = 0.0
     warmup_steps: int = 20
@@ -73,6 +74,8 @@ class TrainConfig:
             problems.append(f"train.lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}")
         if self.amp_dtype not in ("float16", "bfloat16"):
             problems.append(f"train.amp_dtype must be 'float16' or 'bfloat16', got {self.amp_dtype!r}")
+        if not 0.0 <= self.box_share <= 1.0:
+            problems.append(f"train.box_share must be in [0, 1], got {self.box_share}")
         if not 0.0 <= self.box_fraction <= 1.0:
             problems.append(f"train.box_fraction must be in [0, 1], got {self.box_fraction}")
         if self.mode == "pretrain" and self.embeddings:

@@ -89,7 +89,7 @@ class TaskMode:
             trunk = torch.stack([e[0] for e in entries])
             input_sizes = [e[1] for e in entries]
         return build_batch(records, trunk, input_sizes, self.train_set, self.train_tasks, self.prompts_of, rng,
-                           self.model.backbone, cfg.tasks_per_image, cfg.num_points).to(self.device)
+                           self.model.backbone, cfg.tasks_per_image, cfg.num_points, cfg.box_share).to(self.device)
 
     def loss(self, trainable, batch) -> dict[str, torch.Tensor]:
         text = torch.stack([self.text_embeddings[p] for p in batch.prompts]) if self.cfg.mode == "hypernet" else None

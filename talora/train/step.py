@@ -54,5 +54,16 @@ class TrainStep(nn.Module):
             loss = loss + point_loss.mean()
             out.update(loss_points=point_loss.mean().detach(), iou_points=point_iou.mean(),
                        empty_points=empty_share(points.masks, batch.point_target))
+
+        # Box rows: an instance's box (a detector's, at labelling time) under the task's adapter; one mask.
+        if len(batch.box_row):
+            rows = batch.box_row
+            boxed = model.decode(embeddings[rows], adapter.select(rows) if adapter.num_rows else adapter,
+                                 boxes=batch.boxes, multimask_output=False)
+            box_loss, box_iou = mask_losses(boxed.masks, boxed.iou_predictions, batch.box_target,
+                                            config.focal_weight, config.dice_weight, config.iou_weight)
+            loss = loss + box_loss.mean()
+            out.update(loss_boxes=box_loss.mean().detach(), iou_boxes=box_iou.mean(),
+                       empty_boxes=empty_share(boxed.masks, batch.box_target))
         out["loss"] = loss
         return out

@@ -27,7 +27,7 @@ def demo():
     return dataset, images
 
 
-def _batch(model, demo, rng_seed=0, tasks_per_image=2):
+def _batch(model, demo, rng_seed=0, tasks_per_image=2, box_share=0.0):
     dataset, images = demo
     tasks = [t for t in TaskSet.from_dataset(dataset) if not t.heldout]
     prompts_of = {t.id: t.train_prompts for t in tasks}
@@ -36,7 +36,7 @@ def _batch(model, demo, rng_seed=0, tasks_per_image=2):
     with torch.no_grad():
         trunk = model.embed_trunk(torch.stack([x for x, _ in inputs]))
     return build_batch(records, trunk, [s for _, s in inputs], dataset, tasks, prompts_of,
-                       np.random.default_rng(rng_seed), model.backbone, tasks_per_image, 1)
+                       np.random.default_rng(rng_seed), model.backbone, tasks_per_image, 1, box_share)
 
 
 def test_epoch_images_show_every_image_once_per_epoch_in_a_new_order_and_repeat_exactly():
@@ -250,3 +250,30 @@ def test_a_step_whose_masks_are_all_empty_reports_it_and_the_watch_says_collapse
     assert watch.update(4, {"empty_semantic": 1.0}) == []  # said once
     fine = CollapseWatch(window=3, warmup_steps=0, lr=3e-4)
     assert not any(fine.update(s, {"empty_points": v}) for s, v in enumerate((1.0, 0.6, 1.0, 0.8), 1))
+
+
+def test_box_share_prompts_positive_samples_by_their_box_and_the_step_trains_them(demo):
+    torch.manual_seed(0)
+    model = build_task_aware_sam(default_config("vit_tiny"))
+    plain, boxed = _batch(model, demo), _batch(model, demo, box_share=1.0)
+    assert len(plain.box_row) == 0 and plain.boxes.shape == (0, 4)
+    assert torch.equal(_batch(model, demo, box_share=0.0).point_coords, plain.point_coords)  # no draw at 0
+    # every positive became a box row (its target non-empty), the negatives stay points (empty targets)
+    assert len(boxed.box_row) > 0 and bool((boxed.box_target.flatten(1).amax(1) > 0).all())
+    assert not bool((boxed.point_target.flatten(1).amax(1) > 0).any())
+    assert len(boxed.box_row) + len(boxed.point_row) == len(plain.point_row)
+    x0, y0, x1, y1 = boxed.boxes.unbind(1)
+    assert bool(((x1 > x0) & (y1 > y0) & (x0 >= 0) & (y1 <= model.backbone.image_size)).all())  # input frame
+
+    step = TrainStep(model, model.hypernet)
+    text = torch.randn(len(boxed.prompts), 384)
+    config = TrainConfig(train_annotations="x", box_share=1.0)
+    out = step(boxed, text, config)
+    assert {"loss_boxes", "iou_boxes", "empty_boxes"} <= set(out)
+    parts = out["loss_semantic"] + config.presence_weight * out["loss_presence"] + out["loss_boxes"]
+    parts = parts + out.get("loss_points", 0.0)
+    assert torch.allclose(out["loss"].detach(), parts, rtol=1e-5)  # the boxes' loss is in what is minimised
+    out["loss"].backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.hypernet.parameters())
+    with pytest.raises(ValueError, match="train.box_share must be in"):
+        TrainConfig(train_annotations="x", box_share=1.5)
