@@ -38,7 +38,9 @@ def test_labels_go_to_s3_exactly_once_across_an_interruption_and_evaluate_and_ex
             "--s3-endpoint-url", s3.endpoint_url, *FAST]
     code, first = _label([*argv, "--max-shards", "1"])  # "interrupted" after one shard
     assert code == 0 and first["images"] == 2
-    done = run_here("segment_dataset", argv)
+    # Its own driver (a job of its own on this Ray): the actor lines it prints are its actors' only,
+    # however late the first job's actor lines reach this process.
+    done = run_job("segment_dataset", argv, ray_cluster)
     second = job_summary(done)
     assert second["output"] == first["output"] and second["images"] == 4  # only what was missing
     # The adapters the first job generated are loaded, not generated again (OUTPUT/_adapters).
