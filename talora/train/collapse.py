@@ -13,6 +13,7 @@ from collections import deque
 
 class CollapseWatch:
     def __init__(self, window: int, warmup_steps: int, lr: float, threshold: float = 0.9) -> None:
+        """`lr`: train.lr as the config gives it (the log names it to lower)."""
         self.window, self.warmup_steps, self.lr, self.threshold = max(1, window), warmup_steps, lr, threshold
         self.recent: dict[str, deque] = {}
         self.said: set[str] = set()

@@ -39,9 +39,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
     optimizer = build_optimizer(module.parameters(), cfg, world)
     scheduler = lr_scheduler(optimizer, cfg)
     scaler = grad_scaler(cfg, device)
-    if rank == 0 and amp_note(cfg, device):
-        say(amp_note(cfg, device))
-    collapse = CollapseWatch(cfg.log_every, cfg.warmup_steps, cfg.lr * world)
+    note = amp_note(cfg, device)
+    if rank == 0 and note:
+        say(note)
+    collapse = CollapseWatch(cfg.log_every, cfg.warmup_steps, cfg.lr)
 
     start_step, history = resume(run_uri, storage, module, optimizer, scheduler, scaler, device, rank)
     worker_nodes = gather_worker_nodes(world)

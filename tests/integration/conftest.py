@@ -1,4 +1,4 @@
-"""A real local Ray cluster for integration tests (2 CPUs, no dashboard, no auth on loopback)."""
+"""A real local Ray cluster for integration tests (2 CPUs, its dashboard on a free loopback port, no auth)."""
 
 import pytest
 

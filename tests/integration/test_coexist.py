@@ -40,5 +40,5 @@ def test_a_labelling_job_and_a_training_run_at_once_each_find_their_own_ray(ray_
 
     summary = job_summary(done["label"])
     assert summary["images"] == 4 and summary["errors"] == 0
-    assert len(set(read_run(summary["output"]).table["image_uri"].to_pylist())) <= 4
+    assert len(read_run(summary["output"]).processed) == 4  # every image committed, once
     assert job_summary(done["train"])["final_metrics"]["step"] == 10

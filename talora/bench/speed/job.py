@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
 
@@ -11,9 +10,9 @@ import torch
 
 from talora.backbones.variants import DEFAULT_VARIANT
 from talora.batch.cluster import init_ray
+from talora.batch.commit import read_status
 from talora.batch.pipeline import ActorLayout
 from talora.bench.speed.config import SpeedConfig
-from talora.io.storage import join, read_bytes
 from talora.label.job import LabelConfig, run_label_job
 from talora.model.loading import model_spec
 from talora.predict.predictor import PredictConfig
@@ -56,7 +55,7 @@ def shared_gpus(label: LabelConfig, tmp: str, one_per_gpu: float | None) -> dict
     small model): its layout, steady rate beside one actor per GPU, and the status file it left."""
     shared = dataclasses.replace(label, output=os.path.join(tmp, "labels-shared"), layout=ActorLayout(gpus_per_actor=0.5))
     summary = run_label_job(shared)
-    status = json.loads(read_bytes(join(summary["output"], "_status.json"), label.storage))
+    _, status = read_status(summary["output"], label.storage)
     rate = summary["steady_images_per_second"]
     return {"actors": summary["config"]["layout"]["num_actors"], "images_per_s": rate,
             "vs_one_per_gpu": rate / one_per_gpu if rate and one_per_gpu else None,
