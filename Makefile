@@ -13,7 +13,7 @@ DEMO_PROMPT ?= segment vehicles
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH_SPEC)
@@ -24,6 +24,10 @@ $(VENV)/.installed: pyproject.toml
 	# Ultralytics reads the YOLO exports back (tests, make demo): without its dependencies, whose
 	# opencv-python would shadow the headless OpenCV above and needs libGL; what it imports is here.
 	$(PY) -m pip install --quiet --no-deps 'ultralytics==8.4.190' 'ultralytics-thop>=2.0'
+	# SAM 3's wheel pins numpy and huggingface_hub below what talora runs: without its dependencies, with
+	# what its image model imports (open_clip_torch's wheel ships the BPE vocabulary its tokenizer reads).
+	$(PY) -m pip install --quiet --no-deps 'sam3==0.1.4' 'timm>=1.0.17' 'ftfy>=6.1,<6.4' 'einops>=0.8,<0.9' \
+		'wcwidth' 'open_clip_torch>=3'
 	touch $@
 
 # The suite runs in TEST_WORKERS processes, a test file to each (its module fixtures built once), each

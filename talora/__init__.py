@@ -12,7 +12,9 @@ __version__ = "0.1.0"
 
 # A python without talora's dependencies (a Ray head started outside the venv runs every job's
 # `python` from its own PATH) gets one sentence saying where to run from, not a deep traceback.
-_needed = ("torch", "ray", "fsspec", "pyarrow", *(m for f in FAMILIES.values() for m in f.modules))
+# A family installed without its dependencies (SAM 3) is not pip's to resolve: it is checked when
+# one of its variants is built (talora.backbones), not here.
+_needed = ("torch", "ray", "fsspec", "pyarrow", *(m for f in FAMILIES.values() if not f.no_deps for m in f.modules))
 _missing = [m for m in _needed if _util.find_spec(m) is None]
 if _missing:
     raise ModuleNotFoundError(

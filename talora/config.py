@@ -43,9 +43,11 @@ class LoraConfig:
     # embedding does not carry what tasks name (docs/design.md).
     image_encoder: bool = True
     tail_blocks: int | None = None  # k; None = the variant's default (talora.backbones.variants)
-    mask_decoder: bool = True  # decoder transformer attention + MLP blocks
+    mask_decoder: bool = True  # decoder transformer attention + MLP blocks (SAM 3: its mask head's mask MLP)
     output_mlps: bool = False  # decoder output_hypernetworks_mlps
-    iou_head: bool = False  # decoder iou_prediction_head
+    iou_head: bool = False  # decoder iou_prediction_head (SAM 3: its scoring and presence heads)
+    detr_encoder: bool = True  # SAM 3 only: the fusion encoder's feed-forward layers
+    detr_decoder: bool = True  # SAM 3 only: the DETR decoder's feed-forward layers
 
     def __post_init__(self) -> None:
         if self.rank < 1:

@@ -7,9 +7,10 @@ package costs nothing.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from typing import TYPE_CHECKING
 
-from talora.backbones.variants import VARIANTS, get_variant
+from talora.backbones.variants import FAMILIES, VARIANTS, get_variant, install_line
 
 if TYPE_CHECKING:  # annotations only: the registry is read without torch or any family's model code
     import torch
@@ -18,7 +19,17 @@ if TYPE_CHECKING:  # annotations only: the registry is read without torch or any
 
 
 def family_module(family: str):
+    """The family's module; a family whose packages are not installed is an error that says how to install them."""
+    missing = missing_modules(family)
+    if missing:
+        entry = FAMILIES[family]
+        raise ModuleNotFoundError(f"{entry.title} needs {', '.join(missing)}, which this python does not have: "
+                                  f"{install_line(entry)} (make setup does)")
     return importlib.import_module(f"talora.backbones.{family}")
+
+
+def missing_modules(family: str) -> list[str]:
+    return [m for m in FAMILIES[family].modules if importlib.util.find_spec(m) is None]
 
 
 def build_backbone(sam_type: str, state_dict: dict[str, torch.Tensor] | None = None, source: str = "") -> Backbone:
@@ -48,6 +59,8 @@ def check_variant(state_dict: dict[str, torch.Tensor], sam_type: str, source: st
 def detect_variant(state_dict: dict[str, torch.Tensor]) -> str | None:
     """The registered variant whose architecture `state_dict` fits, or None if no family knows it."""
     for family in dict.fromkeys(v.family for v in VARIANTS.values()):
+        if missing_modules(family):  # not installed: its checkpoints cannot be run here either
+            continue
         found = family_module(family).detect_variant(state_dict)
         if found is not None:
             return found

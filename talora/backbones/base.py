@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from talora.backbones.variants import Variant
+from talora.backbones.variants import FAMILIES, Variant
 from talora.core.lora import LoraLinear, LoraTarget
 
 if TYPE_CHECKING:  # annotations only: the config module reads this package's registry
@@ -51,6 +51,11 @@ class Backbone:
     decoder_dim: int  # C'
     num_blocks: int  # encoder blocks the trunk/tail split cuts
     mask_threshold: float = 0.0
+
+    @property
+    def detector(self) -> bool:
+        """A detector family (SAM 3): `encode_text` + `detect_rows` instead of prompts + `decode_rows`."""
+        return FAMILIES[self.variant.family].detector
 
     @property
     def lowres_size(self) -> int:
@@ -144,6 +149,16 @@ class Backbone:
         single-mask output, the rest the multimask outputs. With `rows` (n indices into the P
         embeddings) there are n decoder rows, row i on image_embeddings[rows[i]]."""
         raise NotImplementedError
+
+    def encode_text(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        """A detector's own text encoder on n prompts (its concept path): the features `detect_rows` takes."""
+        raise NotImplementedError(f"{self.variant.name} is no detector: it decodes point, box or semantic rows")
+
+    def detect_rows(self, image_embeddings: torch.Tensor, text: dict[str, torch.Tensor],
+                    rows: torch.Tensor | None = None):
+        """A detector on (P, C', h, w) image embeddings and n prompts' text -> its instances per row
+        (masks (n, Q, L, L), scores, boxes, presence, a semantic mask; see the family's Detections)."""
+        raise NotImplementedError(f"{self.variant.name} is no detector: it decodes point, box or semantic rows")
 
     def postprocess_masks(self, masks: torch.Tensor, input_size: tuple[int, int],
                           original_size: tuple[int, int]) -> torch.Tensor:

@@ -24,6 +24,10 @@ class Family:
     frame: str  # how it frames an image: a geometry of talora.backbones.frames.FRAMES
     peft_base: str  # base_model_name_or_path of its PEFT exports ({variant}: the variant's name)
     build_env: tuple[tuple[str, str], ...] = ()  # environment for building its wheel from an sdist
+    no_deps: bool = False  # its requirements install without their own dependencies (pip --no-deps)
+    # A detector finds every instance of a text prompt itself (queries -> masks, scores, presence):
+    # no point grid, no point or box prompts.
+    detector: bool = False
 
 
 FAMILIES: dict[str, Family] = {f.name: f for f in (
@@ -31,6 +35,11 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
            "segment_anything/sam_{variant}"),
     Family("sam2", "SAM 2.1", ("sam2", "hydra"), ("sam2",), "square", "sam2/{variant}",
            build_env=(("SAM2_BUILD_CUDA", "0"),)),  # its CUDA extension only speeds up video post-processing
+    # SAM 3's wheel pins numpy / huggingface_hub below what talora runs: installed without its
+    # dependencies, with what its image model imports; open_clip_torch ships the BPE vocabulary it reads.
+    Family("sam3", "SAM 3", ("sam3", "timm", "ftfy", "einops", "wcwidth", "open_clip"),
+           ("sam3==0.1.4", "timm>=1.0.17", "ftfy>=6.1,<6.4", "einops>=0.8,<0.9", "wcwidth", "open_clip_torch>=3"),
+           "square", "sam3/{variant}", no_deps=True, detector=True),
 )}
 
 
@@ -54,11 +63,20 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in (
     Variant("sam2.1_hiera_s", "sam2", 1024, 1),
     Variant("sam2.1_hiera_b+", "sam2", 1024, 2),
     Variant("sam2.1_hiera_l", "sam2", 1024, 3),
+    # SAM 3: the tail is the last k ViT blocks (the last one global) and the neck; a detector after it.
+    Variant("sam3_tiny", "sam3", 224, 1, cpu_preset=True),
+    Variant("sam3", "sam3", 1008, 4),
 )}
 
 SAM_TYPES = tuple(VARIANTS)
 # What runs when no --sam-type is given: the CPU preset the demo models were trained on.
 DEFAULT_VARIANT = "vit_tiny"
+
+
+def install_line(family: Family) -> str:
+    """The pip command that installs what `family` imports (make setup runs it)."""
+    flags = "--no-deps " if family.no_deps else ""
+    return f"pip install {flags}" + " ".join(f"'{r}'" for r in family.requirements)
 
 
 def family_of(name: str) -> Family:

@@ -32,6 +32,7 @@ class LoraTarget:
     component: str  # image_encoder | mask_decoder | output_mlps | iou_head
     depth: int  # layer position in the adapted stack: tail blocks first, then decoder layers
     module_type: str  # e.g. "encoder.attn.qkv", "decoder.cross_attn_token_to_image.q_proj"
+    row_dim: int = 0  # the axis of the Linear's input that holds the P rows (1 where a model runs sequence-first)
 
 
 @dataclass
@@ -106,9 +107,10 @@ class Adapter:
 class LoraLinear(nn.Module):
     """A frozen `base_layer` plus the adapter set by `use_adapter`, per row or shared."""
 
-    def __init__(self, base_layer: nn.Linear, dropout: float = 0.0) -> None:
+    def __init__(self, base_layer: nn.Linear, dropout: float = 0.0, row_dim: int = 0) -> None:
         super().__init__()
         self.base_layer = base_layer
+        self.row_dim = row_dim
         self.in_features = base_layer.in_features
         self.out_features = base_layer.out_features
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
@@ -129,13 +131,17 @@ class LoraLinear(nn.Module):
         if A.dim() == 2:  # shared: (r, in), (out, r)
             return out + self.scale * ((x @ A.T) @ B.T)
         # Per row. The leading axis of x is P, or a P-major multiple of P where SAM's windowed
-        # attention folded windows into the batch; either way a view gives (P, N, in).
+        # attention folded windows into the batch; either way a view gives (P, N, in). A
+        # sequence-first input (row_dim 1: (N, P, in)) is moved to that layout and back.
         num_rows = A.shape[0]
-        if x.shape[0] % num_rows:
+        if self.row_dim:
+            x = x.movedim(self.row_dim, 0)
+        if x.shape[0] % num_rows or (self.row_dim and x.shape[0] != num_rows):
             raise ValueError(f"batch of {x.shape[0]} does not split into {num_rows} adapter rows")
         xr = x.reshape(num_rows, -1, self.in_features)  # (P, N, in)
         delta = torch.bmm(torch.bmm(xr, A.transpose(1, 2)), B.transpose(1, 2))  # (P, N, r) -> (P, N, out)
-        return out + self.scale * delta.reshape(*out.shape)
+        delta = delta.reshape(*x.shape[:-1], self.out_features)
+        return out + self.scale * (delta.movedim(0, self.row_dim) if self.row_dim else delta)
 
     def grouped_forward(self, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, groups: tuple[int, ...]) -> torch.Tensor:
         """Each run of rows groups[p]:groups[p + 1] (times the P-major fold, as above) through one
@@ -143,6 +149,8 @@ class LoraLinear(nn.Module):
         the base Linear alone, where base + per-row delta costs twice that."""
         if self.training:
             raise RuntimeError("a grouped adapter is for inference (it has no LoRA dropout)")
+        if self.row_dim:
+            raise ValueError("a grouped adapter needs the rows on the input's first axis")
         if x.shape[0] % groups[-1]:
             raise ValueError(f"batch of {x.shape[0]} does not split into the adapter's {groups[-1]} grouped rows")
         device = x.device.type
@@ -191,7 +199,7 @@ def inject_lora(sam: nn.Module, targets: list[LoraTarget], dropout: float = 0.0)
     for t in targets:
         module = sam.get_submodule(t.name)
         if not isinstance(module, LoraLinear):
-            module = LoraLinear(module, dropout)
+            module = LoraLinear(module, dropout, t.row_dim)
             parent, _, leaf = t.name.rpartition(".")
             setattr(sam.get_submodule(parent), leaf, module)
         layers[t.name] = module

@@ -22,7 +22,7 @@ import torch
 import yaml
 
 from talora.backbones.frames import decode_stage, error_message
-from talora.backbones.variants import get_variant
+from talora.backbones.variants import family_of, get_variant
 from talora.batch.commit import RunOutput, run_key
 from talora.batch.pipeline import ActorLayout, ShardWriter, run_sharded
 from talora.batch.parts import DEFAULT_PART_FORMAT, part_format
@@ -236,6 +236,9 @@ def run_label_job(config: LabelConfig) -> dict:
     spec = config.model
     if spec.hypernet and spec.adapter:
         raise ValueError("give --hypernet or --adapter, not both")
+    if config.boxes and family_of(spec.sam_type).detector:
+        raise ValueError(f"--boxes: --sam-type {spec.sam_type} is a detector that finds every instance of a prompt "
+                         "itself and takes no box prompts; use a SAM 1 or SAM 2.1 variant for boxes")
     for uri in spec.files().values():
         file_identity(uri, config.storage)  # missing model files fail here, before the pool starts
     if spec.sam_checkpoint:

@@ -18,6 +18,7 @@ import json
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from talora.adapters.hypernet import TaskAwareHyperNet
 from talora.backbones import build_backbone, check_variant
@@ -103,7 +104,8 @@ def find_targets(backbone: Backbone, config: ModelConfig) -> list[LoraTarget]:
 def assemble(config: ModelConfig, backbone: Backbone, targets: list[LoraTarget], text_encoder: TextEncoder | None,
              fixed_adapter: Adapter | None) -> TaskAwareSam:
     hypernet = TaskAwareHyperNet(targets, config.hypernet, config.lora.rank, config.lora.scale)
-    presence = build_presence_head(backbone.decoder_dim)
+    # A detector has a presence token of its own, which its adapters reach; a decoder gets a head on its IoU token.
+    presence = nn.Identity() if backbone.detector else build_presence_head(backbone.decoder_dim)
     return TaskAwareSam(backbone, targets, hypernet, presence, config, text_encoder, fixed_adapter)
 
 

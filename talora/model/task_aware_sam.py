@@ -68,6 +68,7 @@ class TaskAwareSam(nn.Module):
         self.text_encoder = text_encoder
         self.fixed_adapter = fixed_adapter
         self._adapter_cache: dict[str, Adapter] = {}
+        self._text_cache: dict[str, dict[str, torch.Tensor]] = {}  # a detector's own text features, per prompt
 
     # --- modes and bookkeeping ------------------------------------------------------------------
 
@@ -75,6 +76,7 @@ class TaskAwareSam(nn.Module):
         """Drops the adapters cached per prompt (the next `adapters` call runs the text encoder and
         the hypernet again)."""
         self._adapter_cache.clear()
+        self._text_cache.clear()
 
     def keep_adapter(self, prompt: str, adapter: Adapter) -> None:
         """Uses `adapter` (one prompt's, e.g. read from an adapter cache) for `prompt` from now on,
@@ -175,6 +177,35 @@ class TaskAwareSam(nn.Module):
         presence = self.presence_head(iou_token).squeeze(-1)  # (P,)
         chosen = slice(1, None) if multimask_output else slice(0, 1)
         return DecoderOutput(masks[:, chosen], iou_pred[:, chosen], presence)
+
+    def detect(self, image_embeddings: torch.Tensor, adapter: Adapter | None, prompts: list[str],
+               rows: torch.Tensor | None = None):
+        """A detector family (SAM 3): row i of the n = len(prompts) rows finds every instance of
+        prompts[i] in image_embeddings[rows[i]] (rows None: in embedding i), under adapter row i.
+        The prompt goes in twice: as the detector's own text prompt and as the adapter.
+
+        Arguments:
+          image_embeddings: P x C' x h x w.
+          adapter: per row (n rows), shared, or None for the base detector.
+        Returns the family's Detections (masks n x Q x 4h x 4w, scores, boxes, presence, semantic)."""
+        text = self.detector_text(prompts)
+        with use_adapter(self.sam, adapter):
+            return self.backbone.detect_rows(image_embeddings, text, rows)
+
+    def detector_text(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        """The detector's own text features of `prompts` (not adapted; cached per prompt when not
+        training: its tokenizer pads every prompt to one length, so a prompt's features do not
+        depend on the prompts beside it)."""
+        if self.training or torch.is_grad_enabled():
+            return self.backbone.encode_text(prompts)
+        missing = [p for p in dict.fromkeys(prompts) if p not in self._text_cache]
+        if missing:
+            text = self.backbone.encode_text(missing)
+            for i, p in enumerate(missing):
+                self._text_cache[p] = {k: (v[i : i + 1] if k == "language_mask" else v[:, i : i + 1])
+                                       for k, v in text.items()}
+        rows = [self._text_cache[p] for p in prompts]
+        return {k: torch.cat([r[k] for r in rows], dim=0 if k == "language_mask" else 1) for k in rows[0]}
 
     # --- trainable weights -------------------------------------------------------------------------
 

@@ -205,21 +205,31 @@ class TaskAwarePredictor:
         thresholds = [self.config.presence_thresh_of(p) for p in prompts]
         boxes = boxes or [None] * len(images)
         return [dict(zip(prompts, self.predict_rows(trunks[i : i + 1], adapter, tuple(resized.shape[:2]), size,
-                                                    thresholds=thresholds, boxes=box_prompts(boxes[i], prompts))))
+                                                    thresholds=thresholds, boxes=box_prompts(boxes[i], prompts),
+                                                    prompts=prompts)))
                 for i, (resized, size) in enumerate(images)]
 
     @torch.no_grad()
     def predict_rows(self, trunk: torch.Tensor, adapter, input_size: tuple[int, int], original_size: tuple[int, int],
                      regions: list[torch.Tensor] | None = None,
                      thresholds: list[float] | None = None,
-                     boxes: tuple[np.ndarray, np.ndarray] | None = None) -> list[list[Detection]]:
+                     boxes: tuple[np.ndarray, np.ndarray] | None = None,
+                     prompts: list[str] | None = None) -> list[list[Detection]]:
         """(1, h, w, C) trunk features + a per-row adapter (P rows) -> detections per row.
 
         `regions` (P masks of H x W) replaces the predicted task regions in the instance pass (the
         quality benchmark's ground-truth ceiling); the semantic detection is always the predicted one.
         `thresholds`: each row's presence threshold (default: presence_thresh for every row).
         `boxes`: (xywh boxes (n, 4) in the original frame, the row of each (n,)): the instances
-        are these boxes' masks, one per box, whatever the presence says, instead of the grid's."""
+        are these boxes' masks, one per box, whatever the presence says, instead of the grid's.
+        `prompts`: the rows' prompts, which a detector family (SAM 3) also reads as its own text
+        prompt (`detect_instances`); the decoder families do not need them."""
+        if self.backbone.detector:
+            if regions is not None or boxes is not None:
+                raise ValueError(f"{self.backbone.variant.name} is a detector: it takes no task regions or box prompts")
+            if prompts is None:
+                raise ValueError(f"{self.backbone.variant.name} is a detector: predict_rows needs the rows' prompts")
+            return self.detect_instances(trunk, adapter, prompts, input_size, original_size, thresholds)
         cfg = self.config
         with self.autocast():
             embeddings = self.tail(trunk, adapter)  # (P, C', h, w)
@@ -237,6 +247,44 @@ class TaskAwarePredictor:
             kept = self.keep_instances(candidates, input_size, original_size, instance_regions, presence.tolist())
             for detections, instances in zip(results, kept):
                 detections += instances
+        return results
+
+    def detect_instances(self, trunk: torch.Tensor, adapter, prompts: list[str], input_size, original_size,
+                         thresholds: list[float] | None = None) -> list[list[Detection]]:
+        """A detector family's rows: the adapted tail, then the detector per prompt. The semantic
+        detection is its semantic mask where its presence clears the row's threshold; the instances
+        are its queries whose score x presence (as `Sam3Processor` scores them) passes score_thresh,
+        de-duplicated per prompt as the grid's are, best first."""
+        cfg, backbone = self.config, self.backbone
+        with self.autocast():
+            embeddings = self.tail(trunk, adapter)  # (P, C', h, w)
+            found = self.model.detect(embeddings, adapter, prompts)
+        presence = torch.sigmoid(found.presence_logits.float())  # (P,)
+        semantic = backbone.postprocess_masks(found.semantic.float()[:, None], input_size, original_size)[:, 0]
+        regions = self.task_regions(presence, semantic, thresholds)  # empty where the task is absent
+        results = [[encode_mask(region.cpu().numpy(), "semantic", float(presence[p]))]
+                   if cfg.mode in ("semantic", "both") and region.any() else [] for p, region in enumerate(regions)]
+        if cfg.mode not in ("instance", "both"):
+            return results
+        thresholds = thresholds or [cfg.presence_thresh] * len(prompts)
+        scores = torch.sigmoid(found.scores.float()) * presence[:, None]  # (P, Q)
+        present = presence >= torch.tensor(thresholds, device=presence.device)  # (P,)
+        keep = (scores > cfg.score_thresh) & present[:, None]
+        owner = torch.arange(len(prompts), device=scores.device)[:, None].expand_as(scores)
+        if not keep.any():
+            return results
+        lowres = found.masks.float()[keep]  # (k, L, L)
+        data = MaskData(masks=lowres, iou_preds=scores[keep], owner=owner[keep],
+                        boxes=batched_mask_to_box(lowres > backbone.mask_threshold))
+        data = deduplicate(data, cfg, backbone.mask_threshold)
+        for p in range(len(prompts)):
+            mine = data["owner"] == p
+            if not mine.any():
+                continue
+            masks = backbone.postprocess_masks(data["masks"][mine][:, None], input_size, original_size)[:, 0]
+            masks = (masks > backbone.mask_threshold).cpu().numpy()  # (k, H, W)
+            results[p] += [encode_mask(m, "instance", s) for m, s in zip(masks, data["iou_preds"][mine].tolist())
+                           if m.any()]
         return results
 
     # --- the stages of predict_rows (the benchmark times each) ------------------------------------

@@ -9,7 +9,7 @@ from talora.backbones.frames import image_resizer
 from talora.backbones.variants import FAMILIES, SAM_TYPES, VARIANTS, cpu_preset, family_of, get_variant, largest
 from talora.config import LoraConfig, default_config
 
-BUILDABLE_HERE = ("vit_tiny", "vit_b", "sam2_tiny")  # vit_l / vit_h / hiera_l build too, but take GBs on a CPU
+BUILDABLE_HERE = ("vit_tiny", "vit_b", "sam2_tiny", "sam3_tiny")  # vit_l / vit_h / hiera_l build too, but take GBs on a CPU
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +20,7 @@ def backbones():
 
 def test_every_variant_is_registered_with_its_frame_and_default_tail():
     assert {"vit_tiny", "vit_b", "vit_l", "vit_h", "sam2_tiny", "sam2.1_hiera_t", "sam2.1_hiera_s", "sam2.1_hiera_b+",
-            "sam2.1_hiera_l"} <= set(SAM_TYPES)
+            "sam2.1_hiera_l", "sam3_tiny", "sam3"} <= set(SAM_TYPES)
     image = np.zeros((30, 60, 3), np.uint8)
     for name in SAM_TYPES:
         variant = get_variant(name)
@@ -62,13 +62,17 @@ def test_targets_cover_the_tail_blocks_and_the_decoder_only(backbones, name):
     backbone = backbones[name]
     k = get_variant(name).tail_blocks
     targets = backbone.find_targets(LoraConfig(), k)
-    blocks = "image_encoder.trunk.blocks" if get_variant(name).family == "sam2" else "image_encoder.blocks"
+    blocks = {"sam1": "image_encoder.blocks", "sam2": "image_encoder.trunk.blocks",
+              "sam3": "backbone.vision_backbone.trunk.blocks"}[get_variant(name).family]
     tail = {f"{blocks}.{b}." for b in range(backbone.num_blocks - k, backbone.num_blocks)}
     encoder = [t for t in targets if t.component == "image_encoder"]
     assert encoder and all(any(t.name.startswith(p) for p in tail) for t in encoder)
-    assert {t.component for t in targets} == {"image_encoder", "mask_decoder"}
+    # SAM 3's detector: its fusion encoder and DETR decoder too (the SAM3-LoRA kit's components).
+    detr = {"detr_encoder", "detr_decoder"} if backbone.detector else set()
+    assert {t.component for t in targets} == {"image_encoder", "mask_decoder"} | detr
     assert len({(t.depth, t.module_type) for t in targets}) == len(targets)  # the hypernet tells them apart
-    assert not backbone.find_targets(LoraConfig(image_encoder=False, mask_decoder=False), k)
+    assert not backbone.find_targets(LoraConfig(image_encoder=False, mask_decoder=False, detr_encoder=False,
+                                                detr_decoder=False), k)
 
 
 def test_the_trunk_digest_follows_exactly_the_trunk_weights(backbones):
@@ -129,5 +133,24 @@ def test_every_family_entry_names_what_its_module_and_the_frames_provide():
         assert callable(module.build_model) and callable(module.detect_variant)
         assert family.frame in FRAMES and all(importlib.util.find_spec(m) for m in family.modules)
         tiny, big = get_variant(cpu_preset(name)), get_variant(largest(name))
-        assert tiny.cpu_preset and tiny.family == big.family == name and big.image_size == 1024
+        assert tiny.cpu_preset and tiny.family == big.family == name and not big.cpu_preset and big.image_size >= 1008
         assert family_of(big.name) is family and big.name in family.peft_base.format(variant=big.name)
+
+
+def test_a_family_installed_without_its_dependencies_is_in_make_setup_and_named_when_missing(monkeypatch):
+    import dataclasses
+    from pathlib import Path
+
+    from talora.backbones import family_module
+    from talora.backbones import variants
+
+    makefile = (Path(__file__).resolve().parents[2] / "Makefile").read_text()
+    no_deps = [f for f in FAMILIES.values() if f.no_deps]
+    assert no_deps and all(f"'{r}'" in makefile for f in no_deps for r in f.requirements)
+    family = no_deps[0]
+    monkeypatch.setitem(variants.FAMILIES, family.name,
+                        dataclasses.replace(family, modules=(*family.modules, "talora_no_such_module")))
+    with pytest.raises(ModuleNotFoundError, match=f"{family.title} needs talora_no_such_module.*pip install --no-deps"):
+        family_module(family.name)
+    vit_tiny = build_backbone("vit_tiny").base_state_dict()
+    assert detect_variant(vit_tiny) == "vit_tiny"  # the other families' checkpoints are still told apart

@@ -17,7 +17,7 @@ from talora.core.lora import (
     use_adapter,
 )
 from talora.config import LoraConfig
-from talora.backbones.variants import VARIANTS
+from talora.backbones.variants import FAMILIES, VARIANTS
 from talora.backbones.sam1 import Backbone, _build_sam_tiny, build_sam_vit_tiny
 
 ATOL = 1e-8
@@ -37,24 +37,52 @@ def _points(rows, seed=0):
     return coords, labels
 
 
-def _image(seed=0):
+def _image(seed=0, side=256):
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(1, 3, 256, 256, generator=g, dtype=torch.float64)
+    return torch.randn(1, 3, side, side, generator=g, dtype=torch.float64)
 
 
-@pytest.fixture(params=[v.name for v in VARIANTS.values() if v.cpu_preset])
-def preset_model(request, float64):
-    """An untrained TaskAwareSam of each CPU preset (one per backbone family), in float64: the
-    guarantees below hold for every family."""
+PRESETS = [v.name for v in VARIANTS.values() if v.cpu_preset]
+DECODER_PRESETS = [n for n in PRESETS if not FAMILIES[VARIANTS[n].family].detector]  # point and box prompts
+PROMPTS = ("segment vehicles", "segment red fruit", "segment everything")
+
+
+def _build(name, float64):
     from talora.config import default_config
     from talora.model.loading import build_task_aware_sam
 
     torch.manual_seed(0)
-    return float64(build_task_aware_sam(default_config(request.param)))
+    model = float64(build_task_aware_sam(default_config(name)))
+    model.image = lambda seed=0: _image(seed, model.backbone.image_size)  # an input of this preset's side
+    return model
+
+
+@pytest.fixture(params=PRESETS)
+def preset_model(request, float64):
+    """An untrained TaskAwareSam of each CPU preset (one per backbone family), in float64: the
+    guarantees below hold for every family."""
+    return _build(request.param, float64)
+
+
+@pytest.fixture(params=DECODER_PRESETS)
+def decoder_model(request, float64):
+    """The presets whose decoder takes point prompts (a detector, SAM 3, takes none)."""
+    return _build(request.param, float64)
+
+
+def _heads(model, embeddings, adapter=None):
+    """What follows the tail for rows of prompt-free queries, per family: the decoder's semantic
+    rows (masks, IoU, presence) or the detector's (masks, scores, boxes, presence, semantic mask),
+    row i with prompt i."""
+    if model.backbone.detector:
+        found = model.detect(embeddings, adapter, list(PROMPTS[: len(embeddings)]))
+        return {k: getattr(found, k) for k in ("masks", "scores", "boxes", "presence_logits", "semantic")}
+    out = model.decode(embeddings, adapter)
+    return {"masks": out.masks, "iou_predictions": out.iou_predictions, "presence_logits": out.presence_logits}
 
 
 def test_zero_adapter_trunk_plus_tail_equals_the_familys_own_image_path(preset_model, make_adapter):
-    images = torch.cat([_image(0), _image(1)])
+    images = torch.cat([preset_model.image(0), preset_model.image(1)])
     zero = make_adapter(preset_model.targets, rows=2, zero_b=True)
     got = preset_model.embed_tail(preset_model.embed_trunk(images), zero)
     torch.testing.assert_close(got, preset_model.backbone.embed_image(images), atol=ATOL, rtol=0)
@@ -85,11 +113,20 @@ def test_zero_adapter_trunk_plus_tail_equals_base_image_encoder(tiny_model, make
 
 
 def test_nonzero_adapter_changes_tail_and_decoder(preset_model, make_adapter):
-    trunk = preset_model.embed_trunk(_image())
+    trunk = preset_model.embed_trunk(preset_model.image())
     adapter = make_adapter(preset_model.targets)
     assert not torch.allclose(preset_model.embed_tail(trunk, adapter), preset_model.embed_tail(trunk))
     embedding = preset_model.embed_tail(trunk)
-    assert not torch.allclose(preset_model.decode(embedding, adapter).masks, preset_model.decode(embedding).masks)
+    assert not torch.allclose(_heads(preset_model, embedding, adapter)["masks"], _heads(preset_model, embedding)["masks"])
+
+
+def test_a_detector_refuses_point_prompts_naming_itself(float64):
+    detector = next(n for n in PRESETS if n not in DECODER_PRESETS)
+    model = _build(detector, float64)
+    embedding = model.embed_tail(model.embed_trunk(model.image()))
+    coords, labels = _points(1)
+    with pytest.raises(ValueError, match=f"{detector} is a detector"):
+        model.decode(embedding, None, coords, labels)
 
 
 def _run_rows(model, images, adapter, coords, labels):
@@ -101,43 +138,44 @@ def _run_rows(model, images, adapter, coords, labels):
 
 def test_mixed_batch_rows_equal_each_row_alone_with_its_adapter_merged(preset_model, make_adapter):
     # Semantic rows (no point prompt): every op is float64, so single-row runs compare exactly.
+    # A detector's rows also differ by their own text prompt: each row alone gets the same one.
     rows = [make_adapter(preset_model.targets, seed=s) for s in range(3)]
-    image = _image()
-    trunk = preset_model.embed_trunk(image)
-    batched = preset_model.decode(preset_model.embed_tail(trunk.expand(3, -1, -1, -1), Adapter.stack(rows)),
-                                Adapter.stack(rows))
-
+    trunk = preset_model.embed_trunk(preset_model.image())
+    batched = _heads(preset_model, preset_model.embed_tail(trunk.expand(3, -1, -1, -1), Adapter.stack(rows)),
+                     Adapter.stack(rows))
+    detector = preset_model.backbone.detector
     for i, row in enumerate(rows):
         merge_adapter(preset_model.sam, row)
-        alone = preset_model.decode(preset_model.embed_tail(trunk))
+        embedding = preset_model.embed_tail(trunk)
+        alone = (_heads(preset_model, embedding) if not detector else
+                 vars(preset_model.detect(embedding, None, [PROMPTS[i]])))
         unmerge_adapter(preset_model.sam)
-        torch.testing.assert_close(batched.masks[i : i + 1], alone.masks, atol=ATOL, rtol=0)
-        torch.testing.assert_close(batched.iou_predictions[i : i + 1], alone.iou_predictions, atol=ATOL, rtol=0)
-        torch.testing.assert_close(batched.presence_logits[i : i + 1], alone.presence_logits, atol=ATOL, rtol=0)
+        for key, value in alone.items():
+            torch.testing.assert_close(batched[key][i : i + 1], value, atol=ATOL, rtol=0, msg=key)
     # The rows really differ: a test of identical rows would prove nothing.
-    assert not torch.allclose(batched.masks[0], batched.masks[1])
+    assert not torch.allclose(batched["masks"][0], batched["masks"][1])
 
 
-def test_mixed_batch_with_point_prompts_equals_the_merged_adapter_row_by_row(preset_model, make_adapter):
+def test_mixed_batch_with_point_prompts_equals_the_merged_adapter_row_by_row(decoder_model, make_adapter):
     # SAM's PromptEncoder encodes points in float32 whatever the model dtype, and float32 rounding
     # depends on the batch shape; so each merged run uses the same 3-row batch and keeps row i.
-    rows = [make_adapter(preset_model.targets, seed=s) for s in range(3)]
+    rows = [make_adapter(decoder_model.targets, seed=s) for s in range(3)]
     coords, labels = _points(3)
-    batched = _run_rows(preset_model, _image(), Adapter.stack(rows), coords, labels)
+    batched = _run_rows(decoder_model, decoder_model.image(), Adapter.stack(rows), coords, labels)
     for i, row in enumerate(rows):
-        merge_adapter(preset_model.sam, row)
-        merged = _run_rows(preset_model, _image(), None, coords, labels)
-        unmerge_adapter(preset_model.sam)
+        merge_adapter(decoder_model.sam, row)
+        merged = _run_rows(decoder_model, decoder_model.image(), None, coords, labels)
+        unmerge_adapter(decoder_model.sam)
         torch.testing.assert_close(batched.masks[i], merged.masks[i], atol=ATOL, rtol=0)
         torch.testing.assert_close(batched.iou_predictions[i], merged.iou_predictions[i], atol=ATOL, rtol=0)
     assert not torch.allclose(batched.masks[0], batched.masks[1])
 
 
-def test_shared_adapter_equals_the_same_adapter_expanded_per_row(preset_model, make_adapter):
-    shared = make_adapter(preset_model.targets, seed=5)
+def test_shared_adapter_equals_the_same_adapter_expanded_per_row(decoder_model, make_adapter):
+    shared = make_adapter(decoder_model.targets, seed=5)
     coords, labels = _points(2)
-    a = _run_rows(preset_model, _image(), shared, coords, labels)
-    b = _run_rows(preset_model, _image(), shared.expand(2), coords, labels)
+    a = _run_rows(decoder_model, decoder_model.image(), shared, coords, labels)
+    b = _run_rows(decoder_model, decoder_model.image(), shared.expand(2), coords, labels)
     torch.testing.assert_close(a.masks, b.masks, atol=ATOL, rtol=0)
 
 
@@ -225,17 +263,17 @@ def test_lora_linear_without_adapter_is_the_base_linear():
     assert torch.equal(LoraLinear(base)(x), base(x))
 
 
-def test_decoder_rows_index_embeddings_and_a_grouped_adapter_equals_the_per_row_copies(preset_model, make_adapter):
+def test_decoder_rows_index_embeddings_and_a_grouped_adapter_equals_the_per_row_copies(decoder_model, make_adapter):
     # The instance pass: many point rows of a few (embedding, adapter) pairs, without copying either per row.
     # Three images, so a row reading another image's high-resolution maps (SAM 2) would show.
-    preset_model.eval()
-    adapter = make_adapter(preset_model.targets, rows=3)
-    trunk = torch.cat([preset_model.embed_trunk(_image(seed)) for seed in range(3)])
-    embeddings = preset_model.embed_tail(trunk, adapter)
+    decoder_model.eval()
+    adapter = make_adapter(decoder_model.targets, rows=3)
+    trunk = torch.cat([decoder_model.embed_trunk(decoder_model.image(seed)) for seed in range(3)])
+    embeddings = decoder_model.embed_tail(trunk, adapter)
     rows = torch.tensor([0, 0, 1, 2, 2, 2])
     coords, labels = _points(len(rows))
-    got = preset_model.decode(embeddings, adapter, coords, labels, rows=rows)
-    copied = preset_model.decode(embeddings[rows], adapter.select(rows), coords, labels)
+    got = decoder_model.decode(embeddings, adapter, coords, labels, rows=rows)
+    copied = decoder_model.decode(embeddings[rows], adapter.select(rows), coords, labels)
     torch.testing.assert_close(got.masks, copied.masks, atol=ATOL, rtol=0)
     torch.testing.assert_close(got.iou_predictions, copied.iou_predictions, atol=ATOL, rtol=0)
     assert adapter.grouped(rows).groups == (0, 2, 3, 6)

@@ -122,7 +122,8 @@ def test_an_unknown_oracle_task_is_refused_before_anything_trains(tmp_path):
     assert not (tmp_path / "oracle").exists() and not list(tmp_path.iterdir())
 
 
-@pytest.mark.parametrize("family", sorted(FAMILIES))
+# A detector family (SAM 3) has no automatic mask generator: its own text prompts are its baseline.
+@pytest.mark.parametrize("family", sorted(f for f in FAMILIES if not FAMILIES[f].detector))
 def test_amg_runs_the_familys_own_generator_and_scores_every_mask_for_every_task(family, demo):
     import torch
 
