@@ -160,6 +160,10 @@ class Backbone:
         (masks (n, Q, L, L), scores, boxes, presence, a semantic mask; see the family's Detections)."""
         raise NotImplementedError(f"{self.variant.name} is no detector: it decodes point, box or semantic rows")
 
+    def matcher(self):
+        """A detector's query-to-instance matching for training (see the family's)."""
+        raise NotImplementedError(f"{self.variant.name} is no detector")
+
     def postprocess_masks(self, masks: torch.Tensor, input_size: tuple[int, int],
                           original_size: tuple[int, int]) -> torch.Tensor:
         """(N, M, L, L) low-res logits -> (N, M, H, W) logits in the original frame."""

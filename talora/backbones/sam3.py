@@ -456,6 +456,17 @@ class Backbone(base.Backbone):
                                                 module_type, row_dim=1 if _SEQUENCE_FIRST.match(name) else 0))
         return found_targets
 
+    # --- training ---------------------------------------------------------------------------------
+    def matcher(self):
+        """SAM 3's own query-to-instance matching (the package's `BinaryHungarianMatcherV2`, with the
+        costs `build_sam3_image_model` gives it): `matcher(outputs, targets)` -> (row, query, instance)
+        indices; outputs {"pred_logits": (n, Q, 1), "pred_boxes": (n, Q, 4)}, targets {"num_boxes":
+        (n,), "boxes_padded": (n, T, 4)}, boxes as normalised cx, cy, w, h."""
+        from sam3.train.matcher import BinaryHungarianMatcherV2
+
+        return BinaryHungarianMatcherV2(focal=True, cost_class=2.0, cost_bbox=5.0, cost_giou=2.0, alpha=0.25,
+                                        gamma=2, stable=False)
+
     # --- references ------------------------------------------------------------------------------
     def automatic_mask_generator(self, **options):
         raise ValueError(f"{self.variant.name} has no automatic mask generator: SAM 3 finds what a text prompt "

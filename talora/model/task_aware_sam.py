@@ -193,19 +193,30 @@ class TaskAwareSam(nn.Module):
             return self.backbone.detect_rows(image_embeddings, text, rows)
 
     def detector_text(self, prompts: list[str]) -> dict[str, torch.Tensor]:
-        """The detector's own text features of `prompts` (not adapted; cached per prompt when not
-        training: its tokenizer pads every prompt to one length, so a prompt's features do not
-        depend on the prompts beside it)."""
-        if self.training or torch.is_grad_enabled():
-            return self.backbone.encode_text(prompts)
+        """The detector's own text features of `prompts`, cached per prompt: its text encoder is
+        frozen and never adapted (so training needs no gradient through it), and its tokenizer pads
+        every prompt to one length (so a prompt's features do not depend on the prompts beside it)."""
         missing = [p for p in dict.fromkeys(prompts) if p not in self._text_cache]
         if missing:
-            text = self.backbone.encode_text(missing)
+            with torch.no_grad():
+                text = self.backbone.encode_text(missing)
             for i, p in enumerate(missing):
                 self._text_cache[p] = {k: (v[i : i + 1] if k == "language_mask" else v[:, i : i + 1])
                                        for k, v in text.items()}
         rows = [self._text_cache[p] for p in prompts]
         return {k: torch.cat([r[k] for r in rows], dim=0 if k == "language_mask" else 1) for k in rows[0]}
+
+    def semantic_rows(self, image_embeddings: torch.Tensor, adapter: Adapter | None,
+                      prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """One prompt-free "where is the task" row per embedding, whatever the family: (low-res
+        mask logits (P, 1, 4h, 4w), presence logits (P,)). A decoder answers with its single-mask
+        output and the presence head; a detector with its semantic mask and its presence token,
+        reading `prompts` (one per row) as its own text prompt."""
+        if self.backbone.detector:
+            found = self.detect(image_embeddings, adapter, prompts)
+            return found.semantic[:, None], found.presence_logits
+        out = self.decode(image_embeddings, adapter, multimask_output=False)
+        return out.masks, out.presence_logits
 
     # --- trainable weights -------------------------------------------------------------------------
 

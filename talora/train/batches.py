@@ -18,7 +18,7 @@ import torch
 
 from talora.backbones.base import Backbone
 from talora.data.coco import CocoDataset, ImageRecord
-from talora.train.sampling import sample_task
+from talora.train.sampling import sample_task, task_instances
 from talora.data.tasks import Task
 
 
@@ -37,6 +37,15 @@ class Batch:
     box_row: torch.Tensor  # (Qb,) box row -> (image, task) row
     boxes: torch.Tensor  # (Qb, 4) x0, y0, x1, y1 in the input frame
     box_target: torch.Tensor  # (Qb, L, L)
+    # A detector's rows (SAM 3) find every instance of their task: its instances, to match queries to.
+    instance_row: torch.Tensor  # (N,) instance -> (image, task) row
+    instance_target: torch.Tensor  # (N, L, L)
+    instance_box: torch.Tensor  # (N, 4) cx, cy, w, h normalised to the image
+
+    @property
+    def row_prompts(self) -> list[str]:
+        """The prompt of each (image, task) row."""
+        return [self.prompts[i] for i in self.prompt_index.tolist()]
 
     def to(self, device: torch.device) -> Batch:
         return Batch(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in self.__dict__.items()})
@@ -84,11 +93,14 @@ def build_batch(
 ) -> Batch:
     """Rows for `records` (whose trunk features are `trunk`, (B, h, w, C)); `backbone` places points
     and targets in the model's frames. A positive sample is prompted by its instance's box instead
-    of its point with probability `box_share` (no draw at 0, so such runs replay as before)."""
+    of its point with probability `box_share` (no draw at 0, so such runs replay as before). A
+    detector's rows get every instance of their task instead of point and box samples."""
     prompts: list[str] = []
     image_index, prompt_index, sem_targets, present = [], [], [], []
     point_row, coords, point_targets = [], [], []
     box_row, boxes, box_targets = [], [], []
+    instance_row, instance_targets, instance_boxes = [], [], []
+    detector = backbone.detector
     for b, (record, input_size) in enumerate(zip(records, input_sizes)):
         instances = dataset.instances[record.id]
         for task in choose_tasks(tasks, instances, tasks_per_image, rng):
@@ -99,7 +111,15 @@ def build_batch(
             row = len(image_index)
             image_index.append(b)
             prompt_index.append(prompts.index(prompt))
-            for s in sample_task(record, instances, task, rng, backbone, num_points, use_boxes=box_share > 0):
+            if detector:
+                for inst in task_instances(instances, task):
+                    instance_row.append(row)
+                    instance_targets.append(backbone.lowres_target(inst.mask(), input_size))
+                    x, y, w, h = inst.bbox
+                    instance_boxes.append(torch.tensor([(x + w / 2) / record.width, (y + h / 2) / record.height,
+                                                        w / record.width, h / record.height]))
+            for s in sample_task(record, instances, task, rng, backbone, 0 if detector else num_points,
+                                 use_boxes=box_share > 0):
                 target = backbone.lowres_target(s.target, input_size)
                 if s.kind == "semantic":
                     sem_targets.append(target)
@@ -127,4 +147,7 @@ def build_batch(
         box_row=torch.tensor(box_row, dtype=torch.long),
         boxes=torch.stack(boxes) if boxes else torch.zeros(0, 4),
         box_target=torch.stack(box_targets) if box_targets else torch.zeros(lowres_shape),
+        instance_row=torch.tensor(instance_row, dtype=torch.long),
+        instance_target=torch.stack(instance_targets) if instance_targets else torch.zeros(lowres_shape),
+        instance_box=torch.stack(instance_boxes).float() if instance_boxes else torch.zeros(0, 4),
     )

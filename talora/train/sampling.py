@@ -32,6 +32,11 @@ class Sample:
     present: bool
 
 
+def task_instances(instances: list[Instance], task: Task) -> list[Instance]:
+    """The instances `task` names (never a crowd region): its semantic target's parts, a detector's targets."""
+    return [i for i in instances if task.matches(i) and not i.iscrowd]
+
+
 def _interior_pixel(mask: np.ndarray, rng: np.random.Generator) -> tuple[int, int]:
     """A random (x, y) inside `mask`, preferring pixels whose 4-neighbours are inside too."""
     inner = mask.copy()
@@ -56,7 +61,7 @@ def sample_task(
     """The semantic sample plus up to `num_points` positive and `num_points` negative samples; `frame`
     maps coordinates into the model's input frame (a Backbone: `apply_coords`, `apply_boxes`)."""
     size = (image.height, image.width)
-    targets = [i for i in instances if task.matches(i) and not i.iscrowd]
+    targets = task_instances(instances, task)
     union = semantic_mask(targets, *size)
     samples = [Sample(image.id, task.id, "semantic", None, None, None, union, bool(union.any()))]
 

@@ -1,4 +1,5 @@
-"""One training forward: adapters -> encoder tail -> decoder (semantic and point rows) -> losses.
+"""One training forward: adapters -> encoder tail -> decoder (semantic and point rows) or a
+detector's matched queries -> losses.
 
 `TrainStep` holds only the trainable modules (the adapter source and the presence head) as
 submodules; the frozen TaskAwareSam is kept outside the module tree, so DDP wraps and
@@ -13,6 +14,7 @@ from torch import nn
 from talora.model.task_aware_sam import TaskAwareSam
 from talora.train.batches import Batch
 from talora.train.config import TrainConfig
+from talora.train.detector import detector_losses
 from talora.train.losses import empty_share, mask_losses, presence_loss
 
 
@@ -23,6 +25,7 @@ class TrainStep(nn.Module):
         self.adapter_source = adapter_source
         self.presence_head = model.presence_head
         object.__setattr__(self, "model", model)  # not a submodule: DDP must not see the frozen SAM
+        self.matcher = model.backbone.matcher() if model.backbone.detector else None
 
     def adapters(self, text_embeddings: torch.Tensor | None, rows: torch.Tensor):
         """One adapter row per entry of `rows` (indices into the step's prompts)."""
@@ -34,6 +37,13 @@ class TrainStep(nn.Module):
         model = self.model
         adapter = self.adapters(text_embeddings, batch.prompt_index)  # R rows
         embeddings = model.embed_tail(batch.trunk[batch.image_index], adapter)  # (R, C, h, w)
+
+        # A detector (SAM 3): each row finds every instance of its task, matched one to one.
+        if model.backbone.detector:
+            found = model.detect(embeddings, adapter, batch.row_prompts)
+            loss, out = detector_losses(found, batch, self.matcher, config)
+            out["loss"] = loss
+            return out
 
         # Semantic rows: no prompt; the mask is the task's union, the presence head says "is it here".
         semantic = model.decode(embeddings, adapter, multimask_output=False)

@@ -2,7 +2,8 @@
 
 Rows per image: every non-held-out task under one seen prompt and one held-out paraphrase, and
 every held-out composition under one of its prompts. Predictions are the semantic masks
-(no point prompt), upsampled with SAM's own postprocess_masks and gated by the presence logit.
+(no point prompt; a detector's semantic output), upsampled with the family's postprocess_masks and
+gated by the presence logit.
 """
 
 from __future__ import annotations
@@ -48,9 +49,9 @@ def validate(step_module, entries, dataset, rows, text_embeddings: torch.Tensor 
             index = all_rows[start : start + chunk]
             part = adapter.select(index)
             embeddings = model.embed_tail(trunk[None].expand(len(index), -1, -1, -1), part)
-            out = model.decode(embeddings, part, multimask_output=False)
-            masks = model.backbone.postprocess_masks(out.masks.float(), input_size, (record.height, record.width))
-            predicted = (masks[:, 0] > 0) & (out.presence_logits > 0)[:, None, None]
+            logits, presence = model.semantic_rows(embeddings, part, [rows[i][2] for i in index.tolist()])
+            masks = model.backbone.postprocess_masks(logits.float(), input_size, (record.height, record.width))
+            predicted = (masks[:, 0] > 0) & (presence > 0)[:, None, None]
             for i, pred in zip(index.tolist(), predicted.cpu().numpy()):
                 task, group, _ = rows[i]
                 ious.add((task.id, group), pred, truths[task.id])

@@ -173,3 +173,29 @@ def test_the_predictor_keeps_queries_by_score_times_presence_and_gates_absent_ta
             every.predict(image, PROMPTS, boxes=[{"bbox": [0, 0, 10, 10], "prompt": None}])
     finally:
         model.double()
+
+
+def test_a_sam3_hypernet_and_its_base_round_trip_through_s3_and_label_alike(s3, text_encoder):
+    import dataclasses
+
+    from talora.model.loading import build_task_aware_sam, load_task_aware_sam, save_backbone, save_hypernet
+    from talora.predict.predictor import PredictConfig, TaskAwarePredictor
+
+    torch.manual_seed(0)
+    base = "s3://talora-test/sam3_tiny.safetensors"
+    config = default_config("sam3_tiny")
+    model = build_task_aware_sam(config, text_encoder)
+    with torch.no_grad():  # a trained-looking hypernet: Delta W != 0
+        for head in model.hypernet.heads.values():
+            head.weight.normal_(0, 0.01)
+    save_backbone(model.backbone, base, s3)
+    model.config = dataclasses.replace(config, sam=dataclasses.replace(config.sam, checkpoint=base))
+    save_hypernet(model, "s3://talora-test/hypernet.safetensors", s3)
+    again = load_task_aware_sam("s3://talora-test/hypernet.safetensors", text_encoder=text_encoder, storage=s3)
+    assert [t.name for t in again.targets] == [t.name for t in model.targets]
+    image = np.random.default_rng(1).integers(0, 255, (64, 80, 3), dtype=np.uint8)
+    open_thresholds = PredictConfig(score_thresh=0.0, presence_thresh=0.0)
+    first = TaskAwarePredictor(model.eval(), open_thresholds).predict(image, PROMPTS)
+    second = TaskAwarePredictor(again, open_thresholds).predict(image, PROMPTS)
+    assert first[PROMPTS[0]] and [[(d.kind, d.rle, round(d.score, 5)) for d in first[p]] for p in PROMPTS] == \
+        [[(d.kind, d.rle, round(d.score, 5)) for d in second[p]] for p in PROMPTS]

@@ -71,7 +71,58 @@ def test_batch_has_semantic_rows_for_present_and_absent_tasks(demo):
     assert len(batch.point_row) > 0 and batch.point_coords.shape[1:] == (1, 2)
 
 
-@pytest.mark.parametrize("sam_type", ["vit_tiny", "sam2_tiny"])
+def test_a_detectors_batch_holds_every_instance_of_each_row_and_no_point_rows(demo):
+    dataset, _ = demo
+    model = build_task_aware_sam(default_config("sam3_tiny"))
+    batch = _batch(model, demo, tasks_per_image=4)
+    assert len(batch.point_row) == 0 and len(batch.box_row) == 0
+    assert len(batch.instance_row) > 0 and batch.instance_target.shape[1:] == (64, 64)
+    for r in range(len(batch.image_index)):  # a row's instances make up its semantic target
+        mine = batch.instance_target[batch.instance_row == r]  # (n, L, L) area shares
+        assert bool(batch.present[r]) == (len(mine) > 0)
+        if len(mine):  # a pixel's union share lies between its largest instance share and their sum
+            semantic = batch.semantic_target[r]
+            assert (mine.max(0).values <= semantic + 1e-6).all() and (semantic <= mine.sum(0) + 1e-6).all()
+        else:
+            assert batch.semantic_target[r].max() == 0
+    boxes = batch.instance_box
+    assert boxes.shape[1] == 4 and (boxes >= 0).all() and (boxes <= 1).all()  # normalised cx, cy, w, h
+
+
+def test_the_detector_loss_is_low_for_matched_perfect_queries_and_matches_one_to_one(demo):
+    from talora.backbones.sam3 import Detections
+    from talora.train.detector import detector_losses, match
+
+    model = build_task_aware_sam(default_config("sam3_tiny"))
+    batch = _batch(model, demo, tasks_per_image=4)
+    # Binary targets, so that a saturated prediction of them is a perfect one.
+    batch.instance_target, batch.semantic_target = (batch.instance_target > 0.5).float(), (batch.semantic_target > 0.5).float()
+    rows, queries, side = len(batch.image_index), 20, 64
+    masks, scores = torch.full((rows, queries, side, side), -50.0), torch.full((rows, queries), -20.0)
+    boxes = torch.full((rows, queries, 4), 0.5)
+    slots = {}
+    for k, r in enumerate(batch.instance_row.tolist()):  # instance k of row r answered by query 3 + its slot
+        q = 3 + slots.setdefault(r, 0)
+        slots[r] += 1
+        masks[r, q] = (batch.instance_target[k] * 2 - 1) * 50
+        scores[r, q] = 20.0
+        boxes[r, q] = batch.instance_box[k]
+    semantic = (batch.semantic_target * 2 - 1) * 50
+    presence = (batch.present * 2 - 1) * 20
+    perfect = Detections(masks, scores, boxes, presence, semantic)
+    matcher = model.backbone.matcher()
+    row, query, instance = match(matcher, perfect, batch)
+    assert sorted(instance.tolist()) == list(range(len(batch.instance_row)))  # every instance once
+    assert torch.equal(batch.instance_row[instance], row)  # each to a query of its own row
+    assert len(set(zip(row.tolist(), query.tolist()))) == len(row)  # one to one
+    config = TrainConfig(train_annotations="x")
+    loss, metrics = detector_losses(perfect, batch, matcher, config)
+    assert loss < 1e-3 and metrics["iou_instances"] == 1.0 and metrics["iou_semantic"] == 1.0
+    shuffled = Detections(masks.roll(1, dims=1), scores, boxes.roll(1, dims=1), presence, semantic)
+    assert detector_losses(shuffled, batch, matcher, config)[0] > 10 * loss + 1.0  # wrong queries cost
+
+
+@pytest.mark.parametrize("sam_type", ["vit_tiny", "sam2_tiny", "sam3_tiny"])
 @pytest.mark.parametrize("mode", ["hypernet", "static"])
 def test_a_few_steps_reduce_the_loss_on_a_fixed_batch(demo, sam_type, mode):
     torch.manual_seed(0)
