@@ -79,8 +79,11 @@ class Plan:
 # The device's 8 minutes: each section's limit, and a deadline for them all (the install comes before).
 # The GPU plan runs each family's largest variant, the dry run each family's CPU preset; the first
 # family's also runs the labelling job and the training runs (its preset names the same variant).
-_LARGEST = tuple(largest(family) for family in FAMILIES)
-_PRESETS = tuple(cpu_preset(family) for family in FAMILIES)
+# A detector family (SAM 3) is not in the plan yet: the speed suite has no detector reference or
+# stage breakdown (talora.bench.speed refuses it by name).
+_TIMED = tuple(f for f in FAMILIES if not FAMILIES[f].detector)
+_LARGEST = tuple(largest(family) for family in _TIMED)
+_PRESETS = tuple(cpu_preset(family) for family in _TIMED)
 GPU = Plan("cuda", _LARGEST, ("bf16", "fp32"), job_images=200, timed_images=4, min_run_time=0.5,
            points_per_side=16, train_variant=_LARGEST[0], train_preset="configs/t4_vit_h.yaml", train_steps=30,
            resume_steps=10, cpus_per_worker=4.0,

@@ -153,3 +153,10 @@ def test_the_naive_loop_shares_and_caches_nothing_across_prompts(text_encoder):
         assert calls == {"text": 0, "trunk": 1}
     finally:
         text_encoder.encode = encode
+
+
+def test_the_speed_suite_refuses_a_detector_family_by_name_before_any_work():
+    from talora.bench.speed import speed_config
+
+    with pytest.raises(ValueError, match="--sam-type sam3_tiny: the speed suite does not time a detector family"):
+        speed_config("sam3_tiny", "cpu")
