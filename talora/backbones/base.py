@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from talora.backbones.frames import resize_square
 from talora.backbones.variants import FAMILIES, Variant
 from talora.core.lora import LoraLinear, LoraTarget
 
@@ -249,3 +250,35 @@ class Backbone:
     def trunk_state(self, tail_blocks: int) -> tuple[str, dict[str, torch.Tensor]]:
         """(a tag naming the split, the base weights `embed_trunk`'s output depends on for it)."""
         raise NotImplementedError
+
+
+class SquareFrame:
+    """The "square" frame (SAM 2.1, SAM 3): every image stretched to S x S (the aspect is not kept),
+    normalised with the family's MEAN / STD; points and boxes scale by (S / W, S / H); masks go
+    bilinearly straight back to (H, W). Mixed into a family's Backbone ahead of `Backbone`."""
+
+    MEAN: tuple[float, float, float]
+    STD: tuple[float, float, float]
+
+    def resize(self, image: np.ndarray) -> np.ndarray:
+        return resize_square(image, self.image_size)
+
+    def normalize(self, resized: np.ndarray | torch.Tensor) -> torch.Tensor:
+        x = torch.as_tensor(resized, device=self.device).permute(2, 0, 1)[None].float() / 255.0  # (1, 3, S, S)
+        mean = torch.tensor(self.MEAN, device=self.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.STD, device=self.device).view(1, 3, 1, 1)
+        return (x - mean) / std
+
+    def apply_coords(self, coords: np.ndarray, original_size: tuple[int, int]) -> np.ndarray:
+        h, w = original_size
+        return np.asarray(coords, dtype=np.float64) * np.array([self.image_size / w, self.image_size / h])
+
+    def apply_boxes(self, boxes: np.ndarray, original_size: tuple[int, int]) -> np.ndarray:
+        return self.apply_coords(np.asarray(boxes, dtype=np.float64).reshape(-1, 2, 2), original_size).reshape(-1, 4)
+
+    def to_model_frame(self, masks: torch.Tensor, input_size: tuple[int, int]) -> torch.Tensor:
+        return F.interpolate(masks, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False)
+
+    def postprocess_masks(self, masks: torch.Tensor, input_size: tuple[int, int],
+                          original_size: tuple[int, int]) -> torch.Tensor:
+        return F.interpolate(masks, size=original_size, mode="bilinear", align_corners=False)

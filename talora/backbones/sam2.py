@@ -5,7 +5,7 @@ the mask decoder and `no_mem_embed`; the memory attention and encoder (video) ar
 the package's own builder (`sam2.build_sam.build_sam2`, its hydra configs) made the model, and
 their weights are ignored when a checkpoint is loaded.
 
-Frames (as `SAM2Transforms`): every image is resized to S x S (the aspect is not kept) and
+Frames (as `SAM2Transforms`, base.SquareFrame): every image is resized to S x S (the aspect is not kept) and
 normalised with ImageNet statistics; points and boxes scale by (S / W, S / H); low-res masks go
 straight back to (H, W).
 
@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import re
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from sam2.automatic_mask_generator import SAM2AutomaticMaskGenerator
@@ -39,7 +38,6 @@ from sam2.sam2_image_predictor import SAM2ImagePredictor
 from torch import nn
 
 from talora.backbones import base
-from talora.backbones.frames import resize_square
 
 # The package's configs per variant; sam2_tiny is the hiera_t config made small (CPU tests, demo).
 CONFIGS = {
@@ -110,7 +108,9 @@ def detect_variant(state_dict: dict[str, torch.Tensor]) -> str | None:
     return SHAPES.get((int(pos_embed.shape[1]), len(blocks)))
 
 
-class Backbone(base.Backbone):
+class Backbone(base.SquareFrame, base.Backbone):
+    MEAN, STD = MEAN, STD  # the frame's pixel statistics (base.SquareFrame)
+
     def __init__(self, variant, model: Sam2Image) -> None:
         super().__init__(variant, model)
         trunk, neck = model.image_encoder.trunk, model.image_encoder.neck
@@ -152,30 +152,6 @@ class Backbone(base.Backbone):
             if name.startswith("image_encoder.") or name.startswith(("sam_mask_decoder.conv_s0", "sam_mask_decoder.conv_s1")):
                 state[name] = tensor
         return f"sam2;blocks<{first};tail={tail_blocks};img={self.image_size}", state
-
-    # --- frames ----------------------------------------------------------------------------------
-    def resize(self, image: np.ndarray) -> np.ndarray:
-        return resize_square(image, self.image_size)
-
-    def normalize(self, resized: np.ndarray | torch.Tensor) -> torch.Tensor:
-        x = torch.as_tensor(resized, device=self.device).permute(2, 0, 1)[None].float() / 255.0  # (1, 3, S, S)
-        mean = torch.tensor(MEAN, device=self.device).view(1, 3, 1, 1)
-        std = torch.tensor(STD, device=self.device).view(1, 3, 1, 1)
-        return (x - mean) / std
-
-    def apply_coords(self, coords: np.ndarray, original_size: tuple[int, int]) -> np.ndarray:
-        h, w = original_size
-        return np.asarray(coords, dtype=np.float64) * np.array([self.image_size / w, self.image_size / h])
-
-    def apply_boxes(self, boxes: np.ndarray, original_size: tuple[int, int]) -> np.ndarray:
-        return self.apply_coords(np.asarray(boxes, dtype=np.float64).reshape(-1, 2, 2), original_size).reshape(-1, 4)
-
-    def to_model_frame(self, masks: torch.Tensor, input_size: tuple[int, int]) -> torch.Tensor:
-        return F.interpolate(masks, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False)
-
-    def postprocess_masks(self, masks: torch.Tensor, input_size: tuple[int, int],
-                          original_size: tuple[int, int]) -> torch.Tensor:
-        return F.interpolate(masks, size=original_size, mode="bilinear", align_corners=False)
 
     # --- the encoder split -----------------------------------------------------------------------
     def embed_trunk(self, images: torch.Tensor, tail_blocks: int) -> torch.Tensor:

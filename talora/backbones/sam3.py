@@ -24,7 +24,7 @@ input projection is one packed weight that the module reads directly, so no Line
 wrapped; the Linears LoRA adapts in them are the feed-forward ones (linear1 / linear2) and the
 mask head's mask MLP. The ViT blocks' qkv / proj / fc1 / fc2 are plain Linears.
 
-Frames (as `Sam3Processor`): every image is resized to S x S (the aspect is not kept) and
+Frames (as `Sam3Processor`, base.SquareFrame): every image is resized to S x S (the aspect is not kept) and
 normalised to [-1, 1]; masks go bilinearly back to (H, W).
 
 Shapes: B images, P rows, S input side, h = S / 14, C = ViT width, d = the detector width,
@@ -41,7 +41,6 @@ import re
 import warnings
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -66,7 +65,6 @@ with warnings.catch_warnings():
     from sam3.model.vl_combiner import SAM3VLBackbone
 
 from talora.backbones import base
-from talora.backbones.frames import resize_square
 from talora.core.lora import LoraLinear, LoraTarget
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
@@ -261,7 +259,9 @@ _SEQUENCE_FIRST = re.compile(r"^(transformer\.decoder\.|dot_prod_scoring\.hs_pro
 _MLP_LEAF = {"mlp.fc1": "lin1", "mlp.fc2": "lin2", "linear1": "lin1", "linear2": "lin2"}
 
 
-class Backbone(base.Backbone):
+class Backbone(base.SquareFrame, base.Backbone):
+    MEAN, STD = MEAN, STD  # the frame's pixel statistics (base.SquareFrame)
+
     def __init__(self, variant, model: Sam3Image) -> None:
         super().__init__(variant, model)
         vit = self.vit
@@ -302,30 +302,6 @@ class Backbone(base.Backbone):
                 continue  # the neck is the tail's
             state[name] = tensor
         return f"sam3;blocks<{first};tail={tail_blocks};img={self.image_size}", state
-
-    # --- frames ----------------------------------------------------------------------------------
-    def resize(self, image: np.ndarray) -> np.ndarray:
-        return resize_square(image, self.image_size)
-
-    def normalize(self, resized: np.ndarray | torch.Tensor) -> torch.Tensor:
-        x = torch.as_tensor(resized, device=self.device).permute(2, 0, 1)[None].float() / 255.0  # (1, 3, S, S)
-        mean = torch.tensor(MEAN, device=self.device).view(1, 3, 1, 1)
-        std = torch.tensor(STD, device=self.device).view(1, 3, 1, 1)
-        return (x - mean) / std
-
-    def apply_coords(self, coords: np.ndarray, original_size: tuple[int, int]) -> np.ndarray:
-        h, w = original_size
-        return np.asarray(coords, dtype=np.float64) * np.array([self.image_size / w, self.image_size / h])
-
-    def apply_boxes(self, boxes: np.ndarray, original_size: tuple[int, int]) -> np.ndarray:
-        return self.apply_coords(np.asarray(boxes, dtype=np.float64).reshape(-1, 2, 2), original_size).reshape(-1, 4)
-
-    def to_model_frame(self, masks: torch.Tensor, input_size: tuple[int, int]) -> torch.Tensor:
-        return F.interpolate(masks, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False)
-
-    def postprocess_masks(self, masks: torch.Tensor, input_size: tuple[int, int],
-                          original_size: tuple[int, int]) -> torch.Tensor:
-        return F.interpolate(masks, size=original_size, mode="bilinear", align_corners=False)
 
     # --- the encoder split -----------------------------------------------------------------------
     def embed_trunk(self, images: torch.Tensor, tail_blocks: int) -> torch.Tensor:
