@@ -55,7 +55,7 @@ class Backbone:
 
     @property
     def detector(self) -> bool:
-        """A detector family (SAM 3): `encode_text` + `detect_rows` instead of prompts + `decode_rows`."""
+        """A detector family (SAM 3): `text_features` + `detect_rows` instead of prompts + `decode_rows`."""
         return FAMILIES[self.variant.family].detector
 
     @property
@@ -151,8 +151,9 @@ class Backbone:
         embeddings) there are n decoder rows, row i on image_embeddings[rows[i]]."""
         raise NotImplementedError
 
-    def encode_text(self, prompts: list[str]) -> dict[str, torch.Tensor]:
-        """A detector's own text encoder on n prompts (its concept path): the features `detect_rows` takes."""
+    def text_features(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        """A detector's own (frozen) text encoder on n prompts (its concept path), cached per prompt:
+        the features `detect_rows` takes."""
         raise NotImplementedError(f"{self.variant.name} is no detector: it decodes point, box or semantic rows")
 
     def detect_rows(self, image_embeddings: torch.Tensor, text: dict[str, torch.Tensor],
@@ -169,6 +170,11 @@ class Backbone:
                           original_size: tuple[int, int]) -> torch.Tensor:
         """(N, M, L, L) low-res logits -> (N, M, H, W) logits in the original frame."""
         raise NotImplementedError
+
+    def frozen_in_pretraining(self) -> list[nn.Module]:
+        """Modules pretraining leaves as they are (a detector's text encoder, whose features are
+        cached per prompt); none on the decoder families."""
+        return []
 
     def high_res_skips(self) -> list[nn.Module]:
         """The decoder's skip connections from early trunk stages past the tail (none on SAM 1)."""

@@ -41,8 +41,10 @@ import re
 import warnings
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import nn
 
 # The package's __init__ imports its video model too, whose decorators warn about CUDA autocast
@@ -275,6 +277,10 @@ class Backbone(base.SquareFrame, base.Backbone):
         self.num_blocks = len(vit.blocks)
         self.scales = (1, 2, 4)  # the kept neck levels, coarsest first, as upsampling factors of the h grid
         self.mask_threshold = 0.0
+        self._text_cache: dict[tuple, dict[str, dict[str, torch.Tensor]]] = {}  # text_features: (dtype, device) -> prompt ->
+        # One-to-one queries only: talora's loss (talora.train.detector) has no one-to-many term, so
+        # the decoder's DAC queries, which run only in training mode, would be computed and dropped.
+        model.transformer.decoder.dac = False
 
     @property
     def vit(self) -> ViT:
@@ -288,6 +294,7 @@ class Backbone(base.SquareFrame, base.Backbone):
     # --- weights ---------------------------------------------------------------------------------
     def load_base_state_dict(self, state: dict[str, torch.Tensor], source: str) -> None:
         super().load_base_state_dict(detector_state(state), source)
+        self._text_cache.clear()
 
     def trunk_state(self, tail_blocks: int) -> tuple[str, dict[str, torch.Tensor]]:
         first = self.check_split(tail_blocks)
@@ -345,9 +352,21 @@ class Backbone(base.SquareFrame, base.Backbone):
         return [F.pixel_shuffle(part, scale) if scale > 1 else part for part, scale in zip(parts, self.scales)][::-1]
 
     # --- the detector, one image embedding per row -----------------------------------------------
-    def encode_text(self, prompts: list[str]) -> dict[str, torch.Tensor]:
-        """SAM 3's own text encoder on the prompts (the concept path): the package's language features."""
-        return self.model.backbone.forward_text(list(prompts), device=self.device)
+    def text_features(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        """SAM 3's own text encoder on `prompts` (the package's language features), cached per prompt. The text encoder is frozen and never adapted
+        (so training needs no gradient through it, and it is encoded once per prompt), and its
+        tokenizer pads every prompt to one length (so a prompt's features do not depend on the
+        prompts beside it). Loading base weights empties the cache."""
+        weight = next(self.model.backbone.language_backbone.parameters())
+        cache = self._text_cache.setdefault((weight.dtype, weight.device), {})  # a cast or moved model encodes anew
+        missing = [p for p in dict.fromkeys(prompts) if p not in cache]
+        if missing:
+            with torch.no_grad():
+                text = self.model.backbone.forward_text(missing, device=self.device)
+            for i, p in enumerate(missing):
+                cache[p] = {k: (v[i : i + 1] if k == "language_mask" else v[:, i : i + 1]) for k, v in text.items()}
+        rows = [cache[p] for p in prompts]
+        return {k: torch.cat([r[k] for r in rows], dim=0 if k == "language_mask" else 1) for k in rows[0]}
 
     def detect_rows(self, image_embeddings: torch.Tensor, text: dict[str, torch.Tensor],
                     rows: torch.Tensor | None = None) -> Detections:
@@ -371,9 +390,16 @@ class Backbone(base.SquareFrame, base.Backbone):
         empty = Prompt(box_embeddings=torch.zeros(0, n, 4, device=self.device, dtype=dtype),
                        box_mask=torch.zeros(n, 0, device=self.device, dtype=torch.bool),
                        point_embeddings=torch.zeros(0, n, 2, device=self.device, dtype=dtype))
-        with _package_compat(dtype):
-            out = self.model.forward_grounding(backbone_out=backbone_out, find_input=find, find_target=None,
-                                               geometric_prompt=empty)
+        # In training, `forward_grounding` also matches queries to targets in the package's own
+        # target format; talora matches them itself (talora.train.detector). So the top module
+        # answers as in eval while its layers (dropout, activation checkpointing) keep their mode.
+        training, self.model.training = self.model.training, False
+        try:
+            with _package_compat(dtype):
+                out = self.model.forward_grounding(backbone_out=backbone_out, find_input=find, find_target=None,
+                                                   geometric_prompt=empty)
+        finally:
+            self.model.training = training
         return Detections(out["pred_masks"], out["pred_logits"][..., 0], out["pred_boxes"],
                           out["presence_logit_dec"].reshape(n), out["semantic_seg"][:, 0])
 
@@ -433,6 +459,9 @@ class Backbone(base.SquareFrame, base.Backbone):
         return found_targets
 
     # --- training ---------------------------------------------------------------------------------
+    def frozen_in_pretraining(self) -> list[nn.Module]:
+        return [self.model.backbone.language_backbone]
+
     def matcher(self):
         """SAM 3's own query-to-instance matching (the package's `BinaryHungarianMatcherV2`, with the
         costs `build_sam3_image_model` gives it): `matcher(outputs, targets)` -> (row, query, instance)
@@ -448,12 +477,33 @@ class Backbone(base.SquareFrame, base.Backbone):
         raise ValueError(f"{self.variant.name} has no automatic mask generator: SAM 3 finds what a text prompt "
                          "names, and with no adapter that is its own baseline")
 
-    def reference_predictor(self):
-        """The package's `Sam3Processor` on this base with LoRA inactive (`set_image`, then
-        `set_text_prompt(prompt, state)`): the speed suite's reference."""
+    def reference_predictor(self) -> ProcessorReference:
+        """The package's `Sam3Processor` on this base with LoRA inactive: `set_image(image)`, then
+        `predict_text(prompt)` (the speed suite's reference)."""
+        return ProcessorReference(self)
+
+
+class ProcessorReference:
+    """The package's own image predictor (`Sam3Processor`), one HWC uint8 image, then one text
+    prompt: what a SAM 3 user runs per image and noun phrase."""
+
+    def __init__(self, backbone: Backbone) -> None:
         from sam3.model.sam3_image_processor import Sam3Processor
 
-        return Sam3Processor(self.model, resolution=self.image_size, device=self.device.type, confidence_threshold=0.5)
+        self.processor = Sam3Processor(backbone.model, resolution=backbone.image_size, device=backbone.device.type,
+                                       confidence_threshold=0.5)
+        self.state: dict | None = None
+
+    def set_image(self, image: np.ndarray) -> None:
+        with _package_compat(torch.float32):
+            self.state = self.processor.set_image(Image.fromarray(image))
+
+    def predict_text(self, prompt: str) -> dict:
+        """The processor's state: masks, boxes and scores of the instances it keeps."""
+        if self.state is None:
+            raise ValueError("set_image before predict_text")
+        with _package_compat(torch.float32):
+            return self.processor.set_text_prompt(prompt, self.state)
 
 
 def get_abs_pos(vit: ViT, hw: tuple[int, int]) -> torch.Tensor:

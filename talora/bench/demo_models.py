@@ -1,8 +1,9 @@
 """Validation numbers of a base SAM and a hypernet trained on it (`jobs/report_demo_models.py`).
 
 On the validation images:
-- the base: point- and box-prompt mIoU (one interior point / the exact box per instance) and
-  linear-probe accuracy of its trunk features (category, supercategory, colour vs chance);
+- the base: point- and box-prompt mIoU (one interior point / the exact box per instance; a
+  detector's semantic mIoU and presence accuracy under category names instead) and linear-probe
+  accuracy of its trunk features (category, supercategory, colour vs chance);
 - the hypernet: task mIoU per group (seen / held-out paraphrase / held-out composition) beside the
   ground-truth references (every object / attribute only / category only), and the same model
   with no adapter (Delta W = 0: one prompt-free mask for every task) as the floor;
@@ -28,7 +29,8 @@ from talora.markdown import fmt, table
 from talora.model.loading import build_task_aware_sam, load_task_aware_sam
 from talora.train.checkpoint import run_checkpoint
 from talora.train.config import load_run_spec
-from talora.train.pretrain import ImageMemo, PretrainStep, validate_pretrain
+from talora.train.pretrain import (DetectorPretrainStep, ImageMemo, PretrainStep, category_tasks,
+                                   validate_detector_pretrain, validate_pretrain)
 from talora.train.step import TrainStep
 from talora.train.validate import per_task, score_tasks, validation_rows
 
@@ -69,7 +71,12 @@ def demo_models_report(config: DemoReportConfig) -> dict:
 
     # --- the base ------------------------------------------------------------------------------
     memo = ImageMemo(model.backbone, val, {}, storage)
-    sums = validate_pretrain(PretrainStep(model.backbone, model.tail_blocks, {}).eval(), [memo(i) for i in image_ids], {})
+    entries = [memo(i) for i in image_ids]
+    if model.backbone.detector:  # prompted by category names, as it was pretrained
+        step = DetectorPretrainStep(model.backbone, model.tail_blocks, {}).eval()
+        sums = validate_detector_pretrain(step, entries, [val.images[i] for i in image_ids], val, category_tasks(train))
+    else:
+        sums = validate_pretrain(PretrainStep(model.backbone, model.tail_blocks, {}).eval(), entries, {})
     out["base"] = {k: s / c for k, (s, c) in sums.items() if c}
     probes = probe_base(model.backbone, train, val, model.tail_blocks, train_images=config.probe_train_images,
                         test_images=config.probe_test_images, storage=storage)
@@ -99,9 +106,12 @@ def demo_models_report(config: DemoReportConfig) -> dict:
 
 
 def markdown(r: dict) -> str:
+    base = r["base"]
     lines = [f"Validation: {r['val_images']} images of {r['val_annotations']}", "",
-             f"Base: point-prompt mIoU {fmt(r['base'].get('val_point_miou'))}, box-prompt mIoU "
-             f"{fmt(r['base'].get('val_box_miou'))}", ""]
+             f"Base: point-prompt mIoU {fmt(base.get('val_point_miou'))}, box-prompt mIoU "
+             f"{fmt(base.get('val_box_miou'))}" if "val_semantic_miou" not in base else
+             f"Base (a detector, prompted by category names): semantic mIoU {fmt(base['val_semantic_miou'])}, "
+             f"presence accuracy {fmt(base.get('val_presence_accuracy'))}", ""]
     lines += table(["probe (trunk cells inside objects)", "accuracy", "chance"],
                    [[k, v["accuracy"], v["chance"]] for k, v in r["probe"].items()])
     lines += [""] + table(["task mIoU", "hypernet", "no adapter", "every object", "attribute only", "category only",

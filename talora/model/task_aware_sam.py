@@ -68,7 +68,6 @@ class TaskAwareSam(nn.Module):
         self.text_encoder = text_encoder
         self.fixed_adapter = fixed_adapter
         self._adapter_cache: dict[str, Adapter] = {}
-        self._text_cache: dict[str, dict[str, torch.Tensor]] = {}  # a detector's own text features, per prompt
 
     # --- modes and bookkeeping ------------------------------------------------------------------
 
@@ -76,7 +75,6 @@ class TaskAwareSam(nn.Module):
         """Drops the adapters cached per prompt (the next `adapters` call runs the text encoder and
         the hypernet again)."""
         self._adapter_cache.clear()
-        self._text_cache.clear()
 
     def keep_adapter(self, prompt: str, adapter: Adapter) -> None:
         """Uses `adapter` (one prompt's, e.g. read from an adapter cache) for `prompt` from now on,
@@ -188,23 +186,9 @@ class TaskAwareSam(nn.Module):
           image_embeddings: P x C' x h x w.
           adapter: per row (n rows), shared, or None for the base detector.
         Returns the family's Detections (masks n x Q x 4h x 4w, scores, boxes, presence, semantic)."""
-        text = self.detector_text(prompts)
+        text = self.backbone.text_features(prompts)
         with use_adapter(self.sam, adapter):
             return self.backbone.detect_rows(image_embeddings, text, rows)
-
-    def detector_text(self, prompts: list[str]) -> dict[str, torch.Tensor]:
-        """The detector's own text features of `prompts`, cached per prompt: its text encoder is
-        frozen and never adapted (so training needs no gradient through it), and its tokenizer pads
-        every prompt to one length (so a prompt's features do not depend on the prompts beside it)."""
-        missing = [p for p in dict.fromkeys(prompts) if p not in self._text_cache]
-        if missing:
-            with torch.no_grad():
-                text = self.backbone.encode_text(missing)
-            for i, p in enumerate(missing):
-                self._text_cache[p] = {k: (v[i : i + 1] if k == "language_mask" else v[:, i : i + 1])
-                                       for k, v in text.items()}
-        rows = [self._text_cache[p] for p in prompts]
-        return {k: torch.cat([r[k] for r in rows], dim=0 if k == "language_mask" else 1) for k in rows[0]}
 
     def semantic_rows(self, image_embeddings: torch.Tensor, adapter: Adapter | None,
                       prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -255,10 +255,16 @@ class TaskAwarePredictor:
         detection is its semantic mask where its presence clears the row's threshold; the instances
         are its queries whose score x presence (as `Sam3Processor` scores them) passes score_thresh,
         de-duplicated per prompt as the grid's are, best first."""
-        cfg, backbone = self.config, self.backbone
         with self.autocast():
             embeddings = self.tail(trunk, adapter)  # (P, C', h, w)
             found = self.model.detect(embeddings, adapter, prompts)
+        return self.keep_detections(found, len(prompts), input_size, original_size, thresholds)
+
+    def keep_detections(self, found, num_prompts: int, input_size, original_size,
+                        thresholds: list[float] | None = None) -> list[list[Detection]]:
+        """A detector's outputs for P rows (the family's Detections) -> detections per row (see
+        `detect_instances`)."""
+        cfg, backbone = self.config, self.backbone
         presence = torch.sigmoid(found.presence_logits.float())  # (P,)
         semantic = backbone.postprocess_masks(found.semantic.float()[:, None], input_size, original_size)[:, 0]
         regions = self.task_regions(presence, semantic, thresholds)  # empty where the task is absent
@@ -266,18 +272,18 @@ class TaskAwarePredictor:
                    if cfg.mode in ("semantic", "both") and region.any() else [] for p, region in enumerate(regions)]
         if cfg.mode not in ("instance", "both"):
             return results
-        thresholds = thresholds or [cfg.presence_thresh] * len(prompts)
+        thresholds = thresholds or [cfg.presence_thresh] * num_prompts
         scores = torch.sigmoid(found.scores.float()) * presence[:, None]  # (P, Q)
         present = presence >= torch.tensor(thresholds, device=presence.device)  # (P,)
         keep = (scores > cfg.score_thresh) & present[:, None]
-        owner = torch.arange(len(prompts), device=scores.device)[:, None].expand_as(scores)
+        owner = torch.arange(num_prompts, device=scores.device)[:, None].expand_as(scores)
         if not keep.any():
             return results
         lowres = found.masks.float()[keep]  # (k, L, L)
         data = MaskData(masks=lowres, iou_preds=scores[keep], owner=owner[keep],
                         boxes=batched_mask_to_box(lowres > backbone.mask_threshold))
         data = deduplicate(data, cfg, backbone.mask_threshold)
-        for p in range(len(prompts)):
+        for p in range(num_prompts):
             mine = data["owner"] == p
             if not mine.any():
                 continue

@@ -31,7 +31,9 @@ from talora.model.loading import build_task_aware_sam, load_backbone, save_backb
 from talora.train.batches import build_batch, epoch_images
 from talora.train.memo import TrunkMemo
 from talora.train.optim import autocast
-from talora.train.pretrain import ImageMemo, PretrainStep, build_pretrain_batch, label_vocab, validate_pretrain
+from talora.train.pretrain import (DetectorPretrainStep, ImageMemo, PretrainStep, build_detector_pretrain_batch,
+                                   build_pretrain_batch, category_tasks, label_vocab, validate_detector_pretrain,
+                                   validate_pretrain)
 from talora.train.reduce import sum_over_workers
 from talora.train.step import TrainStep
 from talora.train.validate import group_metrics, reduce_ious, validate, validation_rows
@@ -131,7 +133,8 @@ class TaskMode:
 
 class PretrainMode:
     """The whole SAM and its per-cell heads; the artifact is the base SAM itself (`sam.safetensors`,
-    loadable by `talora.model.loading.load_backbone`)."""
+    loadable by `talora.model.loading.load_backbone`). A detector (SAM 3) is prompted by category
+    names instead of points and boxes (talora.train.pretrain)."""
 
     name = "pretrain"
 
@@ -148,20 +151,28 @@ class PretrainMode:
             with torch.no_grad():
                 for p in self.held:
                     p.zero_()
-        self.module = PretrainStep(self.backbone, spec.model.tail_blocks or 1, self.vocab).to(device)
+        self.detector = self.backbone.detector
+        self.tasks = category_tasks(self.train_set) if self.detector else []
+        step = DetectorPretrainStep if self.detector else PretrainStep
+        self.module = step(self.backbone, spec.model.tail_blocks or 1, self.vocab).to(device)
         self.module.train()
         memo_bytes = int(cfg.memo_gb * 2**30)
         self.memo = ImageMemo(self.backbone, self.train_set, self.vocab, storage, memo_bytes)
         self.mine = own_share(self.train_set.image_ids, rank, world)
-        self.val_entries = []
+        self.val_set, self.val_ids, self.val_entries = None, [], []
         if cfg.val_annotations:
-            val_set = CocoDataset.load(cfg.val_annotations, cfg.val_image_root, storage)
-            val_memo = ImageMemo(self.backbone, val_set, self.vocab, storage, memo_bytes)
-            self.val_entries = [val_memo(i) for i in val_set.image_ids[: cfg.val_images][rank::world]]
+            self.val_set = CocoDataset.load(cfg.val_annotations, cfg.val_image_root, storage)
+            val_memo = ImageMemo(self.backbone, self.val_set, self.vocab, storage, memo_bytes)
+            self.val_ids = self.val_set.image_ids[: cfg.val_images][rank::world]
+            self.val_entries = [val_memo(i) for i in self.val_ids]
 
     def batch(self, step: int, rng: np.random.Generator):
         cfg = self.cfg
-        entries = [self.memo(i) for i in epoch_images(self.mine, step, cfg.batch_images, (cfg.seed, self.rank))]
+        ids = epoch_images(self.mine, step, cfg.batch_images, (cfg.seed, self.rank))
+        entries = [self.memo(i) for i in ids]
+        if self.detector:
+            return build_detector_pretrain_batch(entries, [self.train_set.images[i] for i in ids], self.train_set,
+                                                 self.tasks, rng, self.backbone, cfg.prompts_per_image).to(self.device)
         return build_pretrain_batch(entries, rng, cfg.prompts_per_image, cfg.box_fraction,
                                     self.backbone.image_size).to(self.device)
 
@@ -169,16 +180,21 @@ class PretrainMode:
         return trainable(batch, self.cfg)
 
     def samples(self, batch) -> int:
-        return len(batch.images)
+        return len(batch.rows.trunk if self.detector else batch.images)
 
     def held_parameters(self, step: int) -> list[torch.nn.Parameter]:
         return self.held if step < self.cfg.high_res_hold_steps else []
 
     def validate(self) -> dict[str, float]:
         with autocast(self.cfg, self.device):
-            sums = validate_pretrain(self.module, self.val_entries, self.vocab)
+            if self.detector:
+                sums = validate_detector_pretrain(self.module, self.val_entries,
+                                                  [self.val_set.images[i] for i in self.val_ids], self.val_set,
+                                                  self.tasks)
+            else:
+                sums = validate_pretrain(self.module, self.val_entries, self.vocab)
         val = reduce_means(sums, self.device)
-        val["val_score"] = val["val_point_miou"]
+        val["val_score"] = val["val_semantic_miou" if self.detector else "val_point_miou"]
         return val
 
     def write_artifact(self, directory: str) -> None:

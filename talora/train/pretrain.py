@@ -1,8 +1,12 @@
-"""Pretraining the demo base: the whole default-variant SAM (`DEFAULT_VARIANT`), promptable, with semantic trunk features.
+"""Pretraining a base: the whole SAM (the demo base is the default variant's, `DEFAULT_VARIANT`),
+promptable, with semantic trunk features.
 
 Two objectives in one step (a base can only be adapted to what its trunk encodes; docs/design.md):
 - promptable segmentation, SAM-style: per image, instances prompted by one interior point
-  (multimask output, best of 3 trained) or a jittered box (single output); focal + dice + IoU MSE;
+  (multimask output, best of 3 trained) or a jittered box (single output); focal + dice + IoU MSE.
+  A detector (SAM 3) is prompted as it is used instead: each (image, category) row by the
+  category's name as its own text prompt, its queries matched to every instance of it
+  (talora.train.detector); its text encoder stays frozen (`Backbone.text_features` caches it);
 - auxiliary per-cell heads on the trunk output (exactly where `talora probe` reads): a linear
   classifier per label key (category and every attribute key, e.g. colour) trained with soft
   cross-entropy against the cell's area share of each class (background included). Class-agnostic
@@ -24,8 +28,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from talora.backbones.base import Backbone
-from talora.data.coco import CocoDataset
+from talora.data.coco import CocoDataset, ImageRecord
+from talora.data.tasks import Task, TaskSet, semantic_mask
 from talora.io.storage import StorageOptions
+from talora.train.batches import Batch, build_batch
+from talora.train.detector import detector_losses
 from talora.train.losses import empty_share, mask_iou, mask_losses
 from talora.train.memo import LruMemo
 
@@ -52,6 +59,7 @@ class ImageEntry:
     masks: torch.Tensor  # (n, L, L) low-res instance masks, area shares in [0, 1]
     boxes: torch.Tensor  # (n, 4) x0, y0, x1, y1 in the input frame
     cells: dict[str, torch.Tensor]  # key -> (h*w, classes) area share of each class per cell
+    input_size: tuple[int, int]  # the resized image's (height, width) inside S x S
 
 
 class ImageMemo(LruMemo[int, ImageEntry]):
@@ -84,7 +92,7 @@ class ImageMemo(LruMemo[int, ImageEntry]):
                     share[:, classes.index(label)] += cov
             share[:, 0] = (1 - share[:, 1:].sum(1)).clamp(min=0)  # visible masks are disjoint
             cells[key] = share
-        return ImageEntry(x.cpu().half(), masks.half(), boxes, cells)
+        return ImageEntry(x.cpu().half(), masks.half(), boxes, cells, input_size)
 
 
 @dataclass
@@ -174,15 +182,20 @@ class PretrainStep(nn.Module):
         chosen = slice(1, None) if multimask else slice(0, 1)
         return masks[:, chosen], iou_pred[:, chosen]
 
-    def forward(self, batch: PretrainBatch, config) -> dict[str, torch.Tensor]:
-        trunk, embeddings = self.features(batch.images)
-        loss = torch.zeros((), device=batch.images.device)
+    def aux_losses(self, trunk: torch.Tensor, cells: dict[str, torch.Tensor], config) -> tuple[torch.Tensor, dict]:
+        """(the per-cell heads' weighted loss, its parts for the log)."""
+        loss = torch.zeros((), device=trunk.device)
         out = {}
-        cells = trunk.flatten(1, 2)  # (B, h*w, C)
+        flat = trunk.flatten(1, 2)  # (B, h*w, C)
         for key, head in self.heads.items():
-            aux = cell_loss(head(cells).float(), batch.cells[key])
+            aux = cell_loss(head(flat).float(), cells[key])
             loss = loss + config.aux_weight * aux
             out[f"loss_aux_{key}"] = aux.detach()
+        return loss, out
+
+    def forward(self, batch: PretrainBatch, config) -> dict[str, torch.Tensor]:
+        trunk, embeddings = self.features(batch.images)
+        loss, out = self.aux_losses(trunk, batch.cells, config)
         for name, rows, kwargs, multimask, target in (
             ("points", batch.point_image, {"coords": batch.point_coords}, True, batch.point_target),
             ("boxes", batch.box_image, {"boxes": batch.boxes}, False, batch.box_target),
@@ -195,6 +208,54 @@ class PretrainStep(nn.Module):
             out.update({f"loss_{name}": seg.mean().detach(), f"iou_{name}": iou.mean(),
                         f"empty_{name}": empty_share(masks, target)})
         out["loss"] = loss
+        return out
+
+
+def category_tasks(dataset: CocoDataset) -> list[Task]:
+    """A detector's pretraining tasks: one per category, prompted by its name (SAM 3's noun phrases)."""
+    return [t for t in TaskSet.from_dataset(dataset) if t.kind == "category"]
+
+
+@dataclass
+class DetectorPretrainBatch:
+    rows: Batch  # (image, category) rows (build_batch's); their `trunk` is the images (B, 3, S, S): the trunk trains
+    cells: dict[str, torch.Tensor]  # key -> (B, h*w, classes)
+
+    def to(self, device: torch.device) -> DetectorPretrainBatch:
+        return DetectorPretrainBatch(self.rows.to(device), {k: v.to(device) for k, v in self.cells.items()})
+
+
+def build_detector_pretrain_batch(entries: list[ImageEntry], records: list[ImageRecord], dataset: CocoDataset,
+                                  tasks: list[Task], rng: np.random.Generator, backbone: Backbone,
+                                  prompts_per_image: int) -> DetectorPretrainBatch:
+    """Up to `prompts_per_image` categories per image, half present and half absent (presence
+    training), each prompted by its name."""
+    images = torch.stack([e.image.float() for e in entries])
+    rows = build_batch(records, images, [e.input_size for e in entries], dataset, tasks,
+                       {t.id: [t.singular] for t in tasks}, rng, backbone, prompts_per_image, num_points=0)
+    return DetectorPretrainBatch(rows, {k: torch.stack([e.cells[k] for e in entries]) for k in entries[0].cells})
+
+
+class DetectorPretrainStep(PretrainStep):
+    """A detector (SAM 3) whole but its text encoder, plus the per-cell heads."""
+
+    def __init__(self, backbone: Backbone, tail_blocks: int, vocab: dict[str, list[str]]) -> None:
+        super().__init__(backbone, tail_blocks, vocab)
+        for module in backbone.frozen_in_pretraining():
+            module.requires_grad_(False)
+        self.matcher = backbone.matcher()
+
+    def detect(self, embeddings: torch.Tensor, prompts: list[str], rows: torch.Tensor):
+        return self.backbone.detect_rows(embeddings, self.backbone.text_features(prompts), rows)
+
+    def forward(self, batch: DetectorPretrainBatch, config) -> dict[str, torch.Tensor]:
+        rows = batch.rows
+        trunk, embeddings = self.features(rows.trunk)
+        loss, out = self.aux_losses(trunk, batch.cells, config)
+        found = self.detect(embeddings, rows.row_prompts, rows.image_index)
+        detection_loss, metrics = detector_losses(found, rows, self.matcher, config)
+        out.update(metrics)
+        out["loss"] = loss + detection_loss
         return out
 
 
@@ -236,14 +297,7 @@ def validate_pretrain(step: PretrainStep, entries: list[ImageEntry], vocab: dict
                 coords.append(torch.tensor([_centre_point(m, step.backbone.image_size)]))
                 boxes.append(e.boxes[i])
                 targets.append(m)
-            for key, head in step.heads.items():
-                share = e.cells[key]
-                objects = share[:, 1:].max(1)
-                keep = objects.values >= 0.5
-                if keep.any():
-                    predicted = head(trunk[b].flatten(0, 1)[keep])[:, 1:].argmax(1)
-                    sums[f"val_head_{key}"][0] += float((predicted == objects.indices[keep]).sum())
-                    sums[f"val_head_{key}"][1] += int(keep.sum())
+            _add_head_accuracy(step, trunk[b], e, sums)
         if not rows:
             continue
         rows_t, target = torch.tensor(rows), torch.stack(targets)
@@ -255,6 +309,54 @@ def validate_pretrain(step: PretrainStep, entries: list[ImageEntry], vocab: dict
         sums["val_box_miou"][0] += float(mask_iou(masks[:, 0], target).sum())
         sums["val_box_miou"][1] += len(rows)
     return sums
+
+
+@torch.no_grad()
+def validate_detector_pretrain(step: DetectorPretrainStep, entries: list[ImageEntry], records: list[ImageRecord],
+                               dataset: CocoDataset, tasks: list[Task], batch_images: int = 8) -> dict[str, list[float]]:
+    """Sums for this worker's share of val images, every category on every image under its name:
+    semantic IoU (the detector's semantic mask gated by its presence, at low res) on the rows whose
+    category is there, presence accuracy on every row, and per-cell head accuracy as
+    `validate_pretrain` scores it. Returns {metric: [sum, count]}."""
+    sums: dict[str, list[float]] = {"val_semantic_miou": [0.0, 0], "val_presence_accuracy": [0.0, 0],
+                                    **{f"val_head_{k}": [0.0, 0] for k in step.heads}}
+    backbone = step.backbone
+    for start in range(0, len(entries), batch_images):
+        chunk, chunk_records = entries[start : start + batch_images], records[start : start + batch_images]
+        trunk, embeddings = step.features(torch.stack([e.image.float() for e in chunk]))
+        rows, prompts, targets = [], [], []
+        for b, (e, record) in enumerate(zip(chunk, chunk_records)):
+            _add_head_accuracy(step, trunk[b], e, sums)
+            instances = dataset.instances[record.id]
+            for task in tasks:
+                truth = semantic_mask([i for i in instances if task.matches(i)], record.height, record.width)
+                rows.append(b)
+                prompts.append(task.singular)
+                targets.append(backbone.lowres_target(truth, e.input_size))
+        if not rows:
+            continue
+        found = step.detect(embeddings, prompts, torch.tensor(rows))
+        target = torch.stack(targets).to(found.semantic.device)
+        present = target.flatten(1).amax(1) > 0.5
+        says_present = found.presence_logits > 0
+        gated = torch.where(says_present[:, None, None], found.semantic.float(), torch.full_like(target, -1.0))
+        sums["val_semantic_miou"][0] += float(mask_iou(gated, target)[present].sum())
+        sums["val_semantic_miou"][1] += int(present.sum())
+        sums["val_presence_accuracy"][0] += float((says_present == present).sum())
+        sums["val_presence_accuracy"][1] += len(rows)
+    return sums
+
+
+def _add_head_accuracy(step: PretrainStep, trunk: torch.Tensor, entry: ImageEntry, sums: dict) -> None:
+    """Per-cell head accuracy on one image's object cells (covered >= 50% by one object), added to `sums`."""
+    for key, head in step.heads.items():
+        share = entry.cells[key]
+        objects = share[:, 1:].max(1)
+        keep = objects.values >= 0.5
+        if keep.any():
+            predicted = head(trunk.flatten(0, 1)[keep])[:, 1:].argmax(1)
+            sums[f"val_head_{key}"][0] += float((predicted == objects.indices[keep]).sum())
+            sums[f"val_head_{key}"][1] += int(keep.sum())
 
 
 def _centre_point(mask: torch.Tensor, size: int) -> tuple[float, float]:

@@ -1,7 +1,11 @@
-"""SAM 3 in the labelling job: --sam-type sam3_tiny commits its shards through the commit protocol,
-with instances from SAM 3's own detector, and --boxes is refused before anything starts."""
+"""SAM 3 in the jobs: --sam-type sam3_tiny commits its labelling shards through the commit protocol,
+with instances from SAM 3's own detector, and --boxes is refused before anything starts; the
+training job pretrains a sam3_tiny base and trains a hypernet on it."""
+
+import json
 
 import pytest
+import yaml
 
 from talora.batch.commit import RunOutput
 from talora.batch.parts import PARQUET
@@ -39,3 +43,33 @@ def test_a_sam3_tiny_labelling_job_commits_the_detectors_rows_and_refuses_boxes(
                                            "--boxes", str(boxes)])
     assert refused.returncode != 0 and "--sam-type sam3_tiny is a detector" in refused.stderr
     assert not (tmp_path / "boxed").exists()
+
+
+def test_pretraining_a_sam3_tiny_base_then_a_hypernet_on_it(ray_cluster, demo, tmp_path):
+    """The shipped pretraining config with `--sam-type sam3_tiny`: the base is trained on category
+    names (its validation says so) and saved as a sam3_tiny checkpoint, and a hypernet trains on it."""
+    from talora.backbones import detect_variant
+    from talora.model.loading import read_state_dict
+
+    data = ["--train-annotations", demo["train"], "--val-annotations", demo["val"], "--cpus-per-worker", "0.5",
+            "--storage-path", str(tmp_path / "runs")]
+    done = run_here("train_hypernet", ["--config", "configs/demo_pretrain.yaml", "--sam-type", "sam3_tiny",
+                                       "--max-steps", "2", "--val-every", "2", "--name", "pretrain", *data])
+    assert done.returncode == 0, done.stderr[-3000:]
+    metrics = [json.loads(line) for line in (tmp_path / "runs" / "pretrain" / "metrics.jsonl").read_text().splitlines()]
+    assert any("val_semantic_miou" in m and "val_presence_accuracy" in m for m in metrics)
+    base = job_summary(done)["best_checkpoint"] + "/sam.safetensors"
+    assert detect_variant(read_state_dict(base)) == "sam3_tiny"
+
+    config = {"model": {"sam": {"sam_type": "sam3_tiny", "checkpoint": base},
+                        "hypernet": {"hidden_dim": 32, "num_layers": 1, "num_heads": 4}},
+              "train": {"train_annotations": demo["train"], "val_annotations": demo["val"], "val_images": 2,
+                        "batch_images": 2, "tasks_per_image": 2, "max_steps": 2, "log_every": 1, "val_every": 2,
+                        "warmup_steps": 1, "cpus_per_worker": 0.5, "storage_path": str(tmp_path / "runs"),
+                        "name": "sam3"}}
+    (tmp_path / "sam3.yaml").write_text(yaml.safe_dump(config))
+    done = run_here("train_hypernet", ["--config", str(tmp_path / "sam3.yaml")])
+    assert done.returncode == 0, done.stderr[-3000:]
+    metrics = [json.loads(line) for line in (tmp_path / "runs" / "sam3" / "metrics.jsonl").read_text().splitlines()]
+    assert any("loss_scores" in m for m in metrics) and any("val_miou_seen" in m for m in metrics)
+    assert list((tmp_path / "runs" / "sam3").glob("checkpoint_*/hypernet.safetensors"))

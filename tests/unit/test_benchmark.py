@@ -155,8 +155,41 @@ def test_the_naive_loop_shares_and_caches_nothing_across_prompts(text_encoder):
         text_encoder.encode = encode
 
 
-def test_the_speed_suite_refuses_a_detector_family_by_name_before_any_work():
-    from talora.bench.speed import speed_config
+def test_the_speed_suite_times_a_detector_against_its_own_processor_with_its_own_stages():
+    """SAM 3 (sam3_tiny): the reference is the package's Sam3Processor (one image, one text prompt),
+    the detector replaces the semantic and instance decodes in the breakdown, and the training
+    steps include its category-name pretraining."""
+    config = speed_config("sam3_tiny", "cpu", num_images=2, timed_images=1, batch_images=2, min_run_time=0.01,
+                          job=False)
+    speed = run_speed(config)["speed"]
+    assert speed["floor"]["s_per_image"] > 0 and speed["prompts"]["4"]["vs_one"] > 0
+    assert speed["reference"]["sam_predictor_s_per_image"] > 0 and speed["reference"]["vs_sam_predictor"] > 0
+    stages = {"decode_resize", "trunk", "tail", "detect", "filter_nms_rle", "writing"}
+    assert set(speed["breakdown"]) == {f"{s}_s" for s in stages} | {"sum_s"}
+    assert all(v > 0 for v in speed["breakdown"].values())
+    train = speed["train"]
+    assert train["cached_steps_per_s"] > 0 and train["pretrain_step_fp32_s"] > 0 and train["pretrain_step_bf16_s"] > 0
 
-    with pytest.raises(ValueError, match="--sam-type sam3_tiny: the speed suite does not time a detector family"):
-        speed_config("sam3_tiny", "cpu")
+
+def test_sam3s_reference_processor_finds_what_the_talora_path_finds_with_no_adapter(text_encoder):
+    """The reference runs the same base: at an open threshold the package's Sam3Processor keeps as
+    many instances as sigmoid(score) x presence passes, and they match talora's zero-adapter scores."""
+    import numpy as np
+    import torch
+
+    from talora.config import default_config
+    from talora.model.loading import build_task_aware_sam
+
+    torch.manual_seed(0)
+    model = build_task_aware_sam(default_config("sam3_tiny"), text_encoder).eval()
+    reference = model.backbone.reference_predictor()
+    image = np.random.default_rng(0).integers(0, 255, (224, 224, 3), dtype=np.uint8)
+    reference.processor.confidence_threshold = 0.0
+    reference.set_image(image)
+    state = reference.predict_text("segment cars")
+    with torch.no_grad():
+        x, _ = model.preprocess(image)
+        embeddings = model.backbone.embed_image(x[None])
+        found = model.backbone.detect_rows(embeddings, model.backbone.text_features(["segment cars"]))
+    ours = torch.sigmoid(found.scores[0]) * torch.sigmoid(found.presence_logits[0])
+    assert torch.allclose(state["scores"].sort().values, ours.sort().values, atol=1e-4)

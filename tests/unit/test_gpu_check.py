@@ -156,7 +156,7 @@ def test_the_gpu_plan_trains_a_random_vit_h_with_the_t4_preset_model_and_fits_it
     assert train.use_gpu and train.amp and train.amp_dtype == "float16" and train.embeddings is None
     assert (train.max_steps, train.batch_images, train.tasks_per_image, train.num_workers) == (30, 1, 2, 1)
     keys = [section_key(name, GPU) for name in SECTIONS]
-    assert keys == ["tests", "speed-vit_h", "train", "speed-sam2.1_hiera_l"]
+    assert keys == ["tests", "speed-vit_h", "train", "speed-sam2.1_hiera_l", "speed-sam3"]
     assert sum(GPU.limits[name] for name in SECTIONS) <= GPU.deadline_s <= 480 - 20  # the install comes before
     command = section_command("speed-0", GPU, tmp_path / "x.json")
     assert command[command.index("--sam-type") + 1] == "vit_h" and "--job" in command

@@ -157,3 +157,61 @@ train: {{mode: pretrain, train_annotations: {demo_files["train"]}, high_res_hold
         assert not torch.equal(first_block, before[1])  # everything else trains at every step
         moved = [not torch.equal(p, b) for p, b in zip(skips, before[0])]
         assert not any(moved) if step == 0 else all(moved)
+
+
+def test_a_detector_pretrains_whole_but_its_text_encoder_on_category_names(demo_files):
+    """SAM 3 is pretrained as it is used: (image, category) rows prompted by the category's name,
+    each answered by every instance of it; its trunk, DETR layers, heads and the per-cell heads
+    train, its text encoder does not, and a few steps on one batch lower the loss."""
+    from talora.train.batches import epoch_images
+    from talora.train.pretrain import validate_detector_pretrain
+
+    spec = load_run_spec(f"""
+model: {{sam: {{sam_type: sam3_tiny}}}}
+train: {{mode: pretrain, train_annotations: {demo_files["train"]}, val_annotations: {demo_files["val"]},
+        batch_images: 4, prompts_per_image: 4, lr: 0.0015, warmup_steps: 0}}
+""")
+    torch.manual_seed(0)
+    mode = PretrainMode(spec, StorageOptions(), 0, 1, torch.device("cpu"))
+    names = {t.singular for t in mode.tasks}
+    assert {t.kind for t in mode.tasks} == {"category"} and {"car", "bus", "apple"} <= names
+    batch = mode.batch(0, np.random.default_rng(0))
+    rows = batch.rows
+    assert set(rows.row_prompts) <= names and rows.trunk.shape == (4, 3, 224, 224)
+    ids = epoch_images(mode.mine, 0, 4, (spec.train.seed, 0))
+    for r, prompt in enumerate(rows.row_prompts):  # each row carries every instance of its category
+        instances = mode.train_set.instances[ids[int(rows.image_index[r])]]
+        wanted = sum(i.category == prompt and not i.iscrowd for i in instances)
+        assert int((rows.instance_row == r).sum()) == wanted and bool(rows.present[r]) == (wanted > 0)
+
+    out = mode.loss(mode.module, batch)
+    out["loss"].backward()
+    assert {"loss_aux_category", "loss_scores", "loss_boxes", "loss_instances", "loss_presence"} <= set(out)
+    sam = mode.backbone.model
+    for name, p in (("ViT block 0", sam.backbone.vision_backbone.trunk.blocks[0].attn.qkv.weight),
+                    ("patch embedding", sam.backbone.vision_backbone.trunk.patch_embed.proj.weight),
+                    ("fusion encoder", sam.transformer.encoder.layers[0].linear1.weight),
+                    ("decoder", sam.transformer.decoder.layers[0].linear1.weight),
+                    ("mask head", sam.segmentation_head.mask_predictor.mask_embed.layers[0].weight),
+                    ("category head", mode.module.heads["category"].weight)):
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    assert all(p.grad is None and not p.requires_grad for p in sam.backbone.language_backbone.parameters())
+
+    optimizer = build_optimizer(mode.module.parameters(), spec.train, 1)
+    scaler = grad_scaler(spec.train, torch.device("cpu"))
+    optimizer.zero_grad(set_to_none=True)
+    first = float(out["loss"].detach())
+    for _ in range(6):
+        loss = mode.loss(mode.module, batch)["loss"]
+        backward_and_step(loss, scaler, optimizer, mode.module.parameters(), 1.0)
+    assert float(mode.loss(mode.module, batch)["loss"].detach()) < 0.7 * first
+
+    mode.module.eval()
+    sums = validate_detector_pretrain(mode.module, mode.val_entries, [mode.val_set.images[i] for i in mode.val_ids],
+                                      mode.val_set, mode.tasks)
+    assert set(sums) == {"val_semantic_miou", "val_presence_accuracy", "val_head_category", "val_head_color"}
+    assert sums["val_presence_accuracy"][1] == len(mode.val_ids) * len(mode.tasks)
+    present = sum(any(t.matches(i) for i in mode.val_set.instances[v]) for v in mode.val_ids for t in mode.tasks)
+    assert sums["val_semantic_miou"][1] == present > 0
+    assert set(mode.validate()) == {"val_semantic_miou", "val_presence_accuracy", "val_head_category",
+                                    "val_head_color", "val_score"}

@@ -149,3 +149,40 @@ def test_amg_runs_the_familys_own_generator_and_scores_every_mask_for_every_task
         assert found and len(found) % len(group_rows) == 0
         assert {r["category_id"] for r in found} == {i + 1 for i, t in enumerate(tasks) if (t, group) in
                                                      {(r[0], r[1]) for r in group_rows}}
+
+
+def test_a_detector_is_scored_by_its_own_text_prompts_in_the_suite_and_the_demo_report(tmp_path, text_encoder):
+    """SAM 3 (sam3_tiny): the suite scores no_adapter per row (its text prompt still names the task)
+    and leaves out what a detector has no answer for (amg, ground-truth regions); the demo report
+    scores the base under category names."""
+    import dataclasses
+
+    import torch
+
+    from talora.bench.demo_models import DemoReportConfig, demo_models_report, markdown
+    from talora.config import default_config
+    from talora.data.synthetic import write_demo_dataset
+    from talora.model.loading import build_task_aware_sam, save_backbone, save_hypernet
+
+    torch.manual_seed(0)
+    config = default_config("sam3_tiny")
+    model = build_task_aware_sam(config, text_encoder)
+    base, hypernet = str(tmp_path / "sam3.safetensors"), str(tmp_path / "hypernet.safetensors")
+    save_backbone(model.backbone, base)
+    model.config = dataclasses.replace(config, sam=dataclasses.replace(config.sam, checkpoint=base))
+    save_hypernet(model, hypernet)
+
+    results = run_quality(QualityConfig(PRESET, COCO3, COCO3, hypernet=hypernet, oracle_tasks=0, val_images=2,
+                                        workdir=str(tmp_path / "train")))
+    quality = results["quality"]
+    for group in ("seen", "heldout_paraphrase"):
+        methods = quality["groups"][group]
+        assert set(methods) == {"no_adapter", "hypernet", "random_text"}
+        assert all(0.0 <= v["miou"] <= 1.0 and 0.0 <= v["ap"] <= 1.0 for v in methods.values())
+    assert quality["targets"]["ap_vs_amg"]["value"] is None and "amg_s" not in quality["seconds"]
+
+    files = write_demo_dataset(str(tmp_path / "demo"), num_train=4, num_val=2, seed=3)
+    report = demo_models_report(DemoReportConfig(hypernet, files["train"], files["val"], val_images=2,
+                                                 probe_train_images=4, probe_test_images=2))
+    assert set(report["base"]) == {"val_semantic_miou", "val_presence_accuracy"}
+    assert set(report["task_miou"]) == set(GROUPS) and "semantic mIoU" in markdown(report)

@@ -79,15 +79,16 @@ def score_adapted(predictor, images: list[Prepared], rows, category_of, adapter_
                   chunk: int = 32) -> MethodScores:
     """A method that runs the task-aware predictor: `adapter_of(prompts)` gives one adapter row per
     row of a chunk (rows: (task, group, prompt)); `truth_regions` runs the instance pass in the
-    ground-truth task region."""
+    ground-truth task region. A detector also reads each row's prompt as its own text prompt."""
     scores = MethodScores()
     device = predictor.device
     for image in images:
         for start in range(0, len(rows), chunk):
             part = rows[start : start + chunk]
             regions = [torch.as_tensor(image.truths[t.id], device=device) for t, _, _ in part] if truth_regions else None
-            detections = predictor.predict_rows(image.trunk, adapter_of([p for _, _, p in part]), image.input_size,
-                                                image.original_size, regions)
+            prompts = [p for _, _, p in part]
+            detections = predictor.predict_rows(image.trunk, adapter_of(prompts), image.input_size,
+                                                image.original_size, regions, prompts=prompts)
             for (task, group, _), found in zip(part, detections):
                 scores.add(task.id, group, category_of[task.id], image, found)
     return scores

@@ -71,16 +71,26 @@ def run_quality(config: QualityConfig) -> dict:
     swapped = random_prompts(rows, config.seed)
     zero_shared = StaticLora(model.targets, model.config.lora.rank, model.config.lora.scale)()  # B = 0: Delta W = 0
     zero = zero_shared.expand(1)
+    detector = model.backbone.detector
+    # A detector (SAM 3) reads every row's prompt as its own text prompt, so with no adapter it still
+    # answers per task; it has no automatic mask generator and takes no task regions.
+    no_adapter = ((lambda: score_adapted(predictor, images, rows, category_of,
+                                         lambda prompts: zero_shared.expand(len(prompts)))) if detector
+                  else (lambda: score_shared(predictor, images, rows, category_of, zero)))
     for name, score in (
-        ("amg", lambda: score_amg(model, predict_config, images, rows, category_of)),
-        ("no_adapter", lambda: score_shared(predictor, images, rows, category_of, zero)),
+        ("amg", None if detector else lambda: score_amg(model, predict_config, images, rows, category_of)),
+        ("no_adapter", no_adapter),
         ("hypernet", lambda: score_adapted(predictor, images, rows, category_of, model.adapters)),
         ("random_text", lambda: score_adapted(predictor, images, rows, category_of,
                                               lambda prompts: model.adapters([swapped[p] for p in prompts]))),
-        ("gt_region", lambda: score_adapted(predictor, images, rows, category_of, model.adapters, truth_regions=True)),
-        ("gt_region_base", lambda: score_adapted(predictor, images, rows, category_of,
-                                                 lambda prompts: zero_shared.expand(len(prompts)), truth_regions=True)),
+        ("gt_region", None if detector else lambda: score_adapted(predictor, images, rows, category_of,
+                                                                  model.adapters, truth_regions=True)),
+        ("gt_region_base", None if detector else lambda: score_adapted(
+            predictor, images, rows, category_of, lambda prompts: zero_shared.expand(len(prompts)),
+            truth_regions=True)),
     ):
+        if score is None:
+            continue
         t0 = time.perf_counter()
         methods[name] = score()
         timings[f"{name}_s"] = time.perf_counter() - t0

@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from talora.backbones.variants import family_of
 from talora.config import ModelConfig, default_config
 from talora.io.storage import StorageOptions
 from talora.train.config import load_run_spec
@@ -49,9 +48,6 @@ def speed_config(sam_type: str, device: str, preset: str | None = None, **kwargs
     """The model and train batch of a training preset (`preset`: YAML text) or the variant's defaults;
     a preset for another variant is refused before any work. `kwargs`: SpeedConfig fields (None = default)."""
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
-    if family_of(sam_type).detector:
-        raise ValueError(f"--sam-type {sam_type}: the speed suite does not time a detector family ({family_of(sam_type).title}) "
-                         "yet: its reference (Sam3Processor) and stage breakdown are not written")
     if not preset:
         return SpeedConfig(default_config(sam_type), device, **kwargs)
     spec = load_run_spec(preset)

@@ -12,18 +12,24 @@ from talora.predict.predictor import PredictConfig, TaskAwarePredictor
 
 
 def sam_reference(model, images: list[np.ndarray], resized, config: SpeedConfig) -> dict:
-    """Seconds per image of the family's own predictor on the base (SamPredictor, SAM2ImagePredictor;
-    LoRA inactive): set_image, then one point at the image centre, one mask; beside talora's
+    """Seconds per image of the family's own predictor on the base (SamPredictor, SAM2ImagePredictor,
+    Sam3Processor; LoRA inactive): set_image, then one point at the image centre, one mask (a
+    detector: the first prompt as its text prompt, every instance it finds); beside talora's
     one-prompt semantic path on the same images and precision. vs_sam_predictor > 1: talora labels
     more images per second."""
     semantic = TaskAwarePredictor(model, PredictConfig(mode="semantic", precision=config.precision))
     sam = model.backbone.reference_predictor()
+    detector = model.backbone.detector
 
     def sam_image(i: int) -> None:
         h, w = images[i].shape[:2]
         with torch.no_grad(), semantic.autocast():
             sam.set_image(images[i])
-            sam.predict(point_coords=np.array([[w / 2, h / 2]]), point_labels=np.array([1]), multimask_output=False)
+            if detector:
+                sam.predict_text(PROMPTS[0])
+            else:
+                sam.predict(point_coords=np.array([[w / 2, h / 2]]), point_labels=np.array([1]),
+                            multimask_output=False)
 
     sam_s = per_image(sam_image, len(images), config.min_run_time)
     talora_s = per_image(lambda i: semantic.predict_resized(*resized[i], [PROMPTS[0]]), len(images), config.min_run_time)

@@ -23,24 +23,15 @@ def breakdown(predictor, dataset, images: list[np.ndarray], prompts: list[str], 
     """Seconds per image of each stage of `TaskAwarePredictor.predict_resized` (and around it)."""
     n = len(images)
     adapter = predictor.model.adapters(prompts)
-    with torch.no_grad(), predictor.autocast():  # as predict_rows runs the tail and the semantic row
+    with torch.no_grad(), predictor.autocast():  # as predict_rows runs the tail and what follows it
         resized = [predictor.resize(image) for image in images]
         sizes = [(tuple(r.shape[:2]), tuple(image.shape[:2])) for r, image in zip(resized, images)]
         trunks = [predictor.trunk(r) for r in resized]
         embeddings = [predictor.tail(t, adapter) for t in trunks]
-        semantic = [predictor.semantic(e, adapter, *size) for e, size in zip(embeddings, sizes)]
-        regions = [predictor.task_regions(presence, logits) for presence, logits in semantic]
-        candidates = [predictor.instance_candidates(e, adapter, image_regions, size[1])
-                      for e, image_regions, size in zip(embeddings, regions, sizes)]
         predictions = [predictor.predict_resized(r, size[1], prompts) for r, size in zip(resized, sizes)]
+        heads = (detector_stages if predictor.backbone.detector else decoder_stages)(
+            predictor, adapter, prompts, embeddings, sizes)
     encoded = [image_bytes(image) for image in images]
-
-    def finish(i: int) -> None:
-        presence = semantic[i][0]
-        for p, region in enumerate(regions[i]):
-            if region.any():
-                encode_mask(region.cpu().numpy(), "semantic", float(presence[p]))
-        predictor.keep_instances(candidates[i], *sizes[i], regions[i], presence.tolist())
 
     def write(i: int) -> None:
         h, w = sizes[i][1]
@@ -50,9 +41,7 @@ def breakdown(predictor, dataset, images: list[np.ndarray], prompts: list[str], 
         "decode_resize": lambda i: predictor.resize(decode_image(encoded[i])),
         "trunk": lambda i: predictor.trunk(resized[i]),
         "tail": lambda i: predictor.tail(trunks[i], adapter),
-        "semantic_decode": lambda i: predictor.semantic(embeddings[i], adapter, *sizes[i]),
-        "instance_decode": lambda i: predictor.instance_candidates(embeddings[i], adapter, regions[i], sizes[i][1]),
-        "filter_nms_rle": finish,
+        **heads,
         "writing": write,
     }
     out = {}
@@ -61,6 +50,39 @@ def breakdown(predictor, dataset, images: list[np.ndarray], prompts: list[str], 
             out[f"{name}_s"] = per_image(fn, n, config.min_run_time)
     out["sum_s"] = sum(out.values())
     return out
+
+
+def decoder_stages(predictor, adapter, prompts: list[str], embeddings, sizes) -> dict:
+    """A decoder family's stages after the tail: the semantic row, the instance grid in its
+    regions, then filters, NMS and RLE; each runs on the stage before's saved outputs."""
+    semantic = [predictor.semantic(e, adapter, *size) for e, size in zip(embeddings, sizes)]
+    regions = [predictor.task_regions(presence, logits) for presence, logits in semantic]
+    candidates = [predictor.instance_candidates(e, adapter, image_regions, size[1])
+                  for e, image_regions, size in zip(embeddings, regions, sizes)]
+
+    def finish(i: int) -> None:
+        presence = semantic[i][0]
+        for p, region in enumerate(regions[i]):
+            if region.any():
+                encode_mask(region.cpu().numpy(), "semantic", float(presence[p]))
+        predictor.keep_instances(candidates[i], *sizes[i], regions[i], presence.tolist())
+
+    return {
+        "semantic_decode": lambda i: predictor.semantic(embeddings[i], adapter, *sizes[i]),
+        "instance_decode": lambda i: predictor.instance_candidates(embeddings[i], adapter, regions[i], sizes[i][1]),
+        "filter_nms_rle": finish,
+    }
+
+
+def detector_stages(predictor, adapter, prompts: list[str], embeddings, sizes) -> dict:
+    """A detector family's (SAM 3) stages after the tail: the detector on the text prompts (fusion
+    encoder, DETR decoder, mask head), then the score filter, NMS and RLE."""
+    model = predictor.model
+    found = [model.detect(e, adapter, prompts) for e in embeddings]
+    return {
+        "detect": lambda i: model.detect(embeddings[i], adapter, prompts),
+        "filter_nms_rle": lambda i: predictor.keep_detections(found[i], len(prompts), *sizes[i]),
+    }
 
 
 def image_bytes(image: np.ndarray) -> bytes:

@@ -17,7 +17,8 @@ from talora.model.loading import build_task_aware_sam, load_backbone
 from talora.train.batches import build_batch
 from talora.train.config import TrainConfig
 from talora.train.optim import autocast, backward_and_step, grad_scaler
-from talora.train.pretrain import ImageMemo, PretrainStep, build_pretrain_batch, label_vocab
+from talora.train.pretrain import (DetectorPretrainStep, ImageMemo, PretrainStep, build_detector_pretrain_batch,
+                                   build_pretrain_batch, category_tasks, label_vocab)
 from talora.train.step import TrainStep
 
 
@@ -74,15 +75,22 @@ def train_speed(config: SpeedConfig, device: torch.device) -> dict:
 
 
 def pretrain_step(dataset, sam_type: str, device: torch.device, amp_dtype: str | None = None):
-    """One step of the whole SAM: 8 images x 4 prompts (configs/demo_pretrain.yaml's batch), under
+    """One step of the whole SAM: 8 images x 4 prompts (configs/demo_pretrain.yaml's batch; a
+    detector's 4 are category names), under
     the training loop's autocast rule for `amp_dtype` (None: float32)."""
     backbone = load_backbone(sam_type)
     vocab = label_vocab(dataset)
     memo = ImageMemo(backbone, dataset, vocab, None)
-    batch = build_pretrain_batch([memo(i) for i in dataset.image_ids[:8]], np.random.default_rng(0), 4, 0.5,
-                                 backbone.image_size).to(device)
+    ids = dataset.image_ids[:8]
+    rng = np.random.default_rng(0)
     backbone.model.requires_grad_(True)
-    step = PretrainStep(backbone, 1, vocab).to(device)
+    if backbone.detector:  # prompted by category names (talora.train.pretrain)
+        batch = build_detector_pretrain_batch([memo(i) for i in ids], [dataset.images[i] for i in ids], dataset,
+                                              category_tasks(dataset), rng, backbone, 4).to(device)
+        step = DetectorPretrainStep(backbone, 1, vocab).to(device)
+    else:
+        batch = build_pretrain_batch([memo(i) for i in ids], rng, 4, 0.5, backbone.image_size).to(device)
+        step = PretrainStep(backbone, 1, vocab).to(device)
     config = TrainConfig(train_annotations="x", mode="pretrain", aux_weight=10.0, amp=amp_dtype is not None,
                          amp_dtype=amp_dtype or "float16")
     optimiser = torch.optim.AdamW(step.parameters(), lr=1e-4)
