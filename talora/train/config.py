@@ -34,7 +34,7 @@ class TrainConfig:
     warmup_steps: int = 20
     lr_schedule: str = "constant"  # constant | cosine (to 0 at max_steps), both after the linear warmup
     grad_clip: float = 1.0
-    focal_weight: float = 20.0  # SAM's 20:1 focal:dice
+    focal_weight: float = 20.0  # SAM's 20:1 focal:dice (SAM's decoders; a detector's are talora.train.detector's)
     dice_weight: float = 1.0
     iou_weight: float = 1.0
     presence_weight: float = 1.0

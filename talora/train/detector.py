@@ -11,7 +11,10 @@ cost + L1 + GIoU box costs) pairs queries with the row's instances; then
 - semantic mask: focal + dice against the union of the task's instances.
 
 Weights: the matcher's own costs for scores and boxes (2, 5, 2: DETR's convention of loss weights
-equal to matching costs), TrainConfig's mask and presence weights for the rest. Everything is float32.
+equal to matching costs); focal 2 and dice 5 for the instance and semantic masks, where SAM's
+decoders train at 20:1 (TrainConfig.focal_weight / dice_weight): at 20:1 a random SAM 3's masks
+were all empty by step 50 of pretraining and stayed so, at 2:5 none were (docs/results.md); and
+TrainConfig's presence weight. Everything is float32.
 
 Shapes: R rows, Q queries, N instances in the batch, L the low-res mask side.
 """
@@ -25,6 +28,7 @@ from torchvision.ops.boxes import box_convert
 from talora.train.losses import dice_loss, empty_share, focal_loss, mask_iou, presence_loss
 
 CLASS_WEIGHT, BOX_L1_WEIGHT, BOX_GIOU_WEIGHT = 2.0, 5.0, 2.0
+MASK_FOCAL_WEIGHT, MASK_DICE_WEIGHT = 2.0, 5.0
 
 
 def match(matcher, found, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -66,7 +70,7 @@ def detector_losses(found, batch, matcher, config) -> tuple[torch.Tensor, dict[s
                                         reduction="mean")
         masks = found.masks.float()[row, query]  # (n, L, L)
         targets = batch.instance_target[instance].to(masks.device)
-        mask_loss = (config.focal_weight * focal_loss(masks, targets) + config.dice_weight * dice_loss(masks, targets))
+        mask_loss = MASK_FOCAL_WEIGHT * focal_loss(masks, targets) + MASK_DICE_WEIGHT * dice_loss(masks, targets)
         loss = loss + BOX_L1_WEIGHT * l1 + BOX_GIOU_WEIGHT * giou + mask_loss.mean()
         metrics.update(loss_boxes=(l1 + giou).detach(), loss_instances=mask_loss.mean().detach(),
                        iou_instances=mask_iou(masks, targets).mean(),
@@ -74,7 +78,7 @@ def detector_losses(found, batch, matcher, config) -> tuple[torch.Tensor, dict[s
 
     semantic = found.semantic.float()  # (R, L, L)
     target = batch.semantic_target.to(semantic.device)
-    sem_loss = config.focal_weight * focal_loss(semantic, target) + config.dice_weight * dice_loss(semantic, target)
+    sem_loss = MASK_FOCAL_WEIGHT * focal_loss(semantic, target) + MASK_DICE_WEIGHT * dice_loss(semantic, target)
     pres_loss = presence_loss(found.presence_logits, batch.present)
     loss = loss + sem_loss.mean() + config.presence_weight * pres_loss.mean()
     metrics.update(loss_scores=class_loss.detach(), loss_semantic=sem_loss.mean().detach(),
