@@ -54,7 +54,7 @@ class PredictConfig:
     mode: str = "both"  # instance | semantic | both
     points_per_side: int = 16
     points_per_batch: int = 64
-    score_thresh: float = 0.5  # predicted IoU of an instance mask
+    score_thresh: float = 0.5  # an instance's predicted IoU (a detector's: its query score x presence)
     stability_thresh: float = 0.8
     stability_offset: float = 1.0
     nms_thresh: float = 0.7

@@ -55,7 +55,10 @@ def run_quality(config: QualityConfig) -> dict:
     hypernet = hypernet or DEMO_HYPERNET
     model = load_task_aware_sam(hypernet, config.sam_checkpoint, TextEncoder(), storage).eval()
     base = model.config.sam.checkpoint
-    predict_config = PredictConfig(points_per_side=config.points_per_side)
+    detector = model.backbone.detector
+    # A detector's AP is scored over all its queries (score x presence, de-duplicated), as DETR-style
+    # detectors are evaluated; the labelling job's 0.5 keeps what Sam3Processor keeps.
+    predict_config = PredictConfig(points_per_side=config.points_per_side, **({"score_thresh": 0.0} if detector else {}))
     predictor = TaskAwarePredictor(model, predict_config)
 
     rows = validation_rows(list(tasks), static=False)  # (task, group, prompt)
@@ -71,7 +74,6 @@ def run_quality(config: QualityConfig) -> dict:
     swapped = random_prompts(rows, config.seed)
     zero_shared = StaticLora(model.targets, model.config.lora.rank, model.config.lora.scale)()  # B = 0: Delta W = 0
     zero = zero_shared.expand(1)
-    detector = model.backbone.detector
     # A detector (SAM 3) reads every row's prompt as its own text prompt, so with no adapter it still
     # answers per task; it has no automatic mask generator and takes no task regions.
     no_adapter = ((lambda: score_adapted(predictor, images, rows, category_of,
