@@ -49,7 +49,8 @@ def test_an_entry_larger_than_the_budget_is_returned_but_not_kept():
 
 def test_tensor_bytes_counts_every_tensor_inside_an_entry():
     entry = ImageEntry(image=torch.zeros(3, 4, 4, dtype=torch.float16), masks=torch.zeros(1, 2, 2, dtype=torch.float16),
-                       boxes=torch.zeros(1, 4), cells={"category": torch.zeros(2, 3), "color": torch.zeros(2, 2)})
+                       boxes=torch.zeros(1, 4), cells={"category": torch.zeros(2, 3), "color": torch.zeros(2, 2)},
+                       input_size=(4, 4))
     assert tensor_bytes(entry) == 96 + 8 + 16 + 24 + 16
     assert tensor_bytes((torch.zeros(5, dtype=torch.float64), (16, 16))) == 40
 
