@@ -277,7 +277,7 @@ class Backbone(base.SquareFrame, base.Backbone):
         self.num_blocks = len(vit.blocks)
         self.scales = (1, 2, 4)  # the kept neck levels, coarsest first, as upsampling factors of the h grid
         self.mask_threshold = 0.0
-        self._text_cache: dict[tuple, dict[str, dict[str, torch.Tensor]]] = {}  # text_features: (dtype, device) -> prompt ->
+        self._text_cache: dict[tuple, dict[str, dict]] = {}  # text_features: (dtype, device) -> prompt -> features
         # One-to-one queries only: talora's loss (talora.train.detector) has no one-to-many term, so
         # the decoder's DAC queries, which run only in training mode, would be computed and dropped.
         model.transformer.decoder.dac = False
@@ -353,10 +353,11 @@ class Backbone(base.SquareFrame, base.Backbone):
 
     # --- the detector, one image embedding per row -----------------------------------------------
     def text_features(self, prompts: list[str]) -> dict[str, torch.Tensor]:
-        """SAM 3's own text encoder on `prompts` (the package's language features), cached per prompt. The text encoder is frozen and never adapted
-        (so training needs no gradient through it, and it is encoded once per prompt), and its
-        tokenizer pads every prompt to one length (so a prompt's features do not depend on the
-        prompts beside it). Loading base weights empties the cache."""
+        """SAM 3's own text encoder on `prompts` (the package's language features), cached per
+        prompt and per dtype and device of the encoder. The text encoder is frozen and never adapted
+        (so training needs no gradient through it), and its tokenizer pads every prompt to one
+        length (so a prompt's features do not depend on the prompts beside it). Loading base
+        weights empties the cache."""
         weight = next(self.model.backbone.language_backbone.parameters())
         cache = self._text_cache.setdefault((weight.dtype, weight.device), {})  # a cast or moved model encodes anew
         missing = [p for p in dict.fromkeys(prompts) if p not in cache]

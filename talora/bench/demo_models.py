@@ -29,8 +29,7 @@ from talora.markdown import fmt, table
 from talora.model.loading import build_task_aware_sam, load_task_aware_sam
 from talora.train.checkpoint import run_checkpoint
 from talora.train.config import load_run_spec
-from talora.train.pretrain import (DetectorPretrainStep, ImageMemo, PretrainStep, category_tasks,
-                                   validate_detector_pretrain, validate_pretrain)
+from talora.train.pretrain import ImageMemo, build_pretrain_step
 from talora.train.step import TrainStep
 from talora.train.validate import per_task, score_tasks, validation_rows
 
@@ -71,12 +70,8 @@ def demo_models_report(config: DemoReportConfig) -> dict:
 
     # --- the base ------------------------------------------------------------------------------
     memo = ImageMemo(model.backbone, val, {}, storage)
-    entries = [memo(i) for i in image_ids]
-    if model.backbone.detector:  # prompted by category names, as it was pretrained
-        step = DetectorPretrainStep(model.backbone, model.tail_blocks, {}).eval()
-        sums = validate_detector_pretrain(step, entries, [val.images[i] for i in image_ids], val, category_tasks(train))
-    else:
-        sums = validate_pretrain(PretrainStep(model.backbone, model.tail_blocks, {}).eval(), entries, {})
+    step = build_pretrain_step(model.backbone, model.tail_blocks, {}, train).eval()  # prompted as it was pretrained
+    sums = step.validate([memo(i) for i in image_ids], [val.images[i] for i in image_ids], val)
     out["base"] = {k: s / c for k, (s, c) in sums.items() if c}
     probes = probe_base(model.backbone, train, val, model.tail_blocks, train_images=config.probe_train_images,
                         test_images=config.probe_test_images, storage=storage)

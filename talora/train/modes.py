@@ -31,9 +31,7 @@ from talora.model.loading import build_task_aware_sam, load_backbone, save_backb
 from talora.train.batches import build_batch, epoch_images
 from talora.train.memo import TrunkMemo
 from talora.train.optim import autocast
-from talora.train.pretrain import (DetectorPretrainStep, ImageMemo, PretrainStep, build_detector_pretrain_batch,
-                                   build_pretrain_batch, category_tasks, label_vocab, validate_detector_pretrain,
-                                   validate_pretrain)
+from talora.train.pretrain import ImageMemo, build_pretrain_step, label_vocab
 from talora.train.reduce import sum_over_workers
 from talora.train.step import TrainStep
 from talora.train.validate import group_metrics, reduce_ious, validate, validation_rows
@@ -151,10 +149,8 @@ class PretrainMode:
             with torch.no_grad():
                 for p in self.held:
                     p.zero_()
-        self.detector = self.backbone.detector
-        self.tasks = category_tasks(self.train_set) if self.detector else []
-        step = DetectorPretrainStep if self.detector else PretrainStep
-        self.module = step(self.backbone, spec.model.tail_blocks or 1, self.vocab).to(device)
+        self.module = build_pretrain_step(self.backbone, spec.model.tail_blocks or 1, self.vocab,
+                                          self.train_set).to(device)
         self.module.train()
         memo_bytes = int(cfg.memo_gb * 2**30)
         self.memo = ImageMemo(self.backbone, self.train_set, self.vocab, storage, memo_bytes)
@@ -169,32 +165,24 @@ class PretrainMode:
     def batch(self, step: int, rng: np.random.Generator):
         cfg = self.cfg
         ids = epoch_images(self.mine, step, cfg.batch_images, (cfg.seed, self.rank))
-        entries = [self.memo(i) for i in ids]
-        if self.detector:
-            return build_detector_pretrain_batch(entries, [self.train_set.images[i] for i in ids], self.train_set,
-                                                 self.tasks, rng, self.backbone, cfg.prompts_per_image).to(self.device)
-        return build_pretrain_batch(entries, rng, cfg.prompts_per_image, cfg.box_fraction,
-                                    self.backbone.image_size).to(self.device)
+        return self.module.make_batch([self.memo(i) for i in ids], [self.train_set.images[i] for i in ids],
+                                      self.train_set, rng, cfg.prompts_per_image, cfg.box_fraction).to(self.device)
 
     def loss(self, trainable, batch) -> dict[str, torch.Tensor]:
         return trainable(batch, self.cfg)
 
     def samples(self, batch) -> int:
-        return len(batch.rows.trunk if self.detector else batch.images)
+        return len(batch.images)
 
     def held_parameters(self, step: int) -> list[torch.nn.Parameter]:
         return self.held if step < self.cfg.high_res_hold_steps else []
 
     def validate(self) -> dict[str, float]:
+        records = [self.val_set.images[i] for i in self.val_ids] if self.val_set else []
         with autocast(self.cfg, self.device):
-            if self.detector:
-                sums = validate_detector_pretrain(self.module, self.val_entries,
-                                                  [self.val_set.images[i] for i in self.val_ids], self.val_set,
-                                                  self.tasks)
-            else:
-                sums = validate_pretrain(self.module, self.val_entries, self.vocab)
+            sums = self.module.validate(self.val_entries, records, self.val_set)
         val = reduce_means(sums, self.device)
-        val["val_score"] = val["val_semantic_miou" if self.detector else "val_point_miou"]
+        val["val_score"] = val[self.module.score_key]
         return val
 
     def write_artifact(self, directory: str) -> None:

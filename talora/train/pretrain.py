@@ -160,7 +160,10 @@ def build_pretrain_batch(entries: list[ImageEntry], rng: np.random.Generator, pr
 
 
 class PretrainStep(nn.Module):
-    """The whole SAM plus one linear per-cell head per label key on the trunk output."""
+    """The whole SAM plus one linear per-cell head per label key on the trunk output; it builds its
+    own batches (`make_batch`) and scores itself (`validate`, `score_key` the best-checkpoint metric)."""
+
+    score_key = "val_point_miou"
 
     def __init__(self, backbone: Backbone, tail_blocks: int, vocab: dict[str, list[str]]) -> None:
         super().__init__()
@@ -168,6 +171,13 @@ class PretrainStep(nn.Module):
         self.sam = backbone.model
         self.tail_blocks = tail_blocks
         self.heads = nn.ModuleDict({key: nn.Linear(backbone.trunk_dim, len(classes)) for key, classes in vocab.items()})
+
+    def make_batch(self, entries: list[ImageEntry], records: list[ImageRecord], dataset: CocoDataset,
+                   rng: np.random.Generator, prompts_per_image: int, box_fraction: float) -> PretrainBatch:
+        return build_pretrain_batch(entries, rng, prompts_per_image, box_fraction, self.backbone.image_size)
+
+    def validate(self, entries: list[ImageEntry], records: list[ImageRecord], dataset: CocoDataset):
+        return validate_pretrain(self, entries)
 
     def features(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(trunk (B, h, w, C), image embeddings (B, C', h, w))."""
@@ -211,6 +221,14 @@ class PretrainStep(nn.Module):
         return out
 
 
+def build_pretrain_step(backbone: Backbone, tail_blocks: int, vocab: dict[str, list[str]],
+                  dataset: CocoDataset) -> PretrainStep:
+    """The family's pretraining step: prompted by points and boxes, or a detector's by category names."""
+    if backbone.detector:
+        return DetectorPretrainStep(backbone, tail_blocks, vocab, category_tasks(dataset))
+    return PretrainStep(backbone, tail_blocks, vocab)
+
+
 def category_tasks(dataset: CocoDataset) -> list[Task]:
     """A detector's pretraining tasks: one per category, prompted by its name (SAM 3's noun phrases)."""
     return [t for t in TaskSet.from_dataset(dataset) if t.kind == "category"]
@@ -220,6 +238,10 @@ def category_tasks(dataset: CocoDataset) -> list[Task]:
 class DetectorPretrainBatch:
     rows: Batch  # (image, category) rows (build_batch's); their `trunk` is the images (B, 3, S, S): the trunk trains
     cells: dict[str, torch.Tensor]  # key -> (B, h*w, classes)
+
+    @property
+    def images(self) -> torch.Tensor:
+        return self.rows.trunk
 
     def to(self, device: torch.device) -> DetectorPretrainBatch:
         return DetectorPretrainBatch(self.rows.to(device), {k: v.to(device) for k, v in self.cells.items()})
@@ -237,20 +259,31 @@ def build_detector_pretrain_batch(entries: list[ImageEntry], records: list[Image
 
 
 class DetectorPretrainStep(PretrainStep):
-    """A detector (SAM 3) whole but its text encoder, plus the per-cell heads."""
+    """A detector (SAM 3) whole but its text encoder, plus the per-cell heads; `tasks` are the
+    categories it is prompted with (`category_tasks`)."""
 
-    def __init__(self, backbone: Backbone, tail_blocks: int, vocab: dict[str, list[str]]) -> None:
+    score_key = "val_semantic_miou"
+
+    def __init__(self, backbone: Backbone, tail_blocks: int, vocab: dict[str, list[str]], tasks: list[Task]) -> None:
         super().__init__(backbone, tail_blocks, vocab)
         for module in backbone.frozen_in_pretraining():
             module.requires_grad_(False)
         self.matcher = backbone.matcher()
+        self.tasks = tasks
+
+    def make_batch(self, entries, records, dataset, rng, prompts_per_image, box_fraction) -> DetectorPretrainBatch:
+        return build_detector_pretrain_batch(entries, records, dataset, self.tasks, rng, self.backbone,
+                                             prompts_per_image)
+
+    def validate(self, entries, records, dataset):
+        return validate_detector_pretrain(self, entries, records, dataset)
 
     def detect(self, embeddings: torch.Tensor, prompts: list[str], rows: torch.Tensor):
         return self.backbone.detect_rows(embeddings, self.backbone.text_features(prompts), rows)
 
     def forward(self, batch: DetectorPretrainBatch, config) -> dict[str, torch.Tensor]:
         rows = batch.rows
-        trunk, embeddings = self.features(rows.trunk)
+        trunk, embeddings = self.features(batch.images)
         loss, out = self.aux_losses(trunk, batch.cells, config)
         found = self.detect(embeddings, rows.row_prompts, rows.image_index)
         detection_loss, metrics = detector_losses(found, rows, self.matcher, config)
@@ -277,8 +310,7 @@ def cell_loss(logits: torch.Tensor, share: torch.Tensor, min_share: float = 0.5)
 
 
 @torch.no_grad()
-def validate_pretrain(step: PretrainStep, entries: list[ImageEntry], vocab: dict[str, list[str]],
-                      batch_images: int = 8) -> dict[str, list[float]]:
+def validate_pretrain(step: PretrainStep, entries: list[ImageEntry], batch_images: int = 8) -> dict[str, list[float]]:
     """Sums for this worker's share of val images: point-prompt IoU per instance (one interior point,
     SAM's highest-scoring of 3 masks; the point is the cell centre-most of the instance, so it is
     deterministic), box IoU per instance (exact box), and per-cell head accuracy on object cells
@@ -286,7 +318,7 @@ def validate_pretrain(step: PretrainStep, entries: list[ImageEntry], vocab: dict
 
     Returns {metric: [sum, count]} so workers can all-reduce."""
     sums: dict[str, list[float]] = {"val_point_miou": [0.0, 0], "val_box_miou": [0.0, 0],
-                                    **{f"val_head_{k}": [0.0, 0] for k in vocab}}
+                                    **{f"val_head_{k}": [0.0, 0] for k in step.heads}}
     for start in range(0, len(entries), batch_images):
         chunk = entries[start : start + batch_images]
         trunk, embeddings = step.features(torch.stack([e.image.float() for e in chunk]))
@@ -313,7 +345,7 @@ def validate_pretrain(step: PretrainStep, entries: list[ImageEntry], vocab: dict
 
 @torch.no_grad()
 def validate_detector_pretrain(step: DetectorPretrainStep, entries: list[ImageEntry], records: list[ImageRecord],
-                               dataset: CocoDataset, tasks: list[Task], batch_images: int = 8) -> dict[str, list[float]]:
+                               dataset: CocoDataset, batch_images: int = 8) -> dict[str, list[float]]:
     """Sums for this worker's share of val images, every category on every image under its name:
     semantic IoU (the detector's semantic mask gated by its presence, at low res) on the rows whose
     category is there, presence accuracy on every row, and per-cell head accuracy as
@@ -328,7 +360,7 @@ def validate_detector_pretrain(step: DetectorPretrainStep, entries: list[ImageEn
         for b, (e, record) in enumerate(zip(chunk, chunk_records)):
             _add_head_accuracy(step, trunk[b], e, sums)
             instances = dataset.instances[record.id]
-            for task in tasks:
+            for task in step.tasks:
                 truth = semantic_mask([i for i in instances if task.matches(i)], record.height, record.width)
                 rows.append(b)
                 prompts.append(task.singular)

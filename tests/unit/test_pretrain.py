@@ -123,7 +123,7 @@ def test_every_part_of_sam_and_the_heads_get_gradients(demo, memo):
 def test_validation_scores_a_perfect_head_and_reports_every_metric(demo, memo):
     step = PretrainStep(memo.backbone, 1, memo.vocab).eval()
     entries = [memo(i) for i in demo.image_ids]
-    sums = validate_pretrain(step, entries, memo.vocab)
+    sums = validate_pretrain(step, entries)
     assert set(sums) == {"val_point_miou", "val_box_miou", "val_head_category", "val_head_color"}
     n_instances = sum(len(e.masks) for e in entries)
     assert sums["val_point_miou"][1] == sums["val_box_miou"][1] == n_instances
@@ -173,8 +173,9 @@ train: {{mode: pretrain, train_annotations: {demo_files["train"]}, val_annotatio
 """)
     torch.manual_seed(0)
     mode = PretrainMode(spec, StorageOptions(), 0, 1, torch.device("cpu"))
-    names = {t.singular for t in mode.tasks}
-    assert {t.kind for t in mode.tasks} == {"category"} and {"car", "bus", "apple"} <= names
+    tasks = mode.module.tasks
+    names = {t.singular for t in tasks}
+    assert {t.kind for t in tasks} == {"category"} and {"car", "bus", "apple"} <= names
     batch = mode.batch(0, np.random.default_rng(0))
     rows = batch.rows
     assert set(rows.row_prompts) <= names and rows.trunk.shape == (4, 3, 224, 224)
@@ -208,10 +209,10 @@ train: {{mode: pretrain, train_annotations: {demo_files["train"]}, val_annotatio
 
     mode.module.eval()
     sums = validate_detector_pretrain(mode.module, mode.val_entries, [mode.val_set.images[i] for i in mode.val_ids],
-                                      mode.val_set, mode.tasks)
+                                      mode.val_set)
     assert set(sums) == {"val_semantic_miou", "val_presence_accuracy", "val_head_category", "val_head_color"}
-    assert sums["val_presence_accuracy"][1] == len(mode.val_ids) * len(mode.tasks)
-    present = sum(any(t.matches(i) for i in mode.val_set.instances[v]) for v in mode.val_ids for t in mode.tasks)
+    assert sums["val_presence_accuracy"][1] == len(mode.val_ids) * len(tasks)
+    present = sum(any(t.matches(i) for i in mode.val_set.instances[v]) for v in mode.val_ids for t in tasks)
     assert sums["val_semantic_miou"][1] == present > 0
     assert set(mode.validate()) == {"val_semantic_miou", "val_presence_accuracy", "val_head_category",
                                     "val_head_color", "val_score"}

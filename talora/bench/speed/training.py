@@ -17,8 +17,7 @@ from talora.model.loading import build_task_aware_sam, load_backbone
 from talora.train.batches import build_batch
 from talora.train.config import TrainConfig
 from talora.train.optim import autocast, backward_and_step, grad_scaler
-from talora.train.pretrain import (DetectorPretrainStep, ImageMemo, PretrainStep, build_detector_pretrain_batch,
-                                   build_pretrain_batch, category_tasks, label_vocab)
+from talora.train.pretrain import ImageMemo, build_pretrain_step, label_vocab
 from talora.train.step import TrainStep
 
 
@@ -82,15 +81,10 @@ def pretrain_step(dataset, sam_type: str, device: torch.device, amp_dtype: str |
     vocab = label_vocab(dataset)
     memo = ImageMemo(backbone, dataset, vocab, None)
     ids = dataset.image_ids[:8]
-    rng = np.random.default_rng(0)
     backbone.model.requires_grad_(True)
-    if backbone.detector:  # prompted by category names (talora.train.pretrain)
-        batch = build_detector_pretrain_batch([memo(i) for i in ids], [dataset.images[i] for i in ids], dataset,
-                                              category_tasks(dataset), rng, backbone, 4).to(device)
-        step = DetectorPretrainStep(backbone, 1, vocab).to(device)
-    else:
-        batch = build_pretrain_batch([memo(i) for i in ids], rng, 4, 0.5, backbone.image_size).to(device)
-        step = PretrainStep(backbone, 1, vocab).to(device)
+    step = build_pretrain_step(backbone, 1, vocab, dataset).to(device)
+    batch = step.make_batch([memo(i) for i in ids], [dataset.images[i] for i in ids], dataset,
+                            np.random.default_rng(0), 4, 0.5).to(device)
     config = TrainConfig(train_annotations="x", mode="pretrain", aux_weight=10.0, amp=amp_dtype is not None,
                          amp_dtype=amp_dtype or "float16")
     optimiser = torch.optim.AdamW(step.parameters(), lr=1e-4)
